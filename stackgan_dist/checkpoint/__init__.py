@@ -1,0 +1,1 @@
+"""Atomic, verified checkpoints and preemption signals."""

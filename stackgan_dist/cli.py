@@ -1,0 +1,161 @@
+"""``stackgan`` subcommands: prepare, train, sample, eval, inspect.
+
+Problems the user can fix (UserError) print one line and exit non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import UserError
+
+
+def _cmd_prepare(a) -> int:
+    if a.source == "synthetic":
+        from .data.synthetic import prepare_synthetic
+
+        if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
+            raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
+        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard)
+        print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
+        return 0
+    raise UserError(f"unknown prepare source {a.source}")
+
+
+def _cmd_train(a) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    cfg = load_config(a.config, a.overrides)
+    if a.dry_run:
+        from .dist.env import detect_launcher
+
+        ws = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        print(json.dumps({"launcher": detect_launcher(), "world_size": ws, "batch_per_worker": cfg.train.batch_size,
+                          "global_batch": cfg.train.batch_size * ws * cfg.train.grad_accum, "run_dir": cfg.run.dir,
+                          "config": cfg.to_dict()}, indent=1))
+        return 0
+    run_training(cfg, fresh=a.fresh)
+    return 0
+
+
+def _cmd_sample(a) -> int:
+    import torch
+
+    from .data.text_encoders import make_encoder
+    from .inference import generate, load_run
+    from .observability.images import make_grid, save_png, to_uint8
+
+    if not a.text:
+        raise UserError("give at least one --text")
+    run = load_run(a.run)
+    enc = make_encoder(run.text_encoder) if run.text_encoder else None
+    if enc is None:
+        raise UserError(f"{run.path} does not record its text encoder")
+    emb = torch.from_numpy(enc.encode(a.text))
+    if emb.shape[1] != run.model_config.text_dim:
+        raise UserError(f"encoder gives {emb.shape[1]}-d embeddings, model expects {run.model_config.text_dim}")
+    g = torch.Generator().manual_seed(a.seed)
+    rows = []
+    for i in range(len(a.text)):
+        t = emb[i:i + 1].repeat(a.num, 1)
+        z = torch.randn(a.num, run.model_config.z_dim if run.stage == 1 else run.G1.z_dim, generator=g)
+        s1, s2 = generate(run, t, z)
+        rows.append(to_uint8(s1))
+        if s2 is not None:
+            rows.append(to_uint8(s2))
+    size = 256 if run.stage == 2 else 64
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    save_png(make_grid(rows, size=size), a.out)
+    print(json.dumps({"out": a.out, "checkpoint": run.path, "step": run.step, "captions": a.text,
+                      "rows": "stage-I, stage-II per caption" if run.stage == 2 else "stage-I per caption"}))
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from .evaluation.run_eval import evaluate
+
+    res = evaluate(a.run, a.data, a.metrics, a.num_samples, a.inception_weights, a.out, a.batch_size)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from .inference import inspect
+
+    print(json.dumps(inspect(a.run), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json")
+    psub = pp.add_subparsers(dest="source", required=True)
+    ps = psub.add_parser("synthetic", help="the embedded default dataset (coloured shapes with captions)")
+    ps.add_argument("--out", required=True)
+    ps.add_argument("--train", type=int, default=4000)
+    ps.add_argument("--test", type=int, default=400)
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--text-dim", type=int, default=256)
+    ps.add_argument("--samples-per-shard", type=int, default=500)
+    ps.add_argument("--overwrite", action="store_true")
+    try:
+        from .data import prepare_cli
+
+        prepare_cli.add_parsers(psub)
+    except ImportError:
+        pass
+
+    pt = sub.add_parser("train", help="train one stage (resumes from RUN/checkpoints when present)")
+    pt.add_argument("config")
+    pt.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=30 run.dir=runs/x")
+    pt.add_argument("--fresh", action="store_true", help="start over; refused unless the run directory is empty")
+    pt.add_argument("--dry-run", action="store_true", help="print world size, batch sizes and run dir, then exit")
+
+    pm = sub.add_parser("sample", help="PNG grid for free-text captions")
+    pm.add_argument("run")
+    pm.add_argument("--text", action="append", default=[])
+    pm.add_argument("--out", default="samples.png")
+    pm.add_argument("--num", type=int, default=4, help="images (z draws) per caption")
+    pm.add_argument("--seed", type=int, default=0)
+
+    pe = sub.add_parser("eval", help="caption consistency, IS and FID on held-out captions")
+    pe.add_argument("run")
+    pe.add_argument("--data", required=True)
+    pe.add_argument("--metrics", default="caption")
+    pe.add_argument("--num-samples", type=int, default=0, help="0: one per test sample")
+    pe.add_argument("--inception-weights", default="")
+    pe.add_argument("--batch-size", type=int, default=50)
+    pe.add_argument("--out", default="")
+
+    pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256")
+    pi.add_argument("run")
+    return p
+
+
+COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
+            "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.cmd](args)
+    except UserError as e:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
+        print(f"stackgan {args.cmd}: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001
+        from .trainer import Preempted
+
+        if isinstance(e, Preempted):
+            return e.exit_code
+        raise

@@ -1,0 +1,127 @@
+"""Form one process group from whatever launched us: torchrun, Slurm srun, Ray Train, or nothing."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+log = logging.getLogger("stackgan_dist.dist")
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    launcher: str = "single"
+    owns_group: bool = False  # we created the group (so we destroy it); Ray Train owns its own
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def detect_launcher() -> str:
+    if dist.is_available() and dist.is_initialized():
+        return "ray" if os.environ.get("RAY_TRAIN_WORLD_SIZE") or "ray" in os.environ.get("STACKGAN_LAUNCHER", "") \
+            else "external"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1 \
+            and os.environ.get("SLURM_STEP_ID") is not None:
+        return "slurm"
+    return "single"
+
+
+def pick_device(want: str, local_rank: int) -> torch.device:
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible")
+    n = torch.cuda.device_count()
+    dev = torch.device("cuda", local_rank % n)
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
+    launcher = detect_launcher()
+    if launcher in ("ray", "external"):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistEnv(rank, world, local, pick_device(device, local), launcher, owns_group=False)
+    if launcher == "single":
+        return DistEnv(device=pick_device(device, 0))
+    if launcher == "torchrun":
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    else:  # slurm: one task per GPU (or CPU slot); rendezvous on the first node of the allocation
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        local = int(os.environ.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        if "MASTER_PORT" not in os.environ:
+            job = int(os.environ.get("SLURM_JOB_ID", "0"))
+            os.environ["MASTER_PORT"] = str(15000 + job % 20000)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    dev = pick_device(device, local)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if world == 1:
+        return DistEnv(rank, world, local, dev, launcher)
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                init_method=f"tcp://{addr}:{port}",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        # a first collective proves the group formed (world size mismatches surface here, bounded by timeout)
+        t = torch.ones(1, device=dev)
+        dist.all_reduce(t)
+        if int(t.item()) != world:
+            raise RuntimeError(f"all-reduce over the group gave {int(t.item())}, expected world size {world}")
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"rank {rank}: process group ({backend}, {addr}:{port}, world size {world}) did not "
+                        f"form within {timeout_s:.0f}s: {msg}") from None
+    return DistEnv(rank, world, local, dev, launcher, owns_group=True)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def all_reduce_max(value: float | int, env: DistEnv) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([float(value)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

@@ -1,0 +1,211 @@
+"""How models are wrapped, how backward and optimizer steps run, how optimizer state is saved.
+
+The one backend-aware file: the trainer and the GAN step talk to a ``Strategy``.
+
+DDP policy for a GAN (pytorch#175024: two forwards through a DDP module with BatchNorm before one
+backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
+- G and D are wrapped separately with ``broadcast_buffers=False``; D is called twice in its phase
+  (real with right and wrong text in one call, then fake), and its gradients are reduced once, at
+  the one backward of the summed loss.
+- In G's phase, D's parameters are frozen and the *unwrapped* D is called, so D's reducer never
+  fires and G's loss through D reduces only G's gradients.
+- BatchNorm buffers (running statistics) are averaged across ranks after every step in one
+  coalesced all-reduce, so they stay identical on all ranks; ``model.sync_bn`` uses SyncBatchNorm
+  instead (batch statistics computed over the global batch).
+- The frozen Stage-I generator is never wrapped.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserError
+from .env import DistEnv
+
+log = logging.getLogger("stackgan_dist.dist")
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, nn.Module):
+            m = m.module
+        elif hasattr(m, "_orig_mod"):
+            m = m._orig_mod
+        else:
+            return m
+
+
+def set_requires_grad(m: nn.Module, flag: bool) -> None:
+    for p in m.parameters():
+        p.requires_grad_(flag)
+
+
+def amp_dtype(precision: str):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str = "adam"):
+    if kind == "apex_fused_adam":
+        try:
+            from apex.optimizers import FusedAdam  # optional: apex is not on PyPI
+        except ImportError:
+            raise UserError("train.optimizer=apex_fused_adam needs NVIDIA apex, which is not importable here; "
+                            "use train.optimizer=adam (fused on CUDA)") from None
+        return FusedAdam(params, lr=lr, betas=betas)
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+class Strategy:
+    """Interface. ``G``/``D`` are what the step calls (maybe wrapped); ``G_module``/``D_module`` unwrapped."""
+
+    name = "base"
+
+    def __init__(self, cfg, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.device = env.device
+        self.precision = cfg.train.precision
+        self.skipped_steps = {"g": 0, "d": 0}
+
+    # -- precision -----------------------------------------------------------------------------
+    def autocast(self):
+        dt = amp_dtype(self.precision)
+        if dt is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dt)
+
+    # -- hooks for the step ----------------------------------------------------------------------
+    def no_sync(self, which: str):
+        return contextlib.nullcontext()
+
+    def backward(self, which: str, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, which: str) -> None:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
+
+    def lrs(self) -> dict:
+        raise NotImplementedError
+
+    def set_lr(self, which: str, lr: float) -> None:
+        raise NotImplementedError
+
+    def scaler_scale(self) -> float | None:
+        return None
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise NotImplementedError
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, G: nn.Module, D: nn.Module) -> None:
+        cfg, env = self.cfg, self.env
+        if self.precision != "fp32" and self.device.type != "cuda":
+            raise UserError(f"train.precision={self.precision} needs CUDA: on CPU bf16/fp16 autocast is ~30x "
+                            "slower than fp32 here; use train.precision=fp32")
+        G, D = G.to(self.device), D.to(self.device)
+        if cfg.train.channels_last:
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        if cfg.model.sync_bn and env.distributed:
+            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+            D = nn.SyncBatchNorm.convert_sync_batchnorm(D)
+        self.G_module, self.D_module = G, D
+        betas = (cfg.train.beta1, cfg.train.beta2)
+        self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer),
+                    "d": make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer)}
+        fp16 = self.precision == "fp16"
+        self.scaler = {k: torch.amp.GradScaler("cuda", enabled=fp16) for k in ("g", "d")} if fp16 else None
+        if env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, broadcast_buffers=False)
+            Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, broadcast_buffers=False)
+        else:
+            Gw, Dw = G, D  # world size 1: no wrapper overhead
+        if cfg.train.compile:
+            Gw, Dw = torch.compile(Gw), torch.compile(Dw)
+            self.D_eval = torch.compile(D)
+        else:
+            self.D_eval = D
+        self.G, self.D = Gw, Dw
+        self._buffers = [b for m in (G, D) for n, b in m.named_buffers() if b.dtype.is_floating_point]
+
+    def no_sync(self, which: str):
+        m = self.G if which == "g" else self.D
+        m = getattr(m, "_orig_mod", m)
+        return m.no_sync() if isinstance(m, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+    def backward(self, which: str, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler[which].scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self, which: str) -> None:
+        opt = self.opt[which]
+        if self.scaler is not None:
+            self.scaler[which].step(opt)  # skips the step on inf/nan gradients
+            self.scaler[which].update()
+        else:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+            if bool(finite):
+                opt.step()
+            else:
+                self.skipped_steps[which] += 1
+                log.warning("rank %d: non-finite %s gradients, step skipped", self.env.rank, which.upper())
+        opt.zero_grad(set_to_none=True)
+
+    def after_step(self) -> None:
+        if self.env.distributed and not self.cfg.model.sync_bn and self._buffers:
+            flat = torch._utils._flatten_dense_tensors(self._buffers)
+            dist.all_reduce(flat)
+            flat /= self.env.world_size
+            for b, v in zip(self._buffers, torch._utils._unflatten_dense_tensors(flat, self._buffers)):
+                b.copy_(v)
+
+    def lrs(self) -> dict:
+        return {k: o.param_groups[0]["lr"] for k, o in self.opt.items()}
+
+    def set_lr(self, which: str, lr: float) -> None:
+        for g in self.opt[which].param_groups:
+            g["lr"] = lr
+
+    def scaler_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler["g"].get_scale())
+
+    def state_dict(self) -> dict:
+        sd = {"opt_g": self.opt["g"].state_dict(), "opt_d": self.opt["d"].state_dict(),
+              "skipped": dict(self.skipped_steps)}
+        if self.scaler is not None:
+            sd["scaler_g"], sd["scaler_d"] = self.scaler["g"].state_dict(), self.scaler["d"].state_dict()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.opt["g"].load_state_dict(sd["opt_g"])
+        self.opt["d"].load_state_dict(sd["opt_d"])
+        self.skipped_steps.update(sd.get("skipped", {}))
+        if self.scaler is not None and "scaler_g" in sd:
+            self.scaler["g"].load_state_dict(sd["scaler_g"])
+            self.scaler["d"].load_state_dict(sd["scaler_d"])
+
+
+def make_strategy(cfg, env: DistEnv) -> Strategy:
+    if cfg.train.backend == "ddp":
+        return DDPStrategy(cfg, env)
+    from .deepspeed_strategy import DeepSpeedStrategy  # imports deepspeed only when asked for
+
+    return DeepSpeedStrategy(cfg, env)

@@ -1,0 +1,1 @@
+"""Evaluation: caption consistency on the synthetic data; IS/FID in inception.py."""

@@ -1,0 +1,64 @@
+"""Loading a trained run for sampling, evaluation and inspection (no process group, no optimizer)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint.manager import load_file, params_digest, read_manifest, resolve_checkpoint, verify
+from .config import ModelConfig
+from .models.build import build_models, build_stage1_generator
+
+
+@dataclass
+class LoadedRun:
+    path: str
+    step: int
+    stage: int
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G1: torch.nn.Module | None
+    model_config: ModelConfig
+    text_encoder: dict
+    state: dict
+
+
+def load_run(path: str, device: str = "cpu") -> LoadedRun:
+    ck = resolve_checkpoint(path)
+    st = load_file(os.path.join(ck, "model.pt"))
+    mc = ModelConfig(**{k: v for k, v in st["model_config"].items() if k in ModelConfig.__dataclass_fields__})
+    models = build_models(mc)
+    models.G.load_state_dict(st["G"])
+    models.D.load_state_dict(st["D"])
+    G1 = None
+    if mc.stage == 2:
+        G1 = build_stage1_generator(ModelConfig(**st["stage1_model_config"]))
+        G1.load_state_dict(st["stage1_G"])
+        G1 = G1.eval().to(device)
+    return LoadedRun(ck, int(st["step"]), mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
+                     mc, st.get("text_encoder", {}), st)
+
+
+@torch.no_grad()
+def generate(run: LoadedRun, text: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None):
+    """-> (stage-I images, stage-II images or None), each (B, 3, H, W) in [-1, 1]. eps=None: zero (the mean)."""
+    if run.stage == 1:
+        e = torch.zeros(text.shape[0], run.model_config.condition_dim, device=text.device) if eps is None else eps
+        img, _, _ = run.G(text, z, e)
+        return img, None
+    e1 = torch.zeros(text.shape[0], run.G1.ca.cond_dim, device=text.device)
+    s0, _, _ = run.G1(text, z, e1)
+    e = torch.zeros(text.shape[0], run.model_config.condition_dim, device=text.device) if eps is None else eps
+    img, _, _ = run.G(text, s0, e)
+    return s0, img
+
+
+def inspect(path: str) -> dict:
+    ck = resolve_checkpoint(path)
+    ok, why = verify(ck)
+    st = load_file(os.path.join(ck, "model.pt"))
+    man = read_manifest(ck)
+    return {"path": ck, "step": int(st["step"]), "stage": int(st["model_config"]["stage"]), "valid": ok,
+            "reason": why, "world_size": man.get("world_size"), "config_hash": st.get("config_hash"),
+            "params_sha256": params_digest(st["G"], st["D"]), "text_encoder": st.get("text_encoder")}

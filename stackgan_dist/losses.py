@@ -1,0 +1,61 @@
+"""Pure loss functions (paper section 3; the authors' averaging of the unconditional head).
+
+D returns logits; everything uses BCE-with-logits in fp32, which autocast accepts and which stays
+finite where Sigmoid + BCELoss saturates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def kl_loss(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum(mu^2 + sigma^2 - log sigma^2 - 1), summed over dims, mean over batch."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * torch.mean(torch.sum(mu.pow(2) + logvar.exp() - logvar - 1.0, dim=1))
+
+
+def mismatched_conditions(text: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+    """The "wrong" text for the matching-aware D: each image gets another image's text.
+
+    Without classes: the batch shifted by one (image i gets text i+1), as the authors do. With classes
+    (``cls`` >= 0): the nearest following sample of a different class, so a wrong pair is never a
+    same-class pair that is really a match; falls back to the shift where a batch has one class.
+    """
+    b = text.shape[0]
+    idx = torch.roll(torch.arange(b, device=text.device), -1)
+    if cls is not None and b > 1 and bool((cls >= 0).all()):
+        cls_cpu = cls.detach().cpu().tolist()
+        chosen = []
+        for i in range(b):
+            j = next(((i + k) % b for k in range(1, b) if cls_cpu[(i + k) % b] != cls_cpu[i]), (i + 1) % b)
+            chosen.append(j)
+        idx = torch.tensor(chosen, device=text.device)
+    return text[idx]
+
+
+def discriminator_loss(real: torch.Tensor, wrong: torch.Tensor, fake: torch.Tensor,
+                       real_uncond: torch.Tensor | None = None, fake_uncond: torch.Tensor | None = None) -> dict:
+    """L_D = BCE(s_r, 1) + 1/2 (BCE(s_w, 0) + BCE(s_f, 0)); with an unconditional head its real and fake
+    terms are averaged with the conditional ones (the authors' Stage-II)."""
+    d_real, d_wrong, d_fake = bce(real, 1.0), bce(wrong, 0.0), bce(fake, 0.0)
+    if real_uncond is not None:
+        d_real = 0.5 * (d_real + bce(real_uncond, 1.0))
+        d_fake = 0.5 * (d_fake + bce(fake_uncond, 0.0))
+    total = d_real + 0.5 * (d_wrong + d_fake)
+    return {"d_loss": total, "d_real": d_real, "d_wrong": d_wrong, "d_fake": d_fake}
+
+
+def generator_loss(fake: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl_coeff: float,
+                   fake_uncond: torch.Tensor | None = None) -> dict:
+    """Non-saturating L_G = BCE(s_f, 1) (+ the unconditional term) + lambda * KL."""
+    g_adv = bce(fake, 1.0)
+    if fake_uncond is not None:
+        g_adv = g_adv + bce(fake_uncond, 1.0)
+    kl = kl_loss(mu, logvar)
+    return {"g_loss": g_adv + kl_coeff * kl, "g_adv": g_adv, "kl": kl}

@@ -1,0 +1,38 @@
+"""The one factory that turns a ModelConfig into networks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layers import init_weights
+from .stage1 import Stage1Discriminator, Stage1Generator
+from .stage2 import Stage2Discriminator, Stage2Generator
+
+
+@dataclass
+class Models:
+    G: nn.Module
+    D: nn.Module
+    G1: nn.Module | None = None  # Stage-II only: the frozen Stage-I generator (eval mode, no grads)
+
+
+def build_stage1_generator(m) -> Stage1Generator:
+    g = Stage1Generator(m.text_dim, m.condition_dim, m.z_dim, m.gf_dim, m.ca_relu)
+    g.apply(init_weights)
+    return g
+
+
+def build_models(m) -> Models:
+    """``m`` is a ModelConfig. Stage-II's G1 is built here but its weights come from the Stage-I checkpoint."""
+    if m.stage == 1:
+        G = build_stage1_generator(m)
+        D = Stage1Discriminator(m.text_dim, m.condition_dim, m.df_dim)
+        G1 = None
+    else:
+        G = Stage2Generator(m.text_dim, m.condition_dim, m.gf_dim, m.res_blocks, m.ca_relu)
+        D = Stage2Discriminator(m.text_dim, m.condition_dim, m.df_dim)
+        G1 = None
+    G.apply(init_weights)
+    D.apply(init_weights)
+    return Models(G=G, D=D, G1=G1)

@@ -1,0 +1,1 @@
+"""Logging, metrics records and TensorBoard. Only rank 0 writes files."""

@@ -1,0 +1,21 @@
+"""Training entry point: config -> Trainer(cfg).train(); always tears down the process group.
+
+Every launcher (plain process, torchrun, srun, submitit, Ray Train) ends up calling ``run_training``.
+"""
+from __future__ import annotations
+
+from .config import Config
+from .dist.env import init_distributed, teardown
+from .observability.logging import setup_logging
+from .trainer import Trainer
+
+
+def run_training(cfg: Config, fresh: bool = False) -> dict:
+    env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    setup_logging(env.rank, cfg.log.level)
+    try:
+        trainer = Trainer(cfg, env, fresh=fresh)
+        trainer.build()
+        return trainer.train()
+    finally:
+        teardown(env)
