@@ -1,0 +1,243 @@
+"""Training-step throughput of our GAN step, side by side with a reference-faithful step.
+
+Our step: stackgan_dist.train_step.GANStep over the configured Strategy (DDP at world size 1 here).
+Baseline (``--baseline``): the original StackGAN PyTorch recipe at the same widths and batch: fp32, D ends
+in Sigmoid and the loss is nn.BCELoss, real and fake images are encoded by separate D calls and the
+wrong-text logits come from the real features shifted by one, D is not frozen in G's phase (its gradients
+are computed and thrown away), plain (for-loop) Adam, NCHW, no compile. Both use the same networks,
+so the difference is the step. The two are timed in alternating steps so that both see the same machine
+load (this machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import time
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import torch
+from torch import nn
+
+from stackgan_dist.config import Config, ModelConfig
+from stackgan_dist.dist.env import DistEnv
+from stackgan_dist.dist.wrap import make_strategy
+from stackgan_dist.losses import kl_loss
+from stackgan_dist.models.build import build_models, build_stage1_generator
+from stackgan_dist.observability.flops import count_flops, measure_matmul_peak, stated_peak
+from stackgan_dist.train_step import GANStep, to_model_input
+
+PAPER = {"gf_dim": 128, "df_dim": 64, "condition_dim": 128, "z_dim": 100, "text_dim": 1024}
+
+
+def make_cfg(a) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.stage, m.gf_dim, m.df_dim = a.stage, a.gf_dim, a.df_dim
+    m.condition_dim, m.z_dim, m.text_dim = a.condition_dim, a.z_dim, a.text_dim
+    t = cfg.train
+    t.batch_size, t.precision, t.backend, t.compile = a.batch_size, a.precision, a.backend, a.compile
+    t.channels_last, t.device = a.channels_last, a.device
+    return cfg
+
+
+def make_batch(cfg: Config, gen: torch.Generator) -> dict:
+    b, m = cfg.train.batch_size, cfg.model
+    size = 64 if m.stage == 1 else 256
+    return {"image": torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen),
+            "text": torch.randn(b, m.text_dim, generator=gen),
+            "cls": torch.arange(b) % 4}
+
+
+def stage1_for(cfg: Config) -> nn.Module:
+    m = cfg.model
+    s1 = ModelConfig(stage=1, gf_dim=m.gf_dim, df_dim=m.df_dim, condition_dim=m.condition_dim, z_dim=m.z_dim,
+                     text_dim=m.text_dim)
+    return build_stage1_generator(s1).eval().requires_grad_(False)
+
+
+class BaselineStep:
+    """The reference recipe (see module docstring). Same G/D modules; Sigmoid applied to their logits."""
+
+    def __init__(self, G, D, G1, cfg: Config, device: torch.device, gen: torch.Generator):
+        self.G, self.D, self.G1 = G, D, G1
+        self.stage, self.dev, self.gen = cfg.model.stage, device, gen
+        self.z_dim, self.cond_dim, self.kl = cfg.model.z_dim, cfg.model.condition_dim, cfg.train.kl_coeff
+        betas = (cfg.train.beta1, cfg.train.beta2)
+        self.optG = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.train.lr_g,
+                                     betas=betas, foreach=False)
+        self.optD = torch.optim.Adam(D.parameters(), lr=cfg.train.lr_d, betas=betas, foreach=False)
+        self.bce = nn.BCELoss()
+
+    def _logits(self, feats, cond=None, uncond=False):
+        if uncond:
+            return torch.sigmoid(self.D.uncond_logits(feats))
+        return torch.sigmoid(self.D.cond_logits(feats, cond))
+
+    def __call__(self, batch: dict) -> dict:
+        real, text, _ = to_model_input(batch, self.dev)
+        b = real.shape[0]
+        z = torch.randn(b, self.z_dim, device=self.dev)
+        if self.stage == 1:
+            fake, mu, logvar = self.G(text, z)
+        else:
+            with torch.no_grad():
+                s0, _, _ = self.G1(text, z)
+            fake, mu, logvar = self.G(text, s0.detach())
+        ones, zeros = torch.ones(b, device=self.dev), torch.zeros(b, device=self.dev)
+        # D: separate calls for real and fake; wrong pairs = real features with the text shifted by one
+        self.D.zero_grad()
+        real_f = self.D.encode_image(real)
+        fake_f = self.D.encode_image(fake.detach())
+        err_real = self.bce(self._logits(real_f, text), ones)
+        err_wrong = self.bce(self._logits(real_f[:b - 1], text[1:]), zeros[1:])
+        err_fake = self.bce(self._logits(fake_f, text), zeros)
+        if self.D.has_uncond:
+            err_real = 0.5 * (err_real + self.bce(self._logits(real_f, uncond=True), ones))
+            err_fake = 0.5 * (err_fake + self.bce(self._logits(fake_f, uncond=True), zeros))
+        err_d = err_real + 0.5 * (err_fake + err_wrong)
+        err_d.backward()
+        self.optD.step()
+        # G: D not frozen (as in the original), its gradients are computed and discarded next step
+        self.G.zero_grad()
+        f = self.D.encode_image(fake)
+        err_g = self.bce(self._logits(f, text), ones)
+        if self.D.has_uncond:
+            err_g = err_g + self.bce(self._logits(f, uncond=True), ones)
+        err_g = err_g + self.kl * kl_loss(mu, logvar)
+        err_g.backward()
+        self.optG.step()
+        return {"d_loss": err_d.detach(), "g_loss": err_g.detach()}
+
+
+def build(a):
+    """-> (cfg, ours, baseline or None, batch, device)."""
+    cfg = make_cfg(a)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    models = build_models(cfg.model)
+    G1 = stage1_for(cfg).to(device) if a.stage == 2 else None
+    base_G, base_D = copy.deepcopy(models.G), copy.deepcopy(models.D)
+    env = DistEnv(device=device)  # world size 1, built by hand: no process group needed
+    strategy = make_strategy(cfg, env)
+    strategy.setup(models.G, models.D)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(1)
+    ours = GANStep(strategy, a.stage, cfg.model.z_dim, cfg.model.condition_dim, cfg.train.kl_coeff, G1, gen,
+                   1, cfg.train.channels_last)
+    base = None
+    if a.baseline:
+        base = BaselineStep(base_G.to(device), base_D.to(device), G1, cfg, device, gen)
+    batch = make_batch(cfg, torch.Generator().manual_seed(2))
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return cfg, ours, base, batch, device
+
+
+def run(a) -> dict:
+    cfg, ours, base, batch, device = build(a)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    variants = {"ours": lambda: ours([batch])}
+    if base is not None:
+        variants["baseline"] = lambda: base(batch)
+    for _ in range(a.warmup):
+        for fn in variants.values():
+            fn()
+    sync()
+    times = {k: [] for k in variants}
+    peak = {}
+    for k in variants:  # peak memory per variant (CUDA); CPU: the process's max RSS, shared by both
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            variants[k]()
+            sync()
+            peak[k] = torch.cuda.max_memory_allocated() / 2 ** 20
+    for _ in range(a.steps):  # alternate: both see the same load on a shared machine
+        for k, fn in variants.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    if not cuda:
+        peak = {k: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 for k in variants}
+    flops = count_flops(lambda: ours([batch])) if not a.compile else count_flops(lambda: base(batch)) if base else 0
+    b = cfg.train.batch_size
+    med = common.percentile(times["ours"], 0.5)
+    r = {"stage": a.stage, "precision": a.precision, "backend": a.backend, "batch_size": b,
+         "gf_dim": a.gf_dim, "df_dim": a.df_dim, "compile": a.compile, "channels_last": a.channels_last,
+         "img_per_s": b / med, "step_ms_p50": 1e3 * med, "step_ms_p90": 1e3 * common.percentile(times["ours"], 0.9),
+         "peak_mem_mb": peak["ours"], "peak_mem_kind": "cuda_max_allocated" if cuda else "process_max_rss",
+         "flops_per_img": flops / b, "steps": a.steps, "warmup": a.warmup,
+         "baseline_img_per_s": None, "speedup": None}
+    if base is not None:
+        bmed = common.percentile(times["baseline"], 0.5)
+        r.update({"baseline_img_per_s": b / bmed, "baseline_step_ms_p50": 1e3 * bmed,
+                  "baseline_step_ms_p90": 1e3 * common.percentile(times["baseline"], 0.9),
+                  "speedup": bmed / med})
+    return r
+
+
+def add_mfu(r: dict, device: str, peaks: dict) -> None:
+    name = common.device_name(device)
+    sp = stated_peak(name, r["precision"])
+    r["peak_flops_stated"] = sp
+    r["peak_flops_measured"] = peaks.get(r["precision"])
+    basis = sp or r["peak_flops_measured"]
+    r["mfu_basis"] = "stated" if sp else "measured_matmul"
+    r["mfu"] = r["flops_per_img"] * r["img_per_s"] / basis if basis else None
+
+
+def measured_peaks(device: str, precisions: list[str], n: int) -> dict:
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return {p: measure_matmul_peak(torch.device(device), dt[p], n=n) for p in set(precisions)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backend", default="ddp", choices=["ddp", "deepspeed"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--baseline", action="store_true")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the measured-peak matmul")
+    for k, v in PAPER.items():  # the paper's widths by default
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    p.add_argument("--json", default="")
+    return p
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but no CUDA device is visible")
+    if a.backend == "deepspeed":
+        raise SystemExit("--backend deepspeed: not wired into this benchmark yet (it needs a launcher)")
+    r = run(a)
+    add_mfu(r, a.device, measured_peaks(a.device, [a.precision], a.peak_n))
+    out = {**common.header(a.device), "results": [r]}
+    common.write_json(out, a.json)
+    print(format_row(r), flush=True)
+    return out
+
+
+def format_row(r: dict) -> str:
+    s = (f"stage{r['stage']} {r['precision']} b{r['batch_size']} gf{r['gf_dim']}/df{r['df_dim']}: "
+         f"{r['img_per_s']:.1f} img/s (p50 {r['step_ms_p50']:.1f} ms, p90 {r['step_ms_p90']:.1f} ms), "
+         f"{r['flops_per_img'] / 1e9:.2f} GFLOP/img, MFU {100 * (r['mfu'] or 0):.1f}% ({r['mfu_basis']})")
+    if r.get("speedup"):
+        s += f", baseline {r['baseline_img_per_s']:.1f} img/s, speedup {r['speedup']:.2f}x"
+    return s
+
+
+if __name__ == "__main__":
+    main()
