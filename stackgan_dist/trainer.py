@@ -203,6 +203,8 @@ class Trainer:
         unwrap(s.G_module).load_state_dict(saved["G"])
         unwrap(s.D_module).load_state_dict(saved["D"])
         s.load_state_dict(saved["strategy"])
+        if hasattr(s, "load_engines"):  # DeepSpeed: optimizer partitions and fp32 masters live in engine/
+            s.load_engines(os.path.join(self.resume_from, "engine"))
         self.step = int(saved["step"])
         rpath = os.path.join(self.resume_from, f"rank_{self.env.rank:05d}.pt")
         if saved.get("world_size") == self.env.world_size and os.path.isfile(rpath):
@@ -219,11 +221,13 @@ class Trainer:
         else:
             log.warning("world size changed (%s -> %d): model and optimizer resume, noise streams restart",
                         saved.get("world_size"), self.env.world_size)
+        self.ckpt.last_saved = self.resume_from  # so a run that is already complete does not rewrite it
         if self.env.is_main:
             print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
 
     def save_checkpoint(self) -> str:
         path = self.ckpt.save(self.step, self.model_state() if self.env.is_main else None, self.rank_state(),
+                              engine_save=getattr(self.strategy, "save_engines", None),
                               extra_manifest={"stage": self.cfg.model.stage, "config_hash": self.cfg.model_hash()})
         log.info("checkpoint %s (%.2fs)", path, self.ckpt.last_save_s)
         return path

@@ -10,8 +10,10 @@ backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
 - In G's phase, D's parameters are frozen and the *unwrapped* D is called, so D's reducer never
   fires and G's loss through D reduces only G's gradients.
 - BatchNorm buffers (running statistics) are averaged across ranks after every step in one
-  coalesced all-reduce, so they stay identical on all ranks; ``model.sync_bn`` uses SyncBatchNorm
-  instead (batch statistics computed over the global batch).
+  coalesced all-reduce, so they stay identical on all ranks; ``model.sync_bn`` computes batch
+  statistics over the global batch instead (``nn.SyncBatchNorm`` on CUDA; on CPU, where
+  ``nn.SyncBatchNorm`` refuses to run, ``GlobalBatchNorm`` below does the same with one
+  differentiable all-reduce of per-channel sum, sum of squares and count).
 - The frozen Stage-I generator is never wrapped.
 """
 from __future__ import annotations
@@ -37,6 +39,83 @@ def unwrap(m: nn.Module) -> nn.Module:
             m = m._orig_mod
         else:
             return m
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics cover the batches of all ranks (CPU/gloo SyncBatchNorm).
+
+    Forward: all-reduce (sum, sum of squares, count) per channel through the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce``, so backward sums the statistics' gradients over
+    ranks exactly as ``nn.SyncBatchNorm`` does. Eval mode and world size 1 use plain batch norm.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = torch.full((1,), float(xf.numel() // xf.shape[1]), device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        c = x.shape[1]
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)) * m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (CUDA) or GlobalBatchNorm (CPU), keeping weights and buffers."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        out.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device))
+    return out
+
+
+class BufferSync:
+    """Averages floating-point buffers (BN running statistics) across ranks in one coalesced all-reduce."""
+
+    def __init__(self, modules, env: DistEnv):
+        self.env = env
+        self.buffers = [b for m in modules for _n, b in m.named_buffers() if b.dtype.is_floating_point]
+
+    def __call__(self) -> None:
+        if not (self.env.distributed and self.buffers):
+            return
+        flat = torch._utils._flatten_dense_tensors(self.buffers)
+        dist.all_reduce(flat)
+        flat /= self.env.world_size
+        for b, v in zip(self.buffers, torch._utils._unflatten_dense_tensors(flat, self.buffers)):
+            b.copy_(v)
+
+
+def refuse_cpu_amp(precision: str, device: torch.device) -> None:
+    if precision != "fp32" and device.type != "cuda":
+        raise UserError(f"train.precision={precision} needs CUDA: on CPU bf16/fp16 autocast is ~30x slower than "
+                        "fp32 here, so it is refused rather than silently slow; use train.precision=fp32")
 
 
 def set_requires_grad(m: nn.Module, flag: bool) -> None:
@@ -114,15 +193,12 @@ class DDPStrategy(Strategy):
 
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         cfg, env = self.cfg, self.env
-        if self.precision != "fp32" and self.device.type != "cuda":
-            raise UserError(f"train.precision={self.precision} needs CUDA: on CPU bf16/fp16 autocast is ~30x "
-                            "slower than fp32 here; use train.precision=fp32")
+        refuse_cpu_amp(self.precision, self.device)
         G, D = G.to(self.device), D.to(self.device)
         if cfg.train.channels_last:
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         if cfg.model.sync_bn and env.distributed:
-            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-            D = nn.SyncBatchNorm.convert_sync_batchnorm(D)
+            G, D = convert_sync_batchnorm(G, self.device), convert_sync_batchnorm(D, self.device)
         self.G_module, self.D_module = G, D
         betas = (cfg.train.beta1, cfg.train.beta2)
         self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer),
@@ -141,7 +217,7 @@ class DDPStrategy(Strategy):
         else:
             self.D_eval = D
         self.G, self.D = Gw, Dw
-        self._buffers = [b for m in (G, D) for n, b in m.named_buffers() if b.dtype.is_floating_point]
+        self._sync_buffers = BufferSync((G, D), env)
 
     def no_sync(self, which: str):
         m = self.G if which == "g" else self.D
@@ -170,12 +246,8 @@ class DDPStrategy(Strategy):
         opt.zero_grad(set_to_none=True)
 
     def after_step(self) -> None:
-        if self.env.distributed and not self.cfg.model.sync_bn and self._buffers:
-            flat = torch._utils._flatten_dense_tensors(self._buffers)
-            dist.all_reduce(flat)
-            flat /= self.env.world_size
-            for b, v in zip(self._buffers, torch._utils._unflatten_dense_tensors(flat, self._buffers)):
-                b.copy_(v)
+        if not self.cfg.model.sync_bn:  # with global-batch BN every rank already holds the same statistics
+            self._sync_buffers()
 
     def lrs(self) -> dict:
         return {k: o.param_groups[0]["lr"] for k, o in self.opt.items()}
@@ -195,6 +267,11 @@ class DDPStrategy(Strategy):
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("backend") == "deepspeed":
+            from ..errors import CheckpointError
+
+            raise CheckpointError("cannot resume a train.backend=deepspeed checkpoint with train.backend=ddp "
+                                  "(optimizer state formats differ); use the backend it was saved with")
         self.opt["g"].load_state_dict(sd["opt_g"])
         self.opt["d"].load_state_dict(sd["opt_d"])
         self.skipped_steps.update(sd.get("skipped", {}))
