@@ -145,7 +145,13 @@ COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after flags (`train CONFIG --fresh a=b`)
+        if args.cmd == "train" and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.cmd](args)

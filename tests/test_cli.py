@@ -1,0 +1,121 @@
+"""End-to-end CLI: train, sample, inspect, eval round trips and bad input (one line, non-zero, nothing changed)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_overrides
+
+
+def snapshot(d):
+    out = {}
+    for root, _dirs, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_run(synth_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "s1"
+    run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=4), check=True)
+    return run
+
+
+def test_run_directory_contract(stage1_run):
+    for p in ("config.yaml", "metrics.jsonl", "checkpoints/latest", "checkpoints/step_00000004/manifest.json",
+              "samples/step_00000004.png", "tb"):
+        assert os.path.exists(stage1_run / p), p
+    recs = [json.loads(x) for x in open(stage1_run / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [2, 4]
+    for k in ("d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "kl", "img_per_s"):
+        assert np.isfinite(recs[-1][k])
+
+
+def test_inspect_and_sample(stage1_run, tmp_path):
+    p = run_cli("inspect", stage1_run, check=True)
+    info = json.loads(p.stdout)
+    assert info["step"] == 4 and info["stage"] == 1 and info["valid"] is True and len(info["params_sha256"]) == 64
+    # the checkpoint folder and `latest` name the same checkpoint
+    assert json.loads(run_cli("inspect", stage1_run / "checkpoints/latest", check=True).stdout)["params_sha256"] \
+        == info["params_sha256"]
+    out = tmp_path / "grid.png"
+    run_cli("sample", stage1_run, "--text", "a red circle on a blue background", "--text", "a white square",
+            "--num", "3", "--out", out, check=True)
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 66 + 2, 2 * 66 + 2)
+
+
+def test_stage2_train_sample_eval(stage1_run, synth_data, tmp_path):
+    run = tmp_path / "s2"
+    run_cli("train", "configs/demo/stage2.yaml",
+            *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={stage1_run}"]), check=True)
+    info = json.loads(run_cli("inspect", run, check=True).stdout)
+    assert info["stage"] == 2 and info["step"] == 2
+    out = tmp_path / "g.png"
+    run_cli("sample", run, "--text", "a red circle", "--num", "2", "--out", out, check=True)
+    from PIL import Image
+
+    assert Image.open(out).size == (2 * 258 + 2, 2 * 258 + 2)  # a Stage-I row and a Stage-II row
+    p = run_cli("eval", run, "--data", f"{synth_data}/test", "--metrics", "caption", check=True)
+    res = json.loads(p.stdout)
+    assert 0.0 <= res["color_accuracy"] <= 1.0 and res["num_images"] == 24
+    assert res["real_color_accuracy"] >= 0.95
+    assert json.load(open(run / "eval.json"))["color_accuracy"] == res["color_accuracy"]
+
+
+def test_caption_metric_scores_real_images(synth_data):
+    from stackgan_dist.data.loader import make_loader, resolve_dataset
+    from stackgan_dist.evaluation.caption import caption_scores
+
+    for stage in (1, 2):
+        ds, _ = make_loader(resolve_dataset(f"{synth_data}/test"), stage, 24, 0, num_workers=0, shuffle_buffer=1)
+        b = next(ds.slot_batches(0, 0))
+        s = caption_scores(b["image"].permute(0, 2, 3, 1).numpy(), b["cls"].tolist())
+        assert s["color_accuracy"] >= 0.95 and s["shape_accuracy"] >= 0.95
+
+
+def one_line_error(p, *words):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [x for x in p.stderr.strip().splitlines() if "error" in x]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_leaves_run_untouched(stage1_run, synth_data, tmp_path):
+    before = snapshot(stage1_run)
+    base = tiny_overrides(synth_data, stage1_run, 1, steps=8)
+    one_line_error(run_cli("train", tmp_path / "missing.yaml", *base), "config file not found")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "train.max_step=9"), "train.max_steps")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "train.batch_size=x"), "train.batch_size")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "model.text_dim=32"), "model.gf_dim" if False
+                   else "text_dim")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, f"data.train={tmp_path}/nodata"),
+                   "not found" if False else "nodata")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "model.gf_dim=32"), "model.gf_dim")
+    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "--fresh"), "--fresh")
+    assert snapshot(stage1_run) == before
+
+
+def test_stage2_without_stage1_is_refused(synth_data, tmp_path):
+    run = tmp_path / "s2bad"
+    p = run_cli("train", "configs/demo/stage2.yaml",
+                *tiny_overrides(synth_data, run, 2, steps=2, extra=["model.stage1_checkpoint="]))
+    one_line_error(p, "stage1_checkpoint")
+    p = run_cli("train", "configs/demo/stage2.yaml",
+                *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={tmp_path}/none"]))
+    one_line_error(p, "not found")
+    assert not run.exists() or not os.listdir(run)
+
+
+def test_dry_run_prints_batch_sizes(synth_data, tmp_path):
+    p = run_cli("train", "configs/demo/stage1.yaml", "--dry-run", *tiny_overrides(synth_data, tmp_path / "d", 1),
+                env={"WORLD_SIZE": "4"}, check=True)
+    d = json.loads(p.stdout)
+    assert d["world_size"] == 4 and d["global_batch"] == 16
+    assert not (tmp_path / "d").exists()

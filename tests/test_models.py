@@ -1,0 +1,142 @@
+"""Shapes of every module at both stages, CA against the closed form, loss terms by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stackgan_dist.config import ModelConfig
+from stackgan_dist.losses import discriminator_loss, generator_loss, kl_loss, mismatched_conditions
+from stackgan_dist.models.build import build_models, build_stage1_generator
+from stackgan_dist.models.conditioning import CondAugment
+
+B = 3
+
+
+def small(stage):
+    return ModelConfig(stage=stage, gf_dim=16, df_dim=8, condition_dim=12, z_dim=10, text_dim=20, res_blocks=2)
+
+
+def test_stage1_shapes():
+    m = build_models(small(1))
+    text, z = torch.randn(B, 20), torch.randn(B, 10)
+    img, mu, logvar = m.G(text, z)
+    assert img.shape == (B, 3, 64, 64) and mu.shape == (B, 12) and logvar.shape == (B, 12)
+    assert img.abs().max() <= 1.0
+    h = m.D.encode_image(img)
+    assert h.shape == (B, 8 * 8, 4, 4)
+    out = m.D(img, text, torch.randn(B, 20))
+    assert out["cond"].shape == (B,) and out["wrong"].shape == (B,) and "uncond" not in out
+
+
+def test_stage2_shapes():
+    m = build_models(small(2))
+    g1 = build_stage1_generator(small(1))
+    text = torch.randn(B, 20)
+    s0, _, _ = g1(text, torch.randn(B, 10))
+    img, mu, logvar = m.G(text, s0)
+    assert img.shape == (B, 3, 256, 256) and mu.shape == (B, 12)
+    assert m.D.encode_image(img).shape == (B, 8 * 8, 4, 4)
+    out = m.D(img, text, torch.randn(B, 20))
+    assert {k: v.shape for k, v in out.items()} == {"cond": (B,), "uncond": (B,), "wrong": (B,)}
+
+
+def test_paper_defaults_parameter_counts():
+    """The paper's CUB widths give the parameter counts of the reference (G 10.3 M, D 5.7 M at Stage-I)."""
+    m = build_models(ModelConfig())
+    n = lambda mod: sum(p.numel() for p in mod.parameters()) / 1e6  # noqa: E731
+    assert 9.5 < n(m.G) < 11.0
+    assert 2.5 < n(m.D) < 6.5
+    m2 = build_models(ModelConfig(stage=2))
+    assert 20 < n(m2.G) < 30
+
+
+def test_ca_reparameterisation_and_kl():
+    torch.manual_seed(0)
+    ca = CondAugment(8, 4)
+    text = torch.randn(5, 8)
+    eps = torch.randn(5, 4)
+    c, mu, logvar = ca(text, eps)
+    assert torch.allclose(c, mu + torch.exp(0.5 * logvar) * eps, atol=1e-6)
+    # closed form KL(N(mu, s^2) || N(0,1)) = 1/2 sum(mu^2 + s^2 - log s^2 - 1), batch mean
+    mu = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    logvar = torch.tensor([[0.0, math.log(4.0)], [math.log(0.25), 0.0]])
+    row1 = 0.5 * ((1 + 1 - 0 - 1) + (0 + 4 - math.log(4) - 1))
+    row2 = 0.5 * ((0 + 0.25 - math.log(0.25) - 1) + (4 + 1 - 0 - 1))
+    assert kl_loss(mu, logvar).item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
+    # a Monte-Carlo check of the same KL
+    big_mu, big_lv = torch.randn(1, 3), torch.randn(1, 3) * 0.3
+    s = torch.exp(0.5 * big_lv)
+    x = big_mu + s * torch.randn(200000, 3)
+    logq = (-0.5 * ((x - big_mu) / s) ** 2 - torch.log(s)).sum(1)
+    logp = (-0.5 * x ** 2).sum(1)
+    assert (logq - logp).mean().item() == pytest.approx(kl_loss(big_mu, big_lv).item(), abs=0.02)
+
+
+def test_ca_relu_switch():
+    ca = CondAugment(8, 4, relu=True)
+    _, _, logvar = ca(torch.randn(16, 8))
+    assert (logvar >= 0).all()
+
+
+def _bce(x, y):
+    return -(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x))))
+
+
+def test_discriminator_loss_by_hand():
+    real, wrong, fake = torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([-1.0])
+    out = discriminator_loss(real, wrong, fake)
+    want = _bce(2.0, 1) + 0.5 * (_bce(0.5, 0) + _bce(-1.0, 0))
+    assert out["d_loss"].item() == pytest.approx(want, rel=1e-6)
+    # with the unconditional head: real and fake terms averaged with it
+    out = discriminator_loss(real, wrong, fake, torch.tensor([1.0]), torch.tensor([0.0]))
+    want = 0.5 * (_bce(2.0, 1) + _bce(1.0, 1)) + 0.5 * (_bce(0.5, 0) + 0.5 * (_bce(-1.0, 0) + _bce(0.0, 0)))
+    assert out["d_loss"].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_generator_loss_by_hand():
+    fake = torch.tensor([0.3, -0.2])
+    mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
+    out = generator_loss(fake, mu, logvar, kl_coeff=2.0)
+    want = (_bce(0.3, 1) + _bce(-0.2, 1)) / 2
+    assert out["g_loss"].item() == pytest.approx(want, rel=1e-6)
+    assert out["kl"].item() == 0.0
+    out = generator_loss(fake, torch.ones(2, 3), logvar, 2.0, fake_uncond=torch.tensor([0.0, 0.0]))
+    assert out["g_loss"].item() == pytest.approx(want + _bce(0.0, 1) + 2.0 * 1.5, rel=1e-6)
+
+
+def test_bce_with_logits_is_stable_where_sigmoid_bce_saturates():
+    x = torch.tensor([-200.0])
+    assert torch.isfinite(discriminator_loss(x, x, -x)["d_loss"])
+    assert torch.isfinite(generator_loss(x, torch.zeros(1, 2), torch.zeros(1, 2), 1.0)["g_loss"])
+    assert not torch.isfinite(-torch.log(torch.sigmoid(x))).all()  # what Sigmoid + log would give
+
+
+def test_mismatched_conditions():
+    text = torch.arange(4.0)[:, None]
+    assert mismatched_conditions(text).flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
+    cls = torch.tensor([0, 0, 1, 1])
+    wrong = mismatched_conditions(text, cls).flatten().tolist()
+    assert wrong == [2.0, 2.0, 0.0, 0.0]  # always another class
+    assert mismatched_conditions(text, torch.tensor([5, 5, 5, 5])).flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
+
+
+def test_few_steps_lower_d_loss():
+    """A few D optimisation steps on a fixed batch lower D's loss."""
+    torch.manual_seed(0)
+    m = build_models(small(1))
+    opt = torch.optim.Adam(m.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    real = torch.rand(8, 3, 64, 64) * 2 - 1
+    text = torch.randn(8, 20)
+    with torch.no_grad():
+        fake, _, _ = m.G(text, torch.randn(8, 10))
+    wrong = mismatched_conditions(text)
+    losses = []
+    for _ in range(15):
+        r, f = m.D(real, text, wrong), m.D(fake, text)
+        loss = discriminator_loss(r["cond"], r["wrong"], f["cond"])["d_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
