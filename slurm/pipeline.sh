@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Stage-I, then Stage-II once Stage-I has finished successfully (afterok):
+#   slurm/pipeline.sh STAGE1_CONFIG STAGE2_CONFIG [key=value ...] [-- sbatch options]
+# key=value overrides apply to both stages, except run.dir, which is given per stage with
+#   stage1.run.dir=DIR and stage2.run.dir=DIR (defaults: the configs' run.dir). Stage-II's
+# model.stage1_checkpoint is set to Stage-I's run directory. Extra sbatch options (after --) go to both jobs.
+# Prints the two job ids. Site settings: slurm/site.env (or $STACKGAN_SITE_ENV).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+if [ $# -lt 2 ]; then
+  echo "usage: slurm/pipeline.sh STAGE1_CONFIG STAGE2_CONFIG [key=value ...] [-- sbatch options]" >&2; exit 2
+fi
+c1="$1"; c2="$2"; shift 2
+common=(); s1=(); s2=(); sb=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; sb=("$@"); break ;;
+    stage1.*) s1+=("${1#stage1.}") ;;
+    stage2.*) s2+=("${1#stage2.}") ;;
+    *) common+=("$1") ;;
+  esac
+  shift
+done
+site="${STACKGAN_SITE_ENV:-$root/slurm/site.env}"
+# shellcheck disable=SC1090
+[ -f "$site" ] && source "$site"
+py="${STACKGAN_PYTHON:-$root/.venv/bin/python}"
+
+# Stage-I's run directory, as the training will resolve it (config + overrides)
+run1="$("$py" - "$c1" "${common[@]}" "${s1[@]}" <<'PY'
+import sys
+from stackgan_dist.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).run.dir)
+PY
+)"
+j1="$(sbatch --parsable --job-name=stackgan-s1 "${sb[@]}" "$root/slurm/train.sbatch" "$c1" "${common[@]}" "${s1[@]}")"
+j1="${j1%%;*}"
+j2="$(sbatch --parsable --job-name=stackgan-s2 --dependency=afterok:"$j1" --kill-on-invalid-dep=yes "${sb[@]}" \
+  "$root/slurm/train.sbatch" "$c2" "${common[@]}" "model.stage1_checkpoint=$run1" "${s2[@]}")"
+j2="${j2%%;*}"
+echo "stage1 $j1 run.dir=$run1"
+echo "stage2 $j2 (afterok:$j1)"

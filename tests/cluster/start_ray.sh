@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# A one-node Ray cluster on loopback (head + dashboard/Jobs API on 127.0.0.1:8265), for the
+# integration tests and for trying launch/ray_job.py locally. Idempotent: does nothing if it is up.
+#   bash tests/cluster/start_ray.sh      # then: .venv/bin/python launch/ray_job.py --address http://127.0.0.1:8265 ...
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+venv="${STACKGAN_VENV:-$root/.venv}"
+ray="$venv/bin/ray"
+[ -x "$ray" ] || { echo "start_ray.sh: $ray not found (make venv-full first)" >&2; exit 1; }
+dash_port="${RAY_DASHBOARD_PORT:-8265}"
+# the cluster's `python` (job entrypoints, workers) is the project venv's
+export PATH="$venv/bin:$PATH"
+export RAY_USAGE_STATS_ENABLED=0
+
+up() { "$venv/bin/python" - "$dash_port" <<'PY'
+import sys, urllib.request
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=5).read()
+except Exception:
+    sys.exit(1)
+PY
+}
+if up; then echo "ray already up (dashboard http://127.0.0.1:$dash_port)"; exit 0; fi
+"$ray" stop --force >/dev/null 2>&1 || true
+"$ray" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
+  --num-cpus "${RAY_NUM_CPUS:-4}" --include-dashboard true --disable-usage-stats
+for _ in $(seq 1 60); do up && break; sleep 1; done
+up || { echo "start_ray.sh: Jobs API on 127.0.0.1:$dash_port did not come up" >&2; exit 1; }
+echo "ray ready (dashboard/Jobs API http://127.0.0.1:$dash_port)"
