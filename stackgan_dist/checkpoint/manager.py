@@ -100,7 +100,7 @@ def params_digest(*modules) -> str:
             if not isinstance(t, torch.Tensor):
                 continue
             h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -210,15 +210,26 @@ class CheckpointManager:
         name = step_dir_name(step)
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
-        err = None
-        if self.env.is_main:
-            if model_state is not None:
-                for k in ("G", "D"):
-                    if not all_finite(model_state[k]):
-                        raise CheckpointError(f"refusing to save step {step}: non-finite values in {k}'s parameters")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
+        prev = self.last_saved or "none"
+        err: Exception | None = None
+        # Every early failure is agreed on by all ranks: a rank that raised alone would leave the others
+        # waiting in the next collective until the timeout.
+        if model_state is not None:
+            bad = [k for k in ("G", "D") if not all_finite(model_state[k])]
+            if bad:
+                err = CheckpointError(f"refusing to save step {step}: non-finite values in {' and '.join(bad)}'s "
+                                      f"parameters; last good checkpoint: {prev}")
+        if err is None and self.env.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            except OSError as e:
+                err = e
+        if self._agree_failure(err is not None):
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
+                                  f"previous checkpoint {prev} kept")
         try:
             if self.env.is_main and model_state is not None:
                 save_file(model_state, os.path.join(tmp, "model.pt"))
@@ -227,12 +238,15 @@ class CheckpointManager:
                 engine_save(os.path.join(tmp, "engine"))
         except OSError as e:
             err = e
+        delay = float(os.environ.get("STACKGAN_TEST_SAVE_DELAY_S", "0") or 0)
+        if delay > 0:  # test hook: holds the files written but uncommitted, so a test can kill mid-save
+            time.sleep(delay)
         failed = self._agree_failure(err is not None)
         if failed:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             msg = f"checkpoint write for step {step} failed ({err or 'on another rank'}); previous checkpoint " \
-                  f"{self.last_saved or 'none'} kept"
+                  f"{prev} kept"
             raise CheckpointError(msg)
         if self.env.is_main:
             try:
@@ -252,8 +266,11 @@ class CheckpointManager:
                     f.flush()
                     os.fsync(f.fileno())
                 fsync_dir(tmp)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
+                old = None
+                if os.path.exists(final):  # e.g. a corrupt newer checkpoint left from before a fallback resume
+                    old = os.path.join(self.root, f".old-{name}")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
                 os.replace(tmp, final)
                 fsync_dir(self.root)
                 link_tmp = os.path.join(self.root, ".latest.tmp")
@@ -262,6 +279,8 @@ class CheckpointManager:
                 os.symlink(name, link_tmp)
                 os.replace(link_tmp, os.path.join(self.root, "latest"))
                 fsync_dir(self.root)
+                if old:
+                    shutil.rmtree(old, ignore_errors=True)
             except OSError as e:
                 err = e
         failed = self._agree_failure(err is not None)
@@ -269,7 +288,7 @@ class CheckpointManager:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint commit for step {step} failed ({err or 'on rank 0'}); previous "
-                                  f"checkpoint {self.last_saved or 'none'} kept")
+                                  f"checkpoint {prev} kept")
         if self.env.is_main:
             self._prune(keep=final)
         self._barrier()
@@ -292,7 +311,7 @@ class CheckpointManager:
             if os.path.realpath(p) != os.path.realpath(keep):
                 shutil.rmtree(p, ignore_errors=True)
         for name in os.listdir(self.root):  # stale temporaries of crashed saves
-            if name.startswith(".tmp-") and os.path.join(self.root, name) != keep:
+            if name.startswith((".tmp-", ".old-")) and os.path.join(self.root, name) != keep:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def latest_valid(self) -> str | None:
