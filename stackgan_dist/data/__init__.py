@@ -1,0 +1,1 @@
+"""Data: shard writers (prepare) and the streaming shard reader (training)."""
