@@ -11,6 +11,10 @@ dash_port="${RAY_DASHBOARD_PORT:-8265}"
 # the cluster's `python` (job entrypoints, workers) is the project venv's
 export PATH="$venv/bin:$PATH"
 export RAY_USAGE_STATS_ENABLED=0
+# Ray replaces --node-ip-address 127.0.0.1 by the host's routable address (services.resolve_ip_for_localhost)
+# unless "cluster mode" is off; off, every Ray process (and the job drivers, which inherit this environment)
+# binds and connects on loopback only. A real multi-node cluster must not set this.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 up() { "$venv/bin/python" - "$dash_port" <<'PY'
 import sys, urllib.request

@@ -1,0 +1,144 @@
+"""Ray side of ``launch/ray_job.py``: the job driver (a Ray Train V2 ``TorchTrainer``) and the per-worker function.
+
+``launch/ray_job.py`` submits ``python -m stackgan_dist.launch_ray ...`` through the Ray Jobs API; this module then
+runs inside the job. Ray is imported lazily (only here, never by the trainer or the models), so the package works
+without Ray installed.
+
+Division of labour:
+- Ray Train forms the torch process group (gloo on CPU, NCCL on GPU); ``dist/env.py`` detects and reuses it.
+- Checkpoints stay in our run directory (``run.dir/checkpoints``, shared storage on a multi-node cluster). Each
+  checkpoint is also reported to Ray with ``ray.train.report`` as a small pointer checkpoint (a JSON naming our
+  step directory) under ``run.dir/ray/``: Ray then lists it, without a second copy of the weights.
+  ``ray.train.report`` is a barrier, so every worker calls it once per checkpoint (only rank 0 attaches the pointer).
+- A failed worker makes Ray restart the whole group (``FailureConfig(max_failures)``); Ray restores neither model
+  nor data state itself: the restarted workers resume from the newest valid checkpoint in ``run.dir``, exactly as a
+  requeued Slurm job does. Rerunning the same job (same run.dir) also resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from .errors import UserError
+
+POINTER_FILE = "stackgan_checkpoint.json"
+RAY_SUBDIR = "ray"  # Ray Train's own run storage inside our run directory: RunConfig(storage_path=run.dir, name=ray)
+
+
+def _report_checkpoint(path: str | None, step: int, env) -> None:
+    """Trainer checkpoint hook: every rank calls it after each (collective) save, so the barrier lines up."""
+    import ray.train
+
+    metrics = {"step": step, "checkpoint": path or ""}
+    name = f"step_{step:08d}"
+    if env.rank == 0 and path:
+        with tempfile.TemporaryDirectory(prefix="stackgan-ray-ptr-") as tmp:
+            with open(os.path.join(tmp, POINTER_FILE), "w") as f:
+                json.dump({"checkpoint": os.path.abspath(path), "step": step}, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    else:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+
+
+def train_func(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: the same ``run_training`` that torchrun and srun call."""
+    import ray.train
+
+    from .config import config_from_dict
+    from .train import run_training
+
+    os.environ["STACKGAN_LAUNCHER"] = "ray"  # dist/env.py: the group exists and belongs to Ray Train
+    ctx = ray.train.get_context()
+    # test hook: a worker's pid, so that a test can kill a real worker process mid-run
+    pid_dir = os.environ.get("STACKGAN_TEST_RAY_PID_DIR")
+    if pid_dir:
+        os.makedirs(pid_dir, exist_ok=True)
+        with open(os.path.join(pid_dir, f"rank{ctx.get_world_rank()}.pid"), "a") as f:
+            f.write(f"{os.getpid()}\n")
+    cfg = config_from_dict(loop_config["config"])
+    if ctx.get_world_rank() == 0:
+        print(f"stackgan ray: worker group of {ctx.get_world_size()} started; run dir {cfg.run.dir}", flush=True)
+    run_training(cfg, on_checkpoint=_report_checkpoint)
+
+
+def _probe_resources(num_workers: int, bundle: dict, timeout_s: float) -> None:
+    """A job whose workers cannot be placed waits forever (a known Ray failure mode). Reserve the same bundles
+    first with a deadline, so that an impossible request becomes a clear error. On an autoscaling cluster the
+    reservation is what asks for the nodes."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+    try:
+        ready = pg.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(pg)
+    if not ready:
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU") or k in bundle}
+        raise UserError(f"{num_workers} workers x {bundle} could not be scheduled within {timeout_s:.0f}s "
+                        f"(cluster resources: {have}); lower --num-workers / --gpus-per-worker / --cpus-per-worker "
+                        "or add nodes")
+
+
+def drive(argv: list[str] | None = None) -> int:
+    """The job driver: validate the config, check the workers can be placed, run the TorchTrainer."""
+    p = argparse.ArgumentParser(prog="python -m stackgan_dist.launch_ray")
+    p.add_argument("--num-workers", type=int, required=True)
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--max-failures", type=int, default=3)
+    p.add_argument("--pending-timeout", type=float, default=600)
+    p.add_argument("--name", default=RAY_SUBDIR)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+
+    from .config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if not os.path.isabs(cfg.run.dir):
+        raise UserError(f"run.dir must be an absolute path on shared storage inside a Ray job, got {cfg.run.dir}")
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    bundle = {"CPU": a.cpus_per_worker} | ({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})
+    _probe_resources(a.num_workers, bundle, a.pending_timeout)
+    use_gpu = a.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(max(cfg.train.dist_timeout_s, 60))),
+        scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=use_gpu, resources_per_worker=bundle),
+        run_config=RunConfig(name=a.name, storage_path=cfg.run.dir,
+                             failure_config=FailureConfig(max_failures=a.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+    )
+    print(f"stackgan ray: {a.num_workers} workers x {bundle}, run dir {cfg.run.dir}, "
+          f"max_failures {a.max_failures}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 -- TrainingFailedError and friends: one line, then the cause
+        first = str(e).strip().splitlines()
+        raise UserError(f"training failed after up to {a.max_failures} restarts: "
+                        f"{' | '.join(first[-3:]) if first else type(e).__name__}") from None
+    ck = result.checkpoint.path if result.checkpoint else "none"
+    print(f"stackgan ray: finished; metrics {result.metrics}; last Ray checkpoint pointer {ck}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return drive(argv)
+    except UserError as e:
+        print(f"stackgan ray: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

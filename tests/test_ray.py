@@ -1,0 +1,158 @@
+"""launch/ray_job.py against a real Ray cluster on loopback (bash tests/cluster/start_ray.sh; `make test` starts it).
+
+A 2-worker Ray job succeeds with its checkpoint in run.dir and the same params_sha256 as torchrun with 2 processes;
+a Ray worker SIGKILLed mid-run makes Ray Train restart the group, which resumes from our checkpoint and ends with
+the uninterrupted digest; an unreachable address and an unschedulable request fail fast with one clear line.
+These tests fail (never skip) when the cluster is not running.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import PY, REPO, run_cli, tiny_overrides
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ADDRESS = os.environ.get("STACKGAN_TEST_RAY_ADDRESS", "http://127.0.0.1:8265")
+CONFIG = "configs/demo/stage1.yaml"
+STEPS, EVERY = 8, 4
+
+
+def overrides(data, run):
+    return tiny_overrides(data, run, 1, steps=STEPS, extra=[f"checkpoint.every_steps={EVERY}"])
+
+
+def ray_job(*args, timeout=420):
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ADDRESS, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=e)
+
+
+def show(p) -> str:
+    return f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-5000:]}\nSTDERR:\n{p.stderr[-3000:]}"
+
+
+def digest(run) -> str:
+    return json.loads(run_cli("inspect", run, check=True).stdout)["params_sha256"]
+
+
+def committed(run, step) -> bool:
+    return os.path.isfile(os.path.join(run, "checkpoints", f"step_{step:08d}", "manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    try:
+        urllib.request.urlopen(f"{ADDRESS}/api/version", timeout=5).read()
+    except OSError as e:
+        pytest.fail(f"no Ray cluster at {ADDRESS} ({e}): start one with `bash tests/cluster/start_ray.sh`")
+    return ADDRESS
+
+
+@pytest.fixture(scope="module")
+def torchrun_digest(synth_data, tmp_path_factory):
+    """The reference: the same config, seed and world size (2) through torchrun."""
+    d = tmp_path_factory.mktemp("torchrun")
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stackgan_dist",
+                        "train", CONFIG, *overrides(synth_data, d / "run")], capture_output=True, text=True,
+                       timeout=420, cwd=REPO, env=e)
+    assert p.returncode == 0, show(p)
+    return digest(d / "run")
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_cluster, synth_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray_ok")
+    run = d / "run"
+    p = ray_job("--num-workers", 2, "--max-failures", 0, CONFIG, *overrides(synth_data, run))
+    return p, run
+
+
+def test_ray_job_succeeds_with_checkpoint_in_run_dir(ray_run):
+    p, run = ray_run
+    assert p.returncode == 0, show(p)
+    assert "submitted Ray job raysubmit_" in p.stdout and "SUCCEEDED" in p.stdout, show(p)
+    assert committed(run, STEPS), os.listdir(run / "checkpoints")
+    # also reported to Ray: a pointer checkpoint in Ray Train's storage under run.dir/ray
+    ptr = json.loads((run / "ray" / f"step_{STEPS:08d}" / "stackgan_checkpoint.json").read_text())
+    assert ptr == {"checkpoint": str(run / "checkpoints" / f"step_{STEPS:08d}"), "step": STEPS}
+    assert json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_ray_and_torchrun_give_equal_weights(ray_run, torchrun_digest):
+    p, run = ray_run
+    assert p.returncode == 0, show(p)
+    assert digest(run) == torchrun_digest
+
+
+def test_ray_worker_killed_restarts_group_and_resumes(ray_cluster, synth_data, tmp_path, torchrun_digest):
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    # steps are slowed (0.5 s) so that the kill lands after the step-4 commit and before step 8
+    job = subprocess.Popen([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ray_cluster,
+                            "--num-workers", "2", "--max-failures", "2", "--env", "STACKGAN_TEST_STEP_DELAY_S=0.5",
+                            "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}", CONFIG, *overrides(synth_data, run)],
+                           cwd=REPO, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not committed(run, EVERY):
+            assert job.poll() is None, (tmp_path / "job.log").read_text()[-5000:]
+            assert time.monotonic() - t0 < 300, "no step-4 checkpoint within 300 s"
+            time.sleep(0.05)
+        assert not committed(run, STEPS)
+        victim = int((pids / "rank1.pid").read_text().split()[0])
+        os.kill(victim, signal.SIGKILL)  # a real Ray Train worker process, mid-run
+        rc = job.wait(timeout=420)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    log = (tmp_path / "job.log").read_text()
+    assert rc == 0, log[-6000:]
+    # the group was restarted (a second rank-1 worker) and training resumed from our checkpoint
+    assert len((pids / "rank1.pid").read_text().split()) == 2, log[-4000:]
+    assert f"resumed from {run / 'checkpoints'}" in log, log[-4000:]
+    assert json.loads((run / "restarts.json").read_text())["count"] == 1
+    assert digest(run) == torchrun_digest
+
+
+def test_unreachable_address_is_a_clear_error_within_seconds(synth_data, tmp_path):
+    t0 = time.monotonic()
+    e = dict(os.environ)
+    p = subprocess.run([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", "http://127.0.0.1:1",
+                        "--num-workers", "2", CONFIG, *overrides(synth_data, tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=e)
+    dt = time.monotonic() - t0
+    assert p.returncode == 2, show(p)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ray_job: error: cannot reach the Ray Jobs API at http://127.0.0.1:1"), \
+        show(p)
+    assert "Traceback" not in p.stderr and dt < 30, (dt, show(p))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_fails_before_submitting(tmp_path):
+    p = ray_job("--num-workers", 2, CONFIG, "train.max_stepz=3", f"run.dir={tmp_path}/run", timeout=60)
+    assert p.returncode == 2, show(p)
+    assert "max_stepz" in p.stderr and "submitted" not in p.stdout, show(p)
+
+
+def test_unschedulable_workers_become_a_clear_error(ray_cluster, synth_data, tmp_path):
+    """1 GPU per worker on this GPU-less cluster: the placement would stay pending forever; the watchdog stops it."""
+    t0 = time.monotonic()
+    p = ray_job("--num-workers", 2, "--gpus-per-worker", 1, "--pending-timeout", 10, CONFIG,
+                *overrides(synth_data, tmp_path / "run"), timeout=300)
+    dt = time.monotonic() - t0
+    assert p.returncode == 1, show(p)
+    last = p.stderr.strip().splitlines()[-1]
+    assert "FAILED" in last and "could not be scheduled within 10s" in last and "GPU" in last, show(p)
+    assert dt < 120, dt
+    assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*"))
