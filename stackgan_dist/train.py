@@ -10,11 +10,12 @@ from .observability.logging import setup_logging
 from .trainer import Trainer
 
 
-def run_training(cfg: Config, fresh: bool = False) -> dict:
+def run_training(cfg: Config, fresh: bool = False, on_checkpoint=None) -> dict:
+    """``on_checkpoint(path, step, env)``: called on every rank after each committed checkpoint (see Trainer)."""
     env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     setup_logging(env.rank, cfg.log.level)
     try:
-        trainer = Trainer(cfg, env, fresh=fresh)
+        trainer = Trainer(cfg, env, fresh=fresh, on_checkpoint=on_checkpoint)
         trainer.build()
         return trainer.train()
     finally:
