@@ -1,4 +1,4 @@
-"""``stackgan`` subcommands: prepare, train, sample, eval, inspect.
+"""``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
 
 Problems the user can fix (UserError) print one line and exit non-zero, without a traceback.
 """
@@ -80,8 +80,17 @@ def _cmd_sample(a) -> int:
 def _cmd_eval(a) -> int:
     from .evaluation.run_eval import evaluate
 
-    res = evaluate(a.run, a.data, a.metrics, a.num_samples, a.inception_weights, a.out, a.batch_size)
-    print(json.dumps(res, indent=1))
+    res = evaluate(a.run, a.data, a.metrics, a.num_samples, a.inception_weights, a.out, a.batch_size, a.stage,
+                   a.seed)
+    if res is not None:  # rank 0 under torchrun
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from .observability.report import make_report
+
+    print(json.dumps(make_report(a.run, a.out)))
     return 0
 
 
@@ -129,11 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="caption consistency, IS and FID on held-out captions")
     pe.add_argument("run")
     pe.add_argument("--data", required=True)
-    pe.add_argument("--metrics", default="caption")
-    pe.add_argument("--num-samples", type=int, default=0, help="0: one per test sample")
-    pe.add_argument("--inception-weights", default="")
+    pe.add_argument("--metrics", default="caption", help="comma-separated: caption, fid, is")
+    pe.add_argument("--num-samples", type=int, default=0,
+                    help="images to generate (the paper: 30000); 0: one per test sample")
+    pe.add_argument("--inception-weights", default="",
+                    help="local Inception-v3 weights file for fid/is (default $STACKGAN_INCEPTION_WEIGHTS)")
     pe.add_argument("--batch-size", type=int, default=50)
-    pe.add_argument("--out", default="")
+    pe.add_argument("--out", default="", help="also write the JSON here (always written to RUN/eval.json)")
+    pe.add_argument("--stage", type=int, choices=(1, 2), default=0, help="refuse a checkpoint of the other stage")
+    pe.add_argument("--seed", type=int, default=0, help="noise seed (image i uses (seed, i))")
+
+    pr = sub.add_parser("report", help="one PNG: loss curves from metrics.jsonl and the latest sample grid")
+    pr.add_argument("run")
+    pr.add_argument("--out", default="", help="default RUN/report.png")
 
     pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256")
     pi.add_argument("run")
@@ -141,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "inspect": _cmd_inspect}
+            "inspect": _cmd_inspect, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,11 @@
-"""``stackgan eval``: generate from held-out captions and score the images."""
+"""``stackgan eval``: generate from held-out captions and score the images (caption consistency, IS, FID).
+
+Protocol (the paper's, scaled by ``--num-samples``): image i is generated from test caption i mod T (the
+first caption of each test sample, in file order) with noise z_i drawn from a generator seeded by
+(seed, i), and the CA epsilon at 0 (its mean). So the images do not depend on how many ranks share the
+work: under torchrun rank r generates the contiguous range [r n / W, (r+1) n / W) and scores the real
+test images [r T / W, (r+1) T / W); torchmetrics gathers the features at ``compute()``.
+"""
 from __future__ import annotations
 
 import json
@@ -9,56 +16,152 @@ import torch
 from tqdm import tqdm
 
 from ..data.loader import make_loader, resolve_dataset
+from ..data.writer import CROP_SIZES
 from ..errors import UserError
 from ..inference import generate, load_run
 from ..observability.images import to_uint8
 from .caption import caption_scores
 
+METRICS = ("caption", "fid", "is")
+IS_SPLITS = 10
+
+
+def _parse_metrics(metrics: str) -> list[str]:
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise UserError(f"unknown metric(s) {unknown or metrics!r}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def _test_stream(info, stage: int, start: int):
+    """Test samples in file order, one per batch, forever (cycling), starting at global index ``start``."""
+    ds, _ = make_loader(info, stage, 1, 0, num_workers=0, shuffle_buffer=1, train=False)
+    ds.batch_size, ds.batches_per_slot = 1, info.num_samples  # one slot holding the whole split
+    return ds.slot_batches(0, start)  # skipped samples are read, not decoded
+
+
+def _noise(seed: int, lo: int, hi: int, dim: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).standard_normal(dim, dtype=np.float32)
+                                      for i in range(lo, hi)]))
+
+
+def _share(n: int, rank: int, world: int) -> tuple[int, int]:
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _all_sum(values: list[float], env) -> list[float]:
+    if not env.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
 
 def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, inception_weights: str = "",
-             out: str = "", batch_size: int = 50) -> dict:
-    names = [m.strip() for m in metrics.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ("caption", "fid", "is")]
-    if unknown:
-        raise UserError(f"unknown metric(s) {unknown}; choose from caption, fid, is")
-    run = load_run(run_path)
+             out: str = "", batch_size: int = 50, stage: int = 0, seed: int = 0) -> dict | None:
+    """Scores a run or checkpoint; returns the result on rank 0 (None on the others)."""
+    from ..dist.env import init_distributed, teardown
+
+    names = _parse_metrics(metrics)
+    if num_samples < 0 or batch_size <= 0:
+        raise UserError("--num-samples must be >= 0 and --batch-size positive")
+    if "is" in names and 0 < num_samples < IS_SPLITS:
+        raise UserError(f"--num-samples {num_samples} is smaller than the {IS_SPLITS} Inception Score splits")
+    inception_weights = inception_weights or os.environ.get("STACKGAN_INCEPTION_WEIGHTS", "")
     info = resolve_dataset(data)
+    run = load_run(run_path)
+    if stage and run.stage != stage:
+        raise UserError(f"{run.path} is a Stage-{run.stage} checkpoint, not Stage-{stage} "
+                        f"(--stage {stage}); pass the Stage-{stage} run")
     if info.text_dim != run.model_config.text_dim:
         raise UserError(f"data {data} has text_dim {info.text_dim}, the checkpoint's model has "
-                        f"{run.model_config.text_dim}")
+                        f"{run.model_config.text_dim}: it was trained on another text encoder")
+    enc_data = (info.manifest.get("text_encoder") or {}).get("name")
+    enc_run = (run.text_encoder or {}).get("name")
+    if enc_data and enc_run and enc_data != enc_run:
+        raise UserError(f"data {data} was encoded with {enc_data}, the checkpoint was trained on {enc_run}")
+    store = int(info.manifest.get("image_size", 0) or 0)
+    if store and store < CROP_SIZES[run.stage]:
+        raise UserError(f"data {data} stores {store}px images; Stage-{run.stage} is scored at "
+                        f"{CROP_SIZES[run.stage]}px")
+    if "caption" in names and "synthetic" not in info.manifest:
+        raise UserError(f"the caption metric needs the synthetic dataset (colours/shapes); {data} is "
+                        f"'{info.manifest.get('source', 'unknown')}'")
     n = num_samples or info.num_samples
-    ds, _ = make_loader(info, run.stage, 1, 0, num_workers=0, shuffle_buffer=1, train=False)
-    ds.batch_size, ds.batches_per_slot = 1, info.num_samples
-    g = torch.Generator().manual_seed(1234)
-    zdim = run.model_config.z_dim if run.stage == 1 else run.G1.z_dim
-    gen_imgs, classes, real_imgs = [], [], []
-    it = ds.slot_batches(0, 0)
-    with tqdm(total=n, desc="eval", unit="img", leave=False) as bar:
-        while len(classes) < n:
-            batch = [next(it) for _ in range(min(batch_size, n - len(classes)))]
-            text = torch.cat([b["text"] for b in batch])
-            z = torch.randn(text.shape[0], zdim, generator=g)
-            s1, s2 = generate(run, text, z)
-            gen_imgs.append(to_uint8(s2 if s2 is not None else s1))
-            real_imgs.append(torch.cat([b["image"] for b in batch]).permute(0, 2, 3, 1).numpy())
-            classes += [int(b["cls"][0]) for b in batch]
-            bar.update(len(batch))
-    fake = np.concatenate(gen_imgs)
-    real = np.concatenate(real_imgs)
-    res = {"checkpoint": run.path, "step": run.step, "stage": run.stage, "num_samples": len(classes)}
-    if "caption" in names:
-        if min(classes) < 0:
-            raise UserError(f"the caption metric needs the synthetic dataset's classes; {data} has none")
-        res.update(caption_scores(fake, classes))
-        res["real_" + "color_accuracy"] = caption_scores(real, classes)["color_accuracy"]
-    if "fid" in names or "is" in names:
-        from .inception import fid_is  # IS/FID through a maintained library
+    if "is" in names and n < IS_SPLITS:
+        raise UserError(f"{n} samples are fewer than the {IS_SPLITS} Inception Score splits (raise --num-samples)")
 
-        res.update(fid_is(fake, real, names, inception_weights))
+    env = init_distributed("auto")
+    try:
+        return _evaluate(env, run, info, names, n, inception_weights, out, batch_size, seed, data)
+    finally:
+        teardown(env)
+
+
+def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) -> dict | None:
+    dev = env.device
+    run.G.to(dev)
+    if run.G1 is not None:
+        run.G1.to(dev)
+    scorer = None
+    if "fid" in names or "is" in names:
+        from .inception import InceptionMetrics
+
+        scorer = InceptionMetrics([m for m in names if m != "caption"], weights, dev, splits=IS_SPLITS)
+    zdim = run.model_config.z_dim if run.stage == 1 else run.G1.z_dim
+    lo, hi = _share(n, env.rank, env.world_size)
+    counts = np.zeros(3)  # colour hits, shape hits, images (caption metric)
+    it = _test_stream(info, run.stage, lo)
+    with tqdm(total=hi - lo, desc=f"eval rank{env.rank}", unit="img", leave=False, disable=not env.is_main) as bar:
+        i = lo
+        while i < hi:
+            j = min(i + batch_size, hi)
+            batch = [next(it) for _ in range(j - i)]
+            text = torch.cat([b["text"] for b in batch]).to(dev)
+            s1, s2 = generate(run, text, _noise(seed, i, j, zdim).to(dev))
+            fake = s2 if s2 is not None else s1  # (B, 3, H, W) in [-1, 1]
+            if scorer is not None:
+                scorer.update(((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), real=False)
+            if "caption" in names:
+                sc = caption_scores(to_uint8(fake), [int(b["cls"][0]) for b in batch])
+                counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
+            bar.update(j - i)
+            i = j
+    real_counts = np.zeros(3)
+    if (scorer is not None and "fid" in names) or "caption" in names:
+        rlo, rhi = _share(info.num_samples, env.rank, env.world_size)
+        it = _test_stream(info, run.stage, rlo)
+        i = rlo
+        while i < rhi:
+            j = min(i + batch_size, rhi)
+            batch = [next(it) for _ in range(j - i)]
+            real = torch.cat([b["image"] for b in batch])  # uint8 (B, 3, H, W)
+            if scorer is not None and "fid" in names:
+                scorer.update(real, real=True)
+            if "caption" in names:
+                sc = caption_scores(real.permute(0, 2, 3, 1).numpy(), [int(b["cls"][0]) for b in batch])
+                real_counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
+            i = j
+    res = {"checkpoint": run.path, "step": run.step, "stage": run.stage, "data": data, "num_samples": n,
+           "num_real": info.num_samples, "world_size": env.world_size, "seed": seed}
+    if "caption" in names:
+        c = _all_sum(list(counts) + list(real_counts), env)
+        res.update({"color_accuracy": c[0] / c[2], "shape_accuracy": c[1] / c[2],
+                    "real_color_accuracy": c[3] / c[5], "real_shape_accuracy": c[4] / c[5]})
+    if scorer is not None:
+        res.update(scorer.compute(seed))  # collective: every rank
+        res["inception_weights"] = os.path.abspath(weights)
+        res["inception_classes"] = scorer.classes
+    if not env.is_main:
+        return None
     targets = [out] if out else []
     targets.append(os.path.join(os.path.dirname(os.path.dirname(run.path)), "eval.json"))
     for t in targets:
         os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
-        with open(t, "w") as f:
+        with open(t + ".tmp", "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(t + ".tmp", t)
     return res

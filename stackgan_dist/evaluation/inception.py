@@ -1,0 +1,215 @@
+"""Inception Score and FID through torchmetrics, on torch-fidelity's Inception-v3 port; weights from a local file only.
+
+torchmetrics computes the statistics (FID from running feature sums, IS from logits with 10 splits) and
+syncs them across ranks itself: under torchrun every rank feeds its own share of the images and
+``compute()`` gathers. The network is torch-fidelity's ``FeatureExtractorInceptionV3`` (the TF-exact
+port used for published FIDs), built from a file the user names; nothing is downloaded here.
+
+Accepted weights: the standard FID Inception weights (``pt_inception-2015-12-05-6726825d.pth`` from
+pytorch-fid, the same tensors as torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``), or a
+fine-tuned classifier of the same architecture whose ``fc`` has K classes (e.g. the CUB model the paper's
+IS uses, converted to this layout): its IS is then computed on its K-way logits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+FID_FEATURE = "2048"
+STANDARD_CLASSES = 1008  # the 2015-12-05 TF graph's classifier (1000 ImageNet classes + 8 unused)
+
+
+def _inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3, importable without torchvision.
+
+    torch-fidelity 0.4's package ``__init__`` imports every feature extractor, some of which import
+    torchvision, and no torchvision wheel matches our torch. The Inception module itself needs only torch,
+    so when the normal import fails we register a bare package object (its ``__path__`` only) and import
+    the submodule from it, skipping ``__init__``.
+    """
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError("IS/FID need torch-fidelity: pip install --no-deps torch-fidelity==0.4.0") from None
+        for k in [k for k in sys.modules if k == "torch_fidelity" or k.startswith("torch_fidelity.")]:
+            del sys.modules[k]  # drop the half-imported package
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = pkg
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    return FeatureExtractorInceptionV3
+
+
+def _read_weights(path: str) -> dict:
+    """Checks the file before torch-fidelity's own ``torch.load(weights_only=False)`` reads it: a file that
+    loads here under ``weights_only=True`` holds only tensors, so the second, unrestricted load is safe."""
+    if not path:
+        raise UserError("IS/FID need --inception-weights PATH: a local Inception-v3 weights file, e.g. "
+                        "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
+    if not os.path.isfile(path):
+        raise UserError(f"Inception weights file not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable Inception-v3 weights file (a state dict): {msg[:200]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} is not an Inception-v3 weights file (expected a state dict of tensors)")
+    fc = sd.get("fc.weight")
+    if fc is None or fc.dim() != 2 or fc.shape[1] != 2048:
+        raise UserError(f"{path} is not an Inception-v3 weights file: no fc.weight of shape (classes, 2048)")
+    return sd
+
+
+def build_inception(path: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The Inception-v3 feature extractor with the weights in ``path`` (shape-checked, strict).
+    forward(uint8 (N, 3, H, W)) -> (pool features (N, 2048), logits (N, classes)). The standard weights give
+    the bias-free 1008-way logits torch-fidelity and torchmetrics use for IS; a fine-tuned classifier its
+    own K-way logits."""
+    sd = _read_weights(path)
+    base = _inception_class()
+    classes = int(sd["fc.weight"].shape[0])
+    del sd
+    features = [FID_FEATURE, "logits_unbiased" if classes == STANDARD_CLASSES else "logits"]
+
+    class Inception(base):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if classes != STANDARD_CLASSES:  # a fine-tuned K-way classifier
+                self.fc = nn.Linear(2048, classes)
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    try:
+        net = Inception("inception-v3-compat", features, feature_extractor_weights_path=path)
+    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
+        first = str(e).splitlines()
+        raise UserError(f"{path}: these weights do not fit Inception-v3: {' '.join(first[:2])[:300]}") from None
+    net.num_classes = classes
+    return net.to(device)
+
+
+def write_random_weights(path: str, seed: int = 0, classes: int = STANDARD_CLASSES) -> str:
+    """A randomly initialised Inception-v3 of the right shapes (for tests where real weights are absent).
+    Convolutions get He initialisation so activations neither vanish nor explode through the 90-odd layers."""
+    base = _inception_class()
+
+    class Blank(base):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if classes != STANDARD_CLASSES:
+                self.fc = nn.Linear(2048, classes)
+
+    empty = path + ".empty"
+    torch.save({}, empty)
+    try:
+        net = Blank("blank", ["logits"], feature_extractor_weights_path=empty)
+    finally:
+        os.remove(empty)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * (1.0 / 2048) ** 0.5)
+        net.fc.bias.zero_()
+    torch.save(net.state_dict(), path)
+    return path
+
+
+class _Select(nn.Module):
+    """One output of the multi-output extractor, as torchmetrics' ``feature=`` module expects (N, d)."""
+
+    def __init__(self, net: nn.Module, index: int, dim: int):
+        super().__init__()
+        self.net, self.index, self.num_features = net, index, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[self.index]
+
+
+class _Cached(nn.Module):
+    """Runs the network once per batch for both metrics: FID and IS read different outputs of one pass."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self._out = None
+
+    def reset(self) -> None:
+        """Called before every new batch (a new tensor may reuse the old one's memory: no pointer keys)."""
+        self._out = None
+
+    def forward(self, x: torch.Tensor):
+        if self._out is None:
+            with torch.no_grad():
+                self._out = self.net(x)
+        return self._out
+
+
+class InceptionMetrics:
+    """Feed uint8 (N, 3, H, W) images: fake ones to both metrics, real ones to FID. ``compute()`` syncs ranks.
+
+    ``feature`` replaces Inception (an nn.Module returning (fid features, logits)); tests use it to check
+    the statistics on known inputs.
+    """
+
+    def __init__(self, names: list[str], weights: str = "", device: str | torch.device = "cpu", splits: int = 10,
+                 feature: nn.Module | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+
+        self.names, self.splits, self.device = list(names), splits, torch.device(device)
+        if feature is None:
+            net = build_inception(weights, self.device)
+            dims = [2048, net.num_classes]
+        else:
+            net = feature.to(self.device)
+            with torch.no_grad():  # output widths, from one tiny image
+                dims = [int(o.shape[-1]) for o in net(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=self.device))]
+        self.classes = dims[1]
+        self.shared = _Cached(net)
+        self.fid = self.isc = None
+        if "fid" in self.names:
+            self.fid = FrechetInceptionDistance(feature=_Select(self.shared, 0, dims[0])).to(self.device)
+        if "is" in self.names:
+            warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+            self.isc = InceptionScore(feature=_Select(self.shared, 1, dims[1]), splits=splits).to(self.device)
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        images = images.to(self.device)
+        self.shared.reset()
+        if self.fid is not None:
+            self.fid.update(images, real=real)
+        if self.isc is not None and not real:
+            self.isc.update(images)
+
+    def compute(self, seed: int = 0) -> dict:
+        """Collective under torch.distributed: every rank must call it."""
+        out = {}
+        if self.fid is not None:
+            out["fid"] = float(self.fid.compute())
+        if self.isc is not None:
+            n = sum(int(f.shape[0]) for f in self.isc.features)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchmetrics syncs then
+                t = torch.tensor([n], device=self.device)
+                torch.distributed.all_reduce(t)
+                n = int(t.item())
+            if n < self.splits:
+                raise UserError(f"Inception Score over {self.splits} splits needs at least {self.splits} images; "
+                                f"got {n} (raise --num-samples)")
+            with torch.random.fork_rng(devices=[]):  # torchmetrics shuffles before splitting: make it repeatable
+                torch.manual_seed(seed)
+                mean, std = self.isc.compute()
+            out.update({"is_mean": float(mean), "is_std": float(std), "is_splits": self.splits})
+        return out
+
