@@ -119,8 +119,8 @@ def resolve_dataset(spec: str) -> DatasetInfo:
     first = next(iter_samples(shards[0].url), None)
     if first is None:
         raise DataError(f"shard {urls[0]} holds no samples")
-    if "emb.npy" not in first:
-        check_sample(first, 0)  # raises, naming shard, key, expected and found keys
+    if any(k not in first for k in REQUIRED):  # not a KeyError: a DataError naming shard, key, expected, found
+        check_sample(first, 0)
     try:
         text_dim = int(np.load(io.BytesIO(first["emb.npy"]), allow_pickle=False).shape[-1])
     except Exception as e:  # noqa: BLE001

@@ -1,0 +1,184 @@
+"""Writers: `prepare stackgan` on generated release layouts (birds, flowers), the restricted unpickler,
+`prepare captions` with the hashing and the sentence-transformers encoders."""
+import io
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_cli
+from stackgan_dist.data.loader import iter_samples, resolve_dataset
+from stackgan_dist.data.safe_pickle import safe_load, safe_loads
+from stackgan_dist.data.stackgan_release import crop_box
+from stackgan_dist.data.writer import STORE_SIZE, sha256_file
+from stackgan_dist.errors import DataError
+
+sys.path.insert(0, os.path.join(REPO, "tests", "assets"))
+from make_release import make_birds, make_flowers  # noqa: E402
+
+
+def _samples(out):
+    m = json.load(open(os.path.join(out, "dataset.json")))
+    got = []
+    for s in m["shards"]:
+        p = os.path.join(out, s["path"])
+        assert sha256_file(p) == s["sha256"] and os.path.getsize(p) == s["size"]
+        got += list(iter_samples(p))
+    return m, got
+
+
+def _check_common(m, samples, emb, n):
+    assert m["num_samples"] == len(samples) == n
+    for i, s in enumerate(samples):
+        assert {"jpg", "emb.npy", "txt.json", "cls"} <= set(s)
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert img.size == (STORE_SIZE, STORE_SIZE)  # pre-resized: no full-size decode while training
+        e = np.load(io.BytesIO(s["emb.npy"]))
+        np.testing.assert_array_equal(e, emb[i])  # (captions, dim), in the pickle's order
+        assert len(json.loads(s["txt.json"])) == 10
+
+
+def test_prepare_birds_crops_boxes_and_keeps_order(tmp_path):
+    root = str(tmp_path / "release")
+    info = make_birds(root, n_train=6, n_test=3, dim=32)
+    out = str(tmp_path / "birds_train")
+    r = run_cli("prepare", "stackgan", "--root", root, "--dataset", "birds", "--split", "train", "--out", out,
+                "--workers", "2", "--samples-per-shard", "4", "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m, samples = _samples(out)
+    assert len(m["shards"]) == 2 and m["text_dim"] == 32 and m["text_encoder"]["name"] == "precomputed"
+    _check_common(m, samples, info["emb"]["train"], 6)
+    for (name, cls), s in zip(info["splits"]["train"], samples):
+        assert int(s["cls"]) == cls and s["__key__"].endswith(os.path.basename(name))
+        assert json.loads(s["txt.json"])[0].startswith("bird ")
+        # the stored image is the box crop (side 1.5 x the larger box side, centred, clipped), resized
+        with Image.open(os.path.join(root, "CUB_200_2011", "images", name + ".jpg")) as im:
+            x, y, bw, bh = info["boxes"][name]
+            c = crop_box(im.convert("RGB"), (x, y, bw, bh))
+            side = int(max(bw, bh) * 0.75)
+            cx, cy = int(x + bw / 2), int(y + bh / 2)
+            assert c.size == (min(500, cx + side) - max(0, cx - side), min(375, cy + side) - max(0, cy - side))
+            ref = np.asarray(c.resize((STORE_SIZE, STORE_SIZE), Image.BICUBIC), np.float32)
+        got = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float32)
+        assert np.abs(got - ref).mean() < 8  # JPEG re-encoding only
+    # the split reads back through the loader
+    assert resolve_dataset(out).num_samples == 6
+
+
+def test_prepare_flowers_list_pickle_and_class_dirs(tmp_path):
+    root = str(tmp_path / "release")
+    info = make_flowers(root, n_train=5, n_test=3, dim=16)
+    out = str(tmp_path / "flowers_test")
+    r = run_cli("prepare", "stackgan", "--root", root, "--dataset", "flowers", "--split", "test", "--out", out,
+                "--workers", "1", "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m, samples = _samples(out)
+    _check_common(m, samples, info["emb"]["test"], 3)
+    assert [int(s["cls"]) for s in samples] == [c for _, c in info["splits"]["test"]]
+    assert json.loads(samples[0]["txt.json"])[0] == "flower 5 caption 0"  # found under text_c10/class_*/
+    # a second run refuses to overwrite, in one line
+    again = run_cli("prepare", "stackgan", "--root", root, "--dataset", "flowers", "--split", "test", "--out", out,
+                    timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for proto in (2, pickle.HIGHEST_PROTOCOL):
+        data = pickle.dumps([np.zeros(3), Evil()], protocol=proto)
+        with pytest.raises(pickle.UnpicklingError, match="system"):
+            safe_loads(data)
+        p = tmp_path / f"evil{proto}.pickle"
+        p.write_bytes(data)
+        with pytest.raises(DataError, match=r"evil.*refused.*system"):
+            safe_load(str(p))
+    eval_pickle = pickle.dumps(eval, protocol=2)  # a bare reference to builtins.eval
+    with pytest.raises(pickle.UnpicklingError, match="eval"):
+        safe_loads(eval_pickle)
+    assert not marker.exists()
+    # what the releases hold loads fine
+    ok = {"a": [np.arange(4, dtype=np.float32).reshape(2, 2), (1, 2.5, "x", b"y")], "n": np.int64(3)}
+    back = safe_loads(pickle.dumps(ok, protocol=2))
+    np.testing.assert_array_equal(back["a"][0], ok["a"][0])
+    assert back["a"][1] == (1, 2.5, "x", b"y") and back["n"] == 3
+
+
+def test_prepare_stackgan_refuses_malicious_release(tmp_path):
+    root = str(tmp_path / "release")
+    make_flowers(root, n_train=2, n_test=1)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(os.path.join(root, "train", "class_info.pickle"), "wb") as f:
+        pickle.dump([1, Evil()], f, protocol=2)
+    r = run_cli("prepare", "stackgan", "--root", root, "--dataset", "flowers", "--split", "train",
+                "--out", str(tmp_path / "o"), "--no-progress", timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "class_info.pickle" in r.stderr and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def _own_data(tmp_path, n=5):
+    img_dir = tmp_path / "imgs"
+    (img_dir / "sub").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        name = f"sub/photo.{i}.png" if i % 2 else f"photo{i}.jpg"
+        Image.new("RGB", (120 + 10 * i, 90), (40 * i, 200 - 30 * i, 90)).save(img_dir / name)
+        row = {"file": name, "captions": [f"a photo number {i}", f"picture {i} in colour"]}
+        if i % 2 == 0:
+            row["class"] = i
+        rows.append(row)
+    rows[1]["captions"] = "one string caption"  # a single string is allowed
+    cap = tmp_path / "captions.jsonl"
+    cap.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return img_dir, cap, rows
+
+
+def test_prepare_captions_hashing(tmp_path):
+    img_dir, cap, rows = _own_data(tmp_path)
+    out = tmp_path / "out"
+    r = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--encoder", "hashing:64",
+                "--out", out, "--workers", "2", "--samples-per-shard", "2", "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m, samples = _samples(str(out))
+    assert m["num_samples"] == 5 and len(m["shards"]) == 3
+    assert m["text_encoder"]["name"] == "hashing" and m["text_dim"] == 64
+    from stackgan_dist.data.text_encoders import make_encoder
+
+    enc = make_encoder(m["text_encoder"])
+    for row, s in zip(rows, samples):
+        caps = [row["captions"]] if isinstance(row["captions"], str) else row["captions"]
+        assert json.loads(s["txt.json"]) == caps
+        np.testing.assert_allclose(np.load(io.BytesIO(s["emb.npy"])), enc.encode(caps), rtol=1e-6)
+        assert ("cls" in s) == ("class" in row)
+    # bad input: one clear line
+    cap.write_text('{"file": "photo0.jpg"}\n')
+    bad = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--out", tmp_path / "o2", timeout=300)
+    assert bad.returncode == 2 and "captions" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_prepare_captions_sentence_transformers(tmp_path):
+    img_dir, cap, rows = _own_data(tmp_path, n=3)
+    out = tmp_path / "out"
+    r = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--encoder", "sentence-transformers",
+                "--out", out, "--workers", "1", "--no-progress", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m, samples = _samples(str(out))
+    assert m["text_encoder"]["name"] == "sentence-transformers" and m["text_dim"] == 384
+    e0 = np.load(io.BytesIO(samples[0]["emb.npy"]))
+    assert e0.shape == (2, 384) and np.isfinite(e0).all()
+    assert not np.allclose(e0[0], e0[1])  # different captions, different embeddings
