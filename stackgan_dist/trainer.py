@@ -320,7 +320,7 @@ class Trainer:
                     raise Preempted()
             if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{self.step:08d}"):
                 self.save_checkpoint()
-            if env.is_main:
+            if env.is_main and self.step % cfg.log.sample_every != 0:  # the final grid, unless just written
                 self.write_samples()
         finally:
             bar.close()
