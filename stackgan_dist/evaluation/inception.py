@@ -164,6 +164,7 @@ class InceptionMetrics:
 
     def __init__(self, names: list[str], weights: str = "", device: str | torch.device = "cpu", splits: int = 10,
                  feature: nn.Module | None = None):
+        _inception_class()  # first: torchmetrics imports torch_fidelity at import time (see its docstring)
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.inception import InceptionScore
 
