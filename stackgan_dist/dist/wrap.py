@@ -19,7 +19,9 @@ backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -140,6 +142,15 @@ def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str =
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP must not broadcast buffers in forward (pytorch#175024). torch >= 2.13 names it
+    ``forward_sync_buffers`` (buffers are still broadcast once at construction: harmless, they are equal)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 class Strategy:
     """Interface. ``G``/``D`` are what the step calls (maybe wrapped); ``G_module``/``D_module`` unwrapped."""
 
@@ -171,6 +182,24 @@ class Strategy:
 
     def after_step(self) -> None:
         pass
+
+    def write_digest(self, step: int) -> None:
+        """Test hook (``STACKGAN_TEST_DIGEST_DIR``): each rank writes digests of its own G and D
+        parameters and buffers, so a test can check that ranks stay identical."""
+        out = os.environ.get("STACKGAN_TEST_DIGEST_DIR")
+        if not out:
+            return
+        from ..checkpoint.manager import params_digest
+
+        G, D = unwrap(self.G_module), unwrap(self.D_module)
+        rec = {"step": step, "rank": self.env.rank,
+               "G_params": params_digest(dict(G.named_parameters())), "D_params": params_digest(dict(D.named_parameters())),
+               "G_buffers": params_digest(dict(G.named_buffers())), "D_buffers": params_digest(dict(D.named_buffers())),
+               "G_sum": float(sum(p.detach().double().sum() for p in G.parameters())),
+               "D_sum": float(sum(p.detach().double().sum() for p in D.parameters()))}
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{self.env.rank}.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def lrs(self) -> dict:
         raise NotImplementedError
@@ -204,11 +233,12 @@ class DDPStrategy(Strategy):
         self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer),
                     "d": make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer)}
         fp16 = self.precision == "fp16"
-        self.scaler = {k: torch.amp.GradScaler("cuda", enabled=fp16) for k in ("g", "d")} if fp16 else None
+        self.scaler = {k: torch.amp.GradScaler(self.device.type) for k in ("g", "d")} if fp16 else None
         if env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, broadcast_buffers=False)
-            Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, broadcast_buffers=False)
+            kw = _no_forward_buffer_sync()
+            Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, **kw)
+            Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, **kw)
         else:
             Gw, Dw = G, D  # world size 1: no wrapper overhead
         if cfg.train.compile:
