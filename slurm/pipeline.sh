@@ -11,7 +11,8 @@ root="$(cd "$here/.." && pwd)"
 if [ $# -lt 2 ]; then
   echo "usage: slurm/pipeline.sh STAGE1_CONFIG STAGE2_CONFIG [key=value ...] [-- sbatch options]" >&2; exit 2
 fi
-c1="$1"; c2="$2"; shift 2
+# absolute config paths: the jobs run in the repository (train.sbatch cds to $STACKGAN_ROOT)
+c1="$(realpath "$1")"; c2="$(realpath "$2")"; shift 2
 common=(); s1=(); s2=(); sb=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,12 +27,14 @@ site="${STACKGAN_SITE_ENV:-$root/slurm/site.env}"
 # shellcheck disable=SC1090
 [ -f "$site" ] && source "$site"
 py="${STACKGAN_PYTHON:-$root/.venv/bin/python}"
+export STACKGAN_ROOT="${STACKGAN_ROOT:-$root}"  # sbatch passes the environment on: the jobs find the repo
 
-# Stage-I's run directory, as the training will resolve it (config + overrides)
-run1="$("$py" - "$c1" "${common[@]}" "${s1[@]}" <<'PY'
-import sys
+# Stage-I's run directory, as the training will resolve it (config + overrides, relative to the repository);
+# a bad config fails here, before anything is submitted
+run1="$(cd "$root" && "$py" - "$c1" "${common[@]}" "${s1[@]}" <<'PY'
+import os, sys
 from stackgan_dist.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).run.dir)
+print(os.path.abspath(load_config(sys.argv[1], sys.argv[2:]).run.dir))
 PY
 )"
 j1="$(sbatch --parsable --job-name=stackgan-s1 "${sb[@]}" "$root/slurm/train.sbatch" "$c1" "${common[@]}" "${s1[@]}")"

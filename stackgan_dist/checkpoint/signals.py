@@ -12,6 +12,13 @@ import signal
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; resubmit/requeue to continue
 EXIT_USER_ERROR = 2
 
+_last_received: int | None = None  # kept after restore(): a launcher asks which signal stopped the run
+
+
+def last_received() -> str:
+    """Name of the last signal a SignalFlag caught in this process ("SIGTERM", "SIGUSR2"...), or ""."""
+    return signal.Signals(_last_received).name if _last_received else ""
+
 
 class SignalFlag:
     def __init__(self, warning_signal: str = "USR1"):
@@ -21,7 +28,9 @@ class SignalFlag:
         self._old: dict = {}
 
     def _handler(self, signum, _frame):
+        global _last_received
         self.received = signum
+        _last_received = signum
 
     def install(self) -> "SignalFlag":
         for s in self.signals:

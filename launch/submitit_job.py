@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Submit one StackGAN training stage from Python with submitit (Slurm, or ``--local``).
+
+    python launch/submitit_job.py [--local] [--nodes N] [--tasks-per-node T] [--gpus-per-node G]
+        [--cpus-per-task C] [--partition P] [--account A] [--time MIN] [--folder DIR] [--no-wait]
+        CONFIG [key=value ...]
+
+The job runs the same ``run_training`` as ``stackgan train`` under torchrun or srun, so the same config,
+seed and world size give the same weights. Every task exports RANK/WORLD_SIZE/MASTER_* from submitit's
+job environment (one task per GPU, or per CPU slot); the process group forms from those.
+
+Timeout and preemption. submitit asks Slurm for ``--signal=USR2@<signal_delay_s>`` and ``--requeue``.
+The trainer catches USR2 (and TERM, USR1) itself, and at the next step boundary every rank writes the
+checkpoint and leaves the training loop. Then rank 0 re-raises USR2 to submitit's own handler, which calls
+``TrainJob.checkpoint`` (a fresh submission of the same config; the state lives in the run directory),
+counts the timeout against ``--max-timeouts`` and requeues the job (``scontrol requeue``; ``--local``: the
+local controller restarts the tasks). Only rank 0 requeues in submitit; the others exit with 75 and wait
+to be restarted. After a TERM (``scontrol requeue`` by an admin, preemption, ``scancel``) Slurm decides
+whether the job comes back, so no rank requeues. The requeued job resumes from RUN/checkpoints; submitit
+requeues preempted jobs without bound, so the trainer's ``checkpoint.max_restarts`` (restarts without
+progress) is the bound.
+
+Site settings (partition, account, environment set-up) come from slurm/site.env (or $STACKGAN_SITE_ENV):
+its SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS / SBATCH_TIMELIMIT exports are the defaults here, and
+``--setup`` lines (default: the file itself, sourced) run in the job before srun.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import submitit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python launch/submitit_job.py` from anywhere: the repo's package first
+    sys.path.insert(0, ROOT)
+
+from stackgan_dist.checkpoint.signals import EXIT_REQUEUE  # noqa: E402
+from stackgan_dist.errors import UserError  # noqa: E402
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED", "SPECIAL_EXIT")
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """The submitted callable. Its state is two strings; the training state lives in the run directory.
+
+    A ``Checkpointable`` subclass (not a bare ``__submitit_checkpoint__``): submitit 1.5.4's signal handler
+    checks ``hasattr(function, "checkpoint")`` and treats anything else as not checkpointable.
+    """
+
+    def __init__(self, config: str, overrides: list[str]):
+        self.config = config
+        self.overrides = list(overrides)
+
+    def __call__(self) -> dict:
+        from stackgan_dist.config import load_config
+        from stackgan_dist.train import run_training
+        from stackgan_dist.trainer import Preempted
+
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM_* or SUBMITIT_LOCAL_*; the port is derived
+        # from the job id, so a requeued job uses the same one. Devices are picked from LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ.setdefault("STACKGAN_LAUNCHER", "submitit")
+        # one intra-op pool per task sized to its CPUs, as train.sbatch and torchrun runs do: the thread count
+        # changes CPU reduction order, so equal weights across launchers need equal counts (torch may be loaded)
+        import torch
+
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("OMP_NUM_THREADS") or 1)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        cfg = load_config(self.config, self.overrides)
+        try:
+            return run_training(cfg)
+        except Preempted:
+            got = self._signal_received()
+            rank = int(os.environ.get("RANK", "0"))
+            print(f"submitit_job: rank {rank}: checkpointed after {got or 'a signal'}", flush=True)
+            if rank == 0 and got != "SIGTERM":
+                # submitit's handler (restored when training returned): checkpoint() -> requeue -> exit
+                sig = submitit.JobEnvironment._usr_sig()
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler runs at the next bytecode; never fall through to a "success"
+            # no result file for a preempted attempt: leave without pickling a result
+            os._exit(EXIT_REQUEUE)
+
+    @staticmethod
+    def _signal_received() -> str:
+        try:
+            from stackgan_dist.checkpoint.signals import last_received
+
+            return last_received()
+        except ImportError:
+            return ""
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # our checkpoint is already on disk (written by every rank at the step boundary); requeue the same job
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+
+
+def read_site_env(path: str) -> dict:
+    """The SBATCH_* values in effect after sourcing slurm/site.env (bash sources it, so the file stays the
+    one place for site settings; values already in the environment win, as they do for sbatch)."""
+    if not os.path.isfile(path):
+        return {k: v for k, v in os.environ.items() if k.startswith("SBATCH_")}
+    out = subprocess.run(["bash", "-c", 'source "$1" >/dev/null 2>&1; env -0', "_", path],
+                         capture_output=True, timeout=30)
+    env = dict(kv.split("=", 1) for kv in out.stdout.decode(errors="replace").split("\0") if "=" in kv)
+    env.update({k: v for k, v in os.environ.items() if k.startswith("SBATCH_")})
+    return {k: v for k, v in env.items() if k.startswith("SBATCH_")}
+
+
+def parse_minutes(text: str) -> int:
+    """Slurm time formats (MIN, MIN:SEC, H:MM:SS, D-H[:MM[:SS]]) -> whole minutes (at least 1)."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))
+        h, m, s = parts[:3]
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts[:3]
+    return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/submitit_job.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, as for `stackgan train`")
+    p.add_argument("--local", action="store_true", help="submitit's local executor (no Slurm)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--tasks-per-node", type=int, default=0, help="default: GPUs per node, else 1")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--partition", default=None, help="default: $SBATCH_PARTITION (slurm/site.env)")
+    p.add_argument("--account", default=None, help="default: $SBATCH_ACCOUNT (slurm/site.env)")
+    p.add_argument("--time", default=None, help="minutes or Slurm time (default: $SBATCH_TIMELIMIT, else 60)")
+    p.add_argument("--signal-delay-s", type=int, default=90, help="USR2 this long before the time limit")
+    p.add_argument("--max-timeouts", type=int, default=3, help="requeues after a time limit (preemption: unbounded)")
+    p.add_argument("--folder", default="", help="submitit logs and pickles (default: RUN_DIR/submitit)")
+    p.add_argument("--setup", action="append", default=None, help="shell lines run in the job before srun")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--wait-timeout-s", type=float, default=0, help="give up waiting after this long (0: never)")
+    return p
+
+
+def make_executor(a, folder: str, site: dict):
+    cluster = "local" if a.local else "slurm"
+    try:
+        ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **{f"{cluster}_max_num_timeout": a.max_timeouts})
+    except RuntimeError as e:  # SlurmExecutor: 'Could not detect "srun"'
+        raise UserError(f"no Slurm here ({e}); use --local to run on this machine") from None
+    tasks = a.tasks_per_node or max(1, a.gpus_per_node)
+    time_min = parse_minutes(a.time or site.get("SBATCH_TIMELIMIT") or "60")
+    params = dict(nodes=a.nodes, tasks_per_node=tasks, cpus_per_task=a.cpus_per_task, timeout_min=time_min,
+                  name="stackgan")
+    if a.gpus_per_node:  # not even --gpus-per-node=0 on CPU partitions: clusters without GPU gres may refuse it
+        params["gpus_per_node"] = a.gpus_per_node
+    delay = a.signal_delay_s
+    if delay * 2 > time_min * 60:  # Slurm would signal at once (and up to 60 s early anyway)
+        delay = time_min * 30
+        print(f"submitit_job: --signal-delay-s {a.signal_delay_s} does not fit --time {time_min} min; using {delay}",
+              file=sys.stderr, flush=True)
+    if not a.local:
+        extra = {"requeue": True, "open-mode": "append"}  # requeued attempts append to the same logs
+        account = a.account or site.get("SBATCH_ACCOUNT")
+        if account:
+            extra["account"] = account
+        if site.get("SBATCH_QOS"):
+            extra["qos"] = site["SBATCH_QOS"]
+        params.update(slurm_signal_delay_s=delay, slurm_additional_parameters=extra,
+                      slurm_setup=a.setup if a.setup is not None else _default_setup())
+        partition = a.partition or site.get("SBATCH_PARTITION")
+        if partition:
+            params["slurm_partition"] = partition
+    ex.update_parameters(**params)
+    if a.local:  # the local controller reads it, AutoExecutor does not expose it
+        ex._executor.parameters["signal_delay_s"] = delay
+    return ex
+
+
+def _default_setup() -> list[str]:
+    site = os.environ.get("STACKGAN_SITE_ENV", os.path.join(ROOT, "slurm", "site.env"))
+    lines = [f"cd {shlex.quote(ROOT)}", "export PYTHONUNBUFFERED=1"]
+    if os.path.isfile(site):
+        lines.append(f"source {shlex.quote(site)}")
+    return lines
+
+
+def submit_error(e: Exception) -> str:
+    """sbatch's own complaint (e.g. 'invalid partition specified: gpux'), on one line."""
+    text = str(e)
+    m = re.findall(r"sbatch: error: ([^\n\\]+)", text)
+    if m:
+        return "; ".join(dict.fromkeys(s.strip().rstrip("'\"") for s in m))
+    return " ".join(text.split())[:300]
+
+
+def slurm_state(job_id: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    m = re.search(r"JobState=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait(job, local: bool, timeout_s: float = 0) -> int:
+    """Wait for the job's result. submitit reads Slurm state through sacct, which clusters without
+    accounting lack, so a job that ended without a result is detected through scontrol here."""
+    t0 = time.monotonic()
+    while True:
+        if job.paths.result_pickle.exists():
+            with job.paths.result_pickle.open("rb") as f:
+                state, value = pickle.load(f)
+            if state == "success":
+                print(f"job {job.job_id} finished: {value}", flush=True)
+                return 0
+            last = [ln for ln in str(value).strip().splitlines() if ln.strip()]
+            print(f"job {job.job_id} failed: {last[-1] if last else value}", file=sys.stderr, flush=True)
+            return 1
+        if local:
+            if job._process.poll() is not None and not job.paths.result_pickle.exists():
+                time.sleep(1)
+                if not job.paths.result_pickle.exists():
+                    print(f"job {job.job_id} ended without a result (exit {job._process.returncode}); "
+                          f"logs: {job.paths.stdout.parent}", file=sys.stderr, flush=True)
+                    return 1
+        else:
+            st = slurm_state(job.job_id)
+            if st in TERMINAL or st == "":
+                time.sleep(2)  # the result file is written just before the task exits
+                if not job.paths.result_pickle.exists():
+                    print(f"job {job.job_id} ended ({st or 'gone from squeue'}) without a result; "
+                          f"logs: {job.paths.stdout}", file=sys.stderr, flush=True)
+                    return 1
+        if timeout_s and time.monotonic() - t0 > timeout_s:
+            print(f"job {job.job_id}: gave up waiting after {timeout_s:.0f}s", file=sys.stderr, flush=True)
+            return 1
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        from stackgan_dist.config import load_config
+
+        cfg = load_config(a.config, a.overrides)  # bad configs fail here, before anything is submitted
+        site = read_site_env(os.environ.get("STACKGAN_SITE_ENV", os.path.join(ROOT, "slurm", "site.env")))
+        run_dir = os.path.abspath(cfg.run.dir)
+        folder = a.folder or os.path.join(run_dir, "submitit")
+        # the job may start elsewhere (its own cwd): pin the config and relative paths to absolute ones
+        overrides = [o if not o.startswith("run.dir=") else f"run.dir={run_dir}" for o in a.overrides]
+        if not any(o.startswith("run.dir=") for o in overrides):
+            overrides.append(f"run.dir={run_dir}")
+        ex = make_executor(a, folder, site)
+        try:
+            job = ex.submit(TrainJob(os.path.abspath(a.config), overrides))
+        except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's error in its own types
+            raise UserError(f"submission refused: {submit_error(e)}") from None
+    except UserError as e:
+        print(f"submitit_job: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"submitted job {job.job_id} ({'local' if a.local else 'slurm'}); run.dir={run_dir}; logs: {folder}",
+          flush=True)
+    if a.no_wait:
+        return 0
+    try:
+        return wait(job, a.local, a.wait_timeout_s)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; job {job.job_id} keeps running", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
