@@ -292,6 +292,7 @@ class Trainer:
                 batches = [next(it) for _ in range(cfg.train.grad_accum)]
                 out = self.gan_step(batches)
                 self.step += 1
+                s.write_digest(self.step)  # test hook; a no-op unless STACKGAN_TEST_DIGEST_DIR is set
                 steps_since_log += 1
                 bad_total += out.pop("bad")
                 seen_total += cfg.train.batch_size * cfg.train.grad_accum
