@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -50,6 +51,8 @@ def parse_args(argv):
                    help="worker-group restarts Ray Train makes after a failure; each resumes from run.dir")
     p.add_argument("--pending-timeout", type=float, default=600,
                    help="seconds a job may stay PENDING, or its workers unscheduled, before it is stopped with an error")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0,
+                   help="CPUs reserved for the job's driver process (default 0: it only coordinates)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
     p.add_argument("--python", default="python", help="the job's interpreter on the cluster (default: python)")
@@ -110,6 +113,7 @@ def submit(a) -> tuple[object, str, str]:
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(c) for c in cmd),
         submission_id=a.submission_id,
+        entrypoint_num_cpus=a.entrypoint_num_cpus,
         runtime_env={"working_dir": REPO, "excludes": EXCLUDES, "env_vars": env_vars},
         metadata={"stackgan_run_dir": run_dir, "stackgan_config": a.config},
     )
@@ -134,6 +138,8 @@ async def follow(client, job_id: str, pending_timeout: float) -> str:
                 break
             if status == JobStatus.PENDING and time.monotonic() - t0 > pending_timeout:
                 info = await asyncio.to_thread(client.get_job_info, job_id)
+                # A job whose supervisor cannot be placed takes the stop request only once it starts, so it may
+                # stay PENDING until Ray fails it (RAY_JOB_START_TIMEOUT_SECONDS on the head, 15 min by default).
                 await asyncio.to_thread(client.stop_job, job_id)
                 raise UserError(f"job {job_id} stayed PENDING for {pending_timeout:.0f}s and was stopped "
                                 f"({info.message or 'no message from Ray'}); check `ray status` for free resources "
@@ -148,13 +154,17 @@ async def follow(client, job_id: str, pending_timeout: float) -> str:
         tail_task.cancel()
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _last_error_line(client, job_id: str) -> str:
+    """The driver's own one-line error (``stackgan ray: error: ...``) from the job's logs, if it wrote one."""
     try:
-        logs = client.get_job_logs(job_id)
+        logs = ANSI.sub("", client.get_job_logs(job_id))
     except Exception:  # noqa: BLE001
         return ""
-    lines = [ln for ln in logs.splitlines() if "error" in ln.lower() and "stackgan" in ln.lower()]
-    return lines[-1].strip() if lines else ""
+    lines = [ln.strip() for ln in logs.splitlines() if ln.startswith("stackgan ray: error:")]
+    return lines[-1][len("stackgan ray: error:"):].strip() if lines else ""
 
 
 def main(argv=None) -> int:

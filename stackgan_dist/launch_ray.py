@@ -83,6 +83,19 @@ def _probe_resources(num_workers: int, bundle: dict, timeout_s: float) -> None:
                         "or add nodes")
 
 
+def root_cause(e: BaseException) -> str:
+    """One line for a failed fit(): the first worker's own exception (Ray wraps it), else the last message line."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        exc = failures[rank]
+        exc = getattr(exc, "cause", None) or exc
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return f"rank {rank}: {type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    cause = getattr(e, "controller_failure", None) or e
+    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
 def drive(argv: list[str] | None = None) -> int:
     """The job driver: validate the config, check the workers can be placed, run the TorchTrainer."""
     p = argparse.ArgumentParser(prog="python -m stackgan_dist.launch_ray")
@@ -123,10 +136,9 @@ def drive(argv: list[str] | None = None) -> int:
           f"max_failures {a.max_failures}", flush=True)
     try:
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 -- TrainingFailedError and friends: one line, then the cause
-        first = str(e).strip().splitlines()
-        raise UserError(f"training failed after up to {a.max_failures} restarts: "
-                        f"{' | '.join(first[-3:]) if first else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 -- TrainingFailedError and friends: one line naming the root cause
+        raise UserError(f"training failed (Ray Train gave up after max_failures={a.max_failures} restarts): "
+                        f"{root_cause(e)}") from None
     ck = result.checkpoint.path if result.checkpoint else "none"
     print(f"stackgan ray: finished; metrics {result.metrics}; last Ray checkpoint pointer {ck}", flush=True)
     return 0

@@ -156,3 +156,26 @@ def test_unschedulable_workers_become_a_clear_error(ray_cluster, synth_data, tmp
     assert "FAILED" in last and "could not be scheduled within 10s" in last and "GPU" in last, show(p)
     assert dt < 120, dt
     assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*"))
+
+
+def test_job_stuck_pending_is_stopped_with_a_clear_error(ray_cluster, synth_data, tmp_path):
+    """A driver that needs more CPUs than the cluster has stays PENDING; the watchdog stops it after its timeout."""
+    t0 = time.monotonic()
+    p = ray_job("--num-workers", 1, "--entrypoint-num-cpus", 512, "--pending-timeout", 6, CONFIG,
+                *overrides(synth_data, tmp_path / "run"), timeout=120)
+    dt = time.monotonic() - t0
+    assert p.returncode == 2, show(p)
+    err = p.stderr.strip().splitlines()[-1]
+    assert err.startswith("ray_job: error: job raysubmit_") and "stayed PENDING for 6s and was stopped" in err, show(p)
+    assert dt < 60, dt
+    assert "resources" in err, show(p)  # Ray's own hint is passed on
+
+
+def test_worker_error_fails_the_job_with_its_root_cause(ray_cluster, tmp_path):
+    p = ray_job("--num-workers", 2, "--max-failures", 0, CONFIG, f"run.dir={tmp_path}/run",
+                f"data.train={tmp_path}/no_such_split", "data.test=", "model.gf_dim=16", "model.df_dim=8",
+                timeout=300)
+    assert p.returncode == 1, show(p)
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("ray_job: error: job raysubmit_") and " FAILED: training failed" in last, show(p)
+    assert "DataError" in last and "no_such_split" in last and "\x1b" not in last, show(p)
