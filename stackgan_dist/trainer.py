@@ -84,8 +84,11 @@ class RestartGuard:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False):
+    def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None):
         self.cfg, self.env, self.fresh = cfg, env, fresh
+        # called as on_checkpoint(path, step, env) on every rank after each committed checkpoint (the Ray
+        # launcher reports it with ray.train.report, a barrier: all ranks must call it equally often)
+        self.on_checkpoint = on_checkpoint
         self.run_dir = cfg.run.dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
 
@@ -230,6 +233,8 @@ class Trainer:
                               engine_save=getattr(self.strategy, "save_engines", None),
                               extra_manifest={"stage": self.cfg.model.stage, "config_hash": self.cfg.model_hash()})
         log.info("checkpoint %s (%.2fs)", path, self.ckpt.last_save_s)
+        if path and self.on_checkpoint is not None:
+            self.on_checkpoint(path, self.step, self.env)
         return path
 
     # -- ticks ------------------------------------------------------------------------------------
