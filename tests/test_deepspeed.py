@@ -1,0 +1,243 @@
+"""DeepSpeed strategy on CPU: real processes, gloo, ZeRO-1 and ZeRO-2, both stages, save and resume.
+
+The first DeepSpeed use JIT-builds its small shared-memory op with gcc (~1-2 min, cached in
+~/.cache/torch_extensions). Also runnable as a script: ``python tests/test_deepspeed.py guard OUT``
+is the worker of the non-finite-gradient test.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conftest import PY, REPO, run_cli, tiny_overrides  # noqa: E402
+
+CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
+CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
+KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")
+
+
+def torchrun(nproc, *args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.update(env or {})
+    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+
+
+def check(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-6000:]}"
+    return p
+
+
+def train2(data, run_dir, stage, steps, zero, extra=(), digest=None):
+    cfg = CFG1 if stage == 1 else CFG2
+    o = tiny_overrides(data, run_dir, stage, steps, ["train.backend=deepspeed", f"train.zero_stage={zero}",
+                                                    "checkpoint.every_steps=2", *extra])
+    return check(torchrun(2, "-m", "stackgan_dist", "train", cfg, *o,
+                          env={"STACKGAN_TEST_DIGEST_DIR": str(digest)} if digest else None))
+
+
+def inspect(run_dir):
+    return json.loads(check(run_cli("inspect", run_dir, timeout=300)).stdout)
+
+
+def digests(d, rank):
+    with open(os.path.join(d, f"rank{rank}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ds_runs(synth_data, tmp_path_factory):
+    """Per ZeRO stage: Stage-I straight to step 4; Stage-I to step 2, then resumed to 4; Stage-II (from the
+    Stage-I run) to step 2, then resumed to 3. Every rank writes per-step digests."""
+    root = tmp_path_factory.mktemp("ds")
+    runs = {}
+    for zero in (1, 2):
+        r = {k: root / f"z{zero}_{k}" for k in ("s1", "s1b", "s2")}
+        train2(synth_data, r["s1"], 1, 4, zero, digest=root / f"z{zero}_dg_s1")
+        first = train2(synth_data, r["s1b"], 1, 2, zero)
+        resumed = train2(synth_data, r["s1b"], 1, 4, zero, digest=root / f"z{zero}_dg_s1b")
+        extra = [f"model.stage1_checkpoint={r['s1']}"]
+        train2(synth_data, r["s2"], 2, 2, zero, extra)
+        resumed2 = train2(synth_data, r["s2"], 2, 3, zero, extra, digest=root / f"z{zero}_dg_s2")
+        runs[zero] = {"dirs": r, "root": root, "first": first, "resumed": resumed, "resumed2": resumed2}
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_trains_both_stages_with_finite_losses_and_identical_ranks(ds_runs, zero):
+    run = ds_runs[zero]
+    for key, dg, steps in (("s1", "dg_s1", [1, 2, 3, 4]), ("s1b", "dg_s1b", [3, 4]), ("s2", "dg_s2", [3])):
+        r0, r1 = (digests(run["root"] / f"z{zero}_{dg}", k) for k in (0, 1))
+        assert [d["step"] for d in r0] == [d["step"] for d in r1] == steps
+        for a, b in zip(r0, r1):
+            for k in KEYS:
+                assert a[k] == b[k], f"ZeRO-{zero} {key} step {a['step']}: {k} differ between ranks"
+        recs = metrics(run["dirs"][key])
+        assert recs, key
+        for rec in recs:
+            for k in ("d_loss", "g_loss", "kl"):
+                assert rec[k] == rec[k] and abs(rec[k]) < 1e6, (key, rec)
+    s1 = digests(run["root"] / f"z{zero}_dg_s1", 0)
+    assert len({d["G_params"] for d in s1}) == 4 and len({d["D_params"] for d in s1}) == 4  # it trains
+    info = inspect(run["dirs"]["s2"])
+    assert info["valid"] and info["step"] == 3 and info["stage"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_resume_restores_optimizer_partitions(ds_runs, zero):
+    """Stage-I 2 steps + resume to 4 == 4 steps straight: weights, Adam partitions, RNG and data cursor
+    all came back (a fresh optimizer would give other weights)."""
+    run = ds_runs[zero]
+    assert "resumed from" in run["resumed"].stdout and "step_00000002" in run["resumed"].stdout
+    assert "resumed from" in run["resumed2"].stdout
+    ck = run["dirs"]["s1b"] / "checkpoints" / "step_00000004" / "engine"
+    for net in ("G", "D"):
+        files = sorted(os.listdir(ck / net))
+        assert [f for f in files if "optim_states" in f] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                           for r in (0, 1)], files
+    straight = digests(run["root"] / f"z{zero}_dg_s1", 0)[-1]
+    resumed = digests(run["root"] / f"z{zero}_dg_s1b", 0)[-1]
+    for k in KEYS:
+        assert straight[k] == resumed[k], f"ZeRO-{zero}: {k} after resume differs from the uninterrupted run"
+    assert inspect(run["dirs"]["s1"])["params_sha256"] == inspect(run["dirs"]["s1b"])["params_sha256"]
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_refuses_other_zero_stage_and_backend(ds_runs, synth_data):
+    d = ds_runs[1]["dirs"]["s1"]
+    p = run_cli("train", CFG1, *tiny_overrides(synth_data, d, 1, 6, []), timeout=300)  # ddp on a deepspeed run
+    assert p.returncode == 2 and "train.backend=deepspeed checkpoint with train.backend=ddp" in p.stderr, p.stderr
+    p = torchrun(2, "-m", "stackgan_dist", "train", CFG1,
+                 *tiny_overrides(synth_data, d, 1, 6, ["train.backend=deepspeed", "train.zero_stage=2"]))
+    assert p.returncode != 0 and "zero_stage changed (1 -> 2)" in p.stderr, p.stderr[-3000:]
+
+
+# -- the non-finite guard (DeepSpeed PR #8035): 2 ranks, a NaN on one rank skips the step on both ----
+
+def _guard_worker(out: str) -> None:
+    import torch
+
+    from stackgan_dist.config import load_config
+    from stackgan_dist.dist.env import init_distributed, teardown
+    from stackgan_dist.dist.seeding import seed_all
+    from stackgan_dist.dist.wrap import make_strategy
+    from stackgan_dist.models.build import build_models
+
+    torch.set_num_threads(1)
+    env = init_distributed("cpu", 60)
+    res = {}
+    for zero in (0, 1, 2):
+        cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",
+                                 "model.text_dim=32", "train.backend=deepspeed", f"train.zero_stage={zero}",
+                                 "train.batch_size=4"])
+        seed_all(0)
+        m = build_models(cfg.model)
+        s = make_strategy(cfg, env)
+        s.setup(m.G, m.D)
+        g = torch.Generator().manual_seed(env.rank)
+        rows = []
+        for bad in (False, True, False):
+            before = torch.cat([p.detach().flatten().clone() for p in s.D_module.parameters()])
+            o = s.D(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 32, generator=g))
+            loss = o["cond"].float().mean()
+            if bad and env.rank == 1:
+                loss = loss * float("nan")
+            s.backward("d", loss)
+            s.step("d")
+            after = torch.cat([p.detach().flatten() for p in s.D_module.parameters()])
+            opt = s.engine["d"].optimizer
+            inner = getattr(opt, "optimizer", opt)
+            finite_state = all(bool(torch.isfinite(v).all()) for st in inner.state.values()
+                               for v in st.values() if torch.is_tensor(v))
+            rows.append({"bad": bad, "changed": not torch.equal(before, after),
+                         "finite_params": bool(torch.isfinite(after).all()), "finite_adam": finite_state})
+        res[zero] = {"rows": rows, "skipped": s.skipped_steps["d"]}
+    with open(f"{out}.rank{env.rank}.json", "w") as f:
+        json.dump(res, f)
+    teardown(env)
+
+
+@pytest.mark.slow
+def test_deepspeed_non_finite_gradients_skip_the_step_on_every_rank(tmp_path):
+    out = tmp_path / "guard"
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.abspath(__file__), "guard", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(e, OMP_NUM_THREADS="1"), cwd=REPO)
+    check(p)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"guard.rank{rank}.json").read_text())
+        for zero, r in res.items():
+            assert [row["changed"] for row in r["rows"]] == [True, False, True], (rank, zero, r)
+            assert all(row["finite_params"] and row["finite_adam"] for row in r["rows"]), (rank, zero, r)
+            assert r["skipped"] == 1, (rank, zero, r)
+
+
+# -- the DeepSpeed JSON: generated from our YAML, or the user's file checked against it ----------------
+
+def _cfg(*ov):
+    from stackgan_dist.config import load_config
+
+    return load_config(None, ["train.backend=deepspeed", *ov])
+
+
+def test_generated_deepspeed_config_follows_train_keys():
+    from stackgan_dist.dist.deepspeed_strategy import build_ds_config
+
+    ds = build_ds_config(_cfg("train.zero_stage=2", "train.batch_size=6", "train.grad_accum=3",
+                              "train.precision=bf16"), world_size=4)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 6 * 3 * 4
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert "fp16" not in ds and "optimizer" not in ds
+    ds16 = build_ds_config(_cfg("train.precision=fp16"), world_size=1)
+    assert ds16["fp16"]["enabled"] and ds16["fp16"]["loss_scale"] == 0 and "bf16" not in ds16
+
+
+def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
+    from stackgan_dist.dist.deepspeed_strategy import build_ds_config
+    from stackgan_dist.errors import UserError
+
+    def write(d):
+        p = tmp_path / "ds.json"
+        p.write_text(json.dumps(d))
+        return str(p)
+
+    ok = build_ds_config(_cfg("train.zero_stage=1", f"train.deepspeed_config={write({'zero_optimization': {'stage': 1, 'reduce_bucket_size': 1000}, 'gradient_clipping': 1.0})}"), 2)
+    assert ok["zero_optimization"]["reduce_bucket_size"] == 1000 and ok["gradient_clipping"] == 1.0
+    assert ok["train_batch_size"] == 64 * 2
+    bad = [({"train_micro_batch_size_per_gpu": 3}, "disagrees with train.*"),
+           ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+           ({"zero_optimization": {"stage": 2}}, "disagrees with train.zero_stage=1"),
+           ({"bf16": {"enabled": True}}, "disagrees with train.precision=fp32")]
+    for d, msg in bad:
+        with pytest.raises(UserError, match=msg.replace("*", r"\*")):
+            build_ds_config(_cfg("train.zero_stage=1", f"train.deepspeed_config={write(d)}"), 2)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        build_ds_config(_cfg(f"train.deepspeed_config={tmp_path / 'broken.json'}"), 1)
+    with pytest.raises(UserError, match="cannot read"):
+        build_ds_config(_cfg(f"train.deepspeed_config={tmp_path / 'missing.json'}"), 1)
+
+
+def test_deepspeed_bf16_on_cpu_is_refused(synth_data, tmp_path):
+    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, [
+        "train.backend=deepspeed", "train.zero_stage=2", "train.precision=bf16"]), timeout=300)
+    assert p.returncode == 2 and "train.precision=bf16 needs CUDA" in p.stderr, p.stderr[-2000:]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "guard":
+        _guard_worker(sys.argv[2])
