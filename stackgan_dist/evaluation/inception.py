@@ -210,7 +210,10 @@ class InceptionMetrics:
                                 f"got {n} (raise --num-samples)")
             with torch.random.fork_rng(devices=[]):  # torchmetrics shuffles before splitting: make it repeatable
                 torch.manual_seed(seed)
-                mean, std = self.isc.compute()
-            out.update({"is_mean": float(mean), "is_std": float(std), "is_splits": self.splits})
+                with warnings.catch_warnings():  # one split: std of one value, undefined; reported as 0
+                    warnings.filterwarnings("ignore", message=".*degrees of freedom", category=UserWarning)
+                    mean, std = self.isc.compute()
+            out.update({"is_mean": float(mean), "is_std": float(std) if self.splits > 1 else 0.0,
+                        "is_splits": self.splits})
         return out
 
