@@ -1,0 +1,54 @@
+"""``stackgan report RUN``: one PNG with the loss curves and the latest sample grid; clear errors otherwise."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO, run_cli, tiny_overrides
+
+from stackgan_dist.observability.report import make_report
+
+
+def _err(p, *words):
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    for w in words:
+        assert w in line, line
+
+
+def test_report_of_a_real_run(synth_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", os.path.join(REPO, "configs", "demo", "stage1.yaml"),
+            *tiny_overrides(synth_data, run, 1, 4, ["log.sample_every=2"]), check=True, timeout=600)
+    p = run_cli("report", run, check=True, timeout=300)
+    res = json.loads(p.stdout)
+    assert res["out"] == str(run / "report.png") and res["last_step"] == 4 and res["records"] == 2
+    assert res["sample"].endswith("step_00000004.png")
+    assert {"d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "kl"} <= set(res["curves"])
+    img = Image.open(run / "report.png")
+    assert img.format == "PNG" and img.size == (1400, 600)
+    a = np.asarray(img.convert("RGB"))
+    assert a.std() > 10  # not a blank canvas
+
+
+def test_report_without_samples_and_torn_line(tmp_path):
+    """A run killed mid-write (torn last line) and before its first grid still gets a report."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": s, "d_loss": 1.0 / s, "g_loss": 2.0 / s, "kl": 0.1, "img_per_s": 50.0})
+             for s in (10, 20, 30)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 40, "d_lo')
+    out = tmp_path / "elsewhere" / "r.png"
+    res = make_report(str(run), str(out))
+    assert res["records"] == 3 and res["last_step"] == 30 and res["sample"] is None
+    assert res["curves"] == ["d_loss", "g_loss", "kl"]
+    assert Image.open(out).size == (1400, 600)
+
+
+def test_report_bad_input(tmp_path):
+    _err(run_cli("report", tmp_path / "missing"), "not found", "missing")
+    _err(run_cli("report", tmp_path), "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text("")
+    _err(run_cli("report", tmp_path), "no records")
