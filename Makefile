@@ -8,7 +8,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_DATA := data/synthetic
 DEMO_RUN := runs/demo
-DEMO_NPROC ?= 1
+DEMO_NPROC ?= 2
 
 .PHONY: demo test test-fast test-gpu bench clean-demo venv venv-full
 
