@@ -37,10 +37,18 @@ from stackgan_dist.config import load_config
 print(os.path.abspath(load_config(sys.argv[1], sys.argv[2:]).run.dir))
 PY
 )"
-j1="$(sbatch --parsable --job-name=stackgan-s1 "${sb[@]}" "$root/slurm/train.sbatch" "$c1" "${common[@]}" "${s1[@]}")"
-j1="${j1%%;*}"
-j2="$(sbatch --parsable --job-name=stackgan-s2 --dependency=afterok:"$j1" --kill-on-invalid-dep=yes "${sb[@]}" \
-  "$root/slurm/train.sbatch" "$c2" "${common[@]}" "model.stage1_checkpoint=$run1" "${s2[@]}")"
-j2="${j2%%;*}"
+submit() {  # sbatch, or one line with sbatch's first complaint (e.g. "invalid partition specified: x")
+  local what="$1" out err; shift
+  err="$(mktemp)"
+  if ! out="$(sbatch --parsable "$@" 2>"$err")"; then
+    echo "pipeline.sh: $what refused by sbatch: $(grep -m1 -o 'error: .*' "$err" | sed 's/^error: //' || cat "$err")" >&2
+    rm -f "$err"; return 1
+  fi
+  rm -f "$err"; echo "${out%%;*}"
+}
+j1="$(submit Stage-I --job-name=stackgan-s1 "${sb[@]}" "$root/slurm/train.sbatch" "$c1" "${common[@]}" "${s1[@]}")"
+j2="$(submit Stage-II --job-name=stackgan-s2 --dependency=afterok:"$j1" --kill-on-invalid-dep=yes "${sb[@]}" \
+  "$root/slurm/train.sbatch" "$c2" "${common[@]}" "model.stage1_checkpoint=$run1" "${s2[@]}")" || {
+  scancel "$j1" 2>/dev/null; echo "pipeline.sh: cancelled Stage-I job $j1" >&2; exit 1; }
 echo "stage1 $j1 run.dir=$run1"
 echo "stage2 $j2 (afterok:$j1)"
