@@ -149,7 +149,7 @@ def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) ->
            "num_real": info.num_samples, "world_size": env.world_size, "seed": seed}
     if "caption" in names:
         c = _all_sum(list(counts) + list(real_counts), env)
-        res.update({"color_accuracy": c[0] / c[2], "shape_accuracy": c[1] / c[2],
+        res.update({"num_images": int(c[2]), "color_accuracy": c[0] / c[2], "shape_accuracy": c[1] / c[2],
                     "real_color_accuracy": c[3] / c[5], "real_shape_accuracy": c[4] / c[5]})
     if scorer is not None:
         res.update(scorer.compute(seed))  # collective: every rank
