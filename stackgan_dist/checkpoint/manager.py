@@ -16,12 +16,15 @@ All files load with ``torch.load(weights_only=True)``: a checkpoint from elsewhe
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,11 +60,23 @@ def fsync_dir(path: str) -> None:
         pass
 
 
-def save_file(obj, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def save_file(obj, path: str) -> dict:
+    """Serialises in memory, then writes and fsyncs: a full disk surfaces as the OSError the kernel gave
+    (ENOSPC, EFBIG), not as a zip-writer assertion from inside torch.save. Returns the manifest entry
+    (size, sha256 of the bytes written)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    view = memoryview(buf.getbuffer())
+    entry = {"size": len(view), "sha256": hashlib.sha256(view).hexdigest()}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return entry
 
 
 def load_file(path: str):
@@ -186,6 +201,18 @@ def _versions() -> dict:
     return v
 
 
+@dataclass
+class _WriteJob:
+    step: int
+    tmp: str
+    prev: str
+    t0: float
+    extra_manifest: dict
+    files: dict = field(default_factory=dict)
+    err: Exception | None = None
+    thread: threading.Thread | None = None
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str, env, keep_last: int = 3):
         self.root = os.path.join(run_dir, "checkpoints")
@@ -193,6 +220,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.last_saved: str | None = None
         self.last_save_s = 0.0
+        self._pending: _WriteJob | None = None
         if env.is_main:
             os.makedirs(self.root, exist_ok=True)
 
@@ -203,12 +231,17 @@ class CheckpointManager:
             dist.barrier()
 
     def save(self, step: int, model_state: dict | None, rank_state: dict, engine_save=None,
-             extra_manifest: dict | None = None) -> str:
-        """Collective: every rank calls it. ``model_state`` is only needed on rank 0.
-        ``engine_save(dir)`` (DeepSpeed) writes the engines' files into ``dir/engine``."""
+             extra_manifest: dict | None = None, background: bool = False) -> str | None:
+        """Collective: every rank calls it. ``model_state`` is only needed on rank 0 and must already be
+        a CPU copy (it is written while training goes on). ``engine_save(dir)`` (DeepSpeed) writes the
+        engines' files into ``dir/engine``; it is collective, so DeepSpeed saves never go to the background.
+
+        With ``background=True`` the files are written by a thread and the call returns None at once;
+        ``commit_pending()``, which every rank calls at the same later step, waits for the writer and
+        commits. Until then ``latest`` still names the previous checkpoint."""
+        self.commit_pending()
         t0 = time.perf_counter()
         name = step_dir_name(step)
-        final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
         prev = self.last_saved or "none"
         err: Exception | None = None
@@ -230,17 +263,53 @@ class CheckpointManager:
                 raise err
             raise CheckpointError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
                                   f"previous checkpoint {prev} kept")
+        # the agreement above is an all-reduce: rank 0 had made the folder before anyone writes into it
+        job = _WriteJob(step, tmp, prev, t0, extra_manifest or {})
+        if engine_save is not None:
+            try:
+                engine_save(os.path.join(tmp, "engine"))
+            except Exception as e:  # noqa: BLE001 -- reaches the agreement in commit
+                job.err = e
+            background = False
+        if background and job.err is None:
+            job.thread = threading.Thread(target=self._write, args=(job, model_state, rank_state),
+                                          name=f"ckpt-writer-{step}", daemon=True)
+            job.thread.start()
+            self._pending = job
+            return None
+        if job.err is None:
+            self._write(job, model_state, rank_state)
+        self._pending = job
+        return self.commit_pending()
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending.step if self._pending is not None else None
+
+    def _write(self, job: "_WriteJob", model_state: dict | None, rank_state: dict) -> None:
         try:
             if self.env.is_main and model_state is not None:
-                save_file(model_state, os.path.join(tmp, "model.pt"))
-            save_file(rank_state, os.path.join(tmp, f"rank_{self.env.rank:05d}.pt"))
-            if engine_save is not None:
-                engine_save(os.path.join(tmp, "engine"))
-        except OSError as e:
-            err = e
+                job.files["model.pt"] = save_file(model_state, os.path.join(job.tmp, "model.pt"))
+            rf = f"rank_{self.env.rank:05d}.pt"
+            job.files[rf] = save_file(rank_state, os.path.join(job.tmp, rf))
+        except Exception as e:  # noqa: BLE001 -- every failure must reach the agreement in commit, or
+            job.err = e  # the other ranks wait in it forever
         delay = float(os.environ.get("STACKGAN_TEST_SAVE_DELAY_S", "0") or 0)
         if delay > 0:  # test hook: holds the files written but uncommitted, so a test can kill mid-save
             time.sleep(delay)
+
+    def commit_pending(self) -> str | None:
+        """Collective. Waits for this rank's writer, agrees with the others that every file is on disk,
+        then rank 0 writes the manifest and renames the folder into place and moves ``latest``."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return None
+        if job.thread is not None:
+            job.thread.join()
+        step, tmp, prev = job.step, job.tmp, job.prev
+        name = step_dir_name(step)
+        final = os.path.join(self.root, name)
+        err = job.err
         failed = self._agree_failure(err is not None)
         if failed:
             if self.env.is_main:
@@ -248,19 +317,25 @@ class CheckpointManager:
             msg = f"checkpoint write for step {step} failed ({err or 'on another rank'}); previous checkpoint " \
                   f"{prev} kept"
             raise CheckpointError(msg)
+        files = job.files
+        if self.env.distributed:  # each rank hashed its own bytes while writing: gather instead of re-reading
+            import torch.distributed as dist
+
+            gathered: list = [None] * self.env.world_size
+            dist.all_gather_object(gathered, files)
+            files = {k: v for d in gathered for k, v in d.items()}
         if self.env.is_main:
             try:
-                files = {}
-                for dirpath, _dirs, fnames in os.walk(tmp):
+                for dirpath, _dirs, fnames in os.walk(tmp):  # files written by others (DeepSpeed engines)
                     for fn in fnames:
                         fp = os.path.join(dirpath, fn)
                         rel = os.path.relpath(fp, tmp)
-                        if rel in ("latest",) or rel.endswith("/latest"):
-                            pass  # DeepSpeed's own pointer: recorded but never trusted as our commit marker
-                        files[rel] = {"size": os.path.getsize(fp), "sha256": sha256_file(fp)}
+                        if rel not in files:  # DeepSpeed's own `latest` is recorded, never our commit marker
+                            files[rel] = {"size": os.path.getsize(fp), "sha256": sha256_file(fp)}
                 man = {"version": FORMAT_VERSION, "step": step, "world_size": self.env.world_size,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(), "files": files}
-                man.update(extra_manifest or {})
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
+                       "files": dict(sorted(files.items()))}
+                man.update(job.extra_manifest)
                 with open(os.path.join(tmp, MANIFEST), "w") as f:
                     json.dump(man, f, indent=1)
                     f.flush()
@@ -293,8 +368,14 @@ class CheckpointManager:
             self._prune(keep=final)
         self._barrier()
         self.last_saved = final
-        self.last_save_s = time.perf_counter() - t0
+        self.last_save_s = time.perf_counter() - job.t0
         return final
+
+    def abandon_pending(self) -> None:
+        """On an error path: lets a running writer finish without committing (its folder stays a temporary)."""
+        job, self._pending = self._pending, None
+        if job is not None and job.thread is not None:
+            job.thread.join()
 
     def _agree_failure(self, failed: bool) -> bool:
         if not self.env.distributed:

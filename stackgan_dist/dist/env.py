@@ -91,8 +91,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
         return DistEnv(rank, world, local, dev, launcher)
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
     try:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                init_method=f"tcp://{addr}:{port}",
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, store=_store(addr, port, rank, world,
+                                                                                        timeout_s),
                                 timeout=datetime.timedelta(seconds=timeout_s))
         # a first collective proves the group formed (world size mismatches surface here, bounded by timeout)
         t = torch.ones(1, device=dev)
@@ -104,6 +104,16 @@ def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
         raise UserError(f"rank {rank}: process group ({backend}, {addr}:{port}, world size {world}) did not "
                         f"form within {timeout_s:.0f}s: {msg}") from None
     return DistEnv(rank, world, local, dev, launcher, owns_group=True)
+
+
+def _store(addr: str, port: str, rank: int, world: int, timeout_s: float):
+    """The rendezvous store, namespaced by torchrun's restart count. After `torchrun --max-restarts`
+    restarts a group, the agent's store still holds the dead workers' gloo addresses; without a fresh
+    namespace the new workers read them and fail with "connection refused"."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    store = dist.TCPStore(addr, int(port), world, is_master=(rank == 0 and not agent),
+                          timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=not agent)
+    return dist.PrefixStore(f"stackgan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(env: DistEnv) -> None:

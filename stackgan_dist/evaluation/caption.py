@@ -3,7 +3,8 @@
 The classifier is deliberately simple and exact on real data: the background is the median colour of
 the image border (shapes never touch it), the foreground is every pixel far from it, its colour the
 palette entry nearest to the foreground's median, its shape read from how much of its bounding box
-it fills (square ~1.0, circle ~0.79, triangle ~0.5).
+it fills (a square fills it) and how it tapers (an upright triangle's top third is far narrower than its
+bottom third; a circle's is not).
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ def classify(img: np.ndarray) -> tuple[str | None, str | None]:
     y0, y1 = np.percentile(ys, [1, 99])
     x0, x1 = np.percentile(xs, [1, 99])
     area = max((y1 - y0 + 1) * (x1 - x0 + 1), 1.0)
-    fill = mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1].mean() if area > 1 else 0.0
-    shape = "square" if fill > 0.9 else ("circle" if fill > 0.64 else "triangle")
+    box = mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1]
+    fill = box.mean() if area > 1 else 0.0
+    # an upright triangle widens from top to bottom; circles and squares are as wide at both ends
+    rows = box.sum(axis=1).astype(np.float32)
+    third = max(len(rows) // 3, 1)
+    taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
+    shape = "square" if fill > 0.88 else ("triangle" if taper < 0.6 else "circle")
     return color, shape
 
 
