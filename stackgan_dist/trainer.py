@@ -228,14 +228,26 @@ class Trainer:
         if self.env.is_main:
             print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, background: bool = False) -> str | None:
+        """Collective. In the background the state is copied to CPU here and written by a thread while
+        training goes on; ``commit_checkpoint`` makes it the new ``latest`` a few steps later."""
+        self.commit_checkpoint()  # an earlier background save first, with its callback
         path = self.ckpt.save(self.step, self.model_state() if self.env.is_main else None, self.rank_state(),
                               engine_save=getattr(self.strategy, "save_engines", None),
-                              extra_manifest={"stage": self.cfg.model.stage, "config_hash": self.cfg.model_hash()})
-        log.info("checkpoint %s (%.2fs)", path, self.ckpt.last_save_s)
-        if path and self.on_checkpoint is not None:
-            self.on_checkpoint(path, self.step, self.env)
+                              extra_manifest={"stage": self.cfg.model.stage, "config_hash": self.cfg.model_hash()},
+                              background=background)
+        if path:
+            log.info("checkpoint %s (%.2fs)", path, self.ckpt.last_save_s)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path, self.step, self.env)
         return path
+
+    def commit_checkpoint(self) -> None:
+        path = self.ckpt.commit_pending()
+        if path:
+            log.info("checkpoint %s (%.2fs, written in the background)", path, self.ckpt.last_save_s)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path, int(os.path.basename(path).split("_")[-1]), self.env)
 
     # -- ticks ------------------------------------------------------------------------------------
     def lr_at(self, step: int, base: float) -> float:
@@ -290,6 +302,10 @@ class Trainer:
         steps_since_log = 0
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
         result = {"stopped": "max_steps"}
+        # test hook: slows every step so that a test can land a kill or a signal between two given steps
+        step_delay = float(os.environ.get("STACKGAN_TEST_STEP_DELAY_S", "0") or 0)
+        # a background save is committed this many steps after it began (or at the next save, signal or end)
+        commit_lag = max(1, min(10, cfg.checkpoint.every_steps // 2))
         try:
             while self.step < cfg.train.max_steps:
                 for k in ("g", "d"):
@@ -305,6 +321,8 @@ class Trainer:
                     acc[k] = acc[k] + v if k in acc else v
                 n_acc += 1
                 bar.update(1)
+                if step_delay > 0:
+                    time.sleep(step_delay)
                 if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
                     self._log(acc, n_acc, steps_since_log, t_log, global_batch, bad_total, seen_total, bar)
                     acc, n_acc, steps_since_log, t_log = {}, 0, 0, time.perf_counter()
@@ -315,8 +333,11 @@ class Trainer:
                     due = due or all_reduce_max(
                         float(time.monotonic() - last_ckpt_time > 60 * cfg.checkpoint.every_minutes), env) > 0
                 stop = all_reduce_max(float(flag.received is not None), env) > 0
+                pending = self.ckpt.pending_step
+                if pending is not None and not (due or stop) and self.step >= pending + commit_lag:
+                    self.commit_checkpoint()  # every rank reaches this at the same step: a collective is safe
                 if due or stop:
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=cfg.checkpoint.background and not stop)
                     last_ckpt_time = time.monotonic()
                 if stop:
                     result = {"stopped": "signal"}
@@ -324,11 +345,13 @@ class Trainer:
                         print(f"received {flag.name or 'a signal on another rank'}: checkpoint written at step "
                               f"{self.step}; exiting with {EXIT_REQUEUE} (requeue)", flush=True)
                     raise Preempted()
+            self.commit_checkpoint()
             if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{self.step:08d}"):
                 self.save_checkpoint()
             if env.is_main and self.step % cfg.log.sample_every != 0:  # the final grid, unless just written
                 self.write_samples()
         finally:
+            self.ckpt.abandon_pending()  # only on an error path is anything still pending here
             bar.close()
             flag.restore()
             self.metrics.close()
