@@ -57,7 +57,7 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def ds_runs(synth_data, tmp_path_factory):
     """Per ZeRO stage: Stage-I straight to step 4; Stage-I to step 2, then resumed to 4; Stage-II (from the
-    Stage-I run) to step 2, then resumed to 3. Every rank writes per-step digests."""
+    Stage-I run) to step 2 (ZeRO-2: then resumed to 3). Every rank writes per-step digests."""
     root = tmp_path_factory.mktemp("ds")
     runs = {}
     for zero in (1, 2):
@@ -66,8 +66,11 @@ def ds_runs(synth_data, tmp_path_factory):
         first = train2(synth_data, r["s1b"], 1, 2, zero)
         resumed = train2(synth_data, r["s1b"], 1, 4, zero, digest=root / f"z{zero}_dg_s1b")
         extra = [f"model.stage1_checkpoint={r['s1']}"]
-        train2(synth_data, r["s2"], 2, 2, zero, extra)
-        resumed2 = train2(synth_data, r["s2"], 2, 3, zero, extra, digest=root / f"z{zero}_dg_s2")
+        if zero == 2:  # Stage-II: 2 steps, then resumed to 3 (ZeRO-2 only, to keep the suite short)
+            train2(synth_data, r["s2"], 2, 2, zero, extra)
+            resumed2 = train2(synth_data, r["s2"], 2, 3, zero, extra, digest=root / f"z{zero}_dg_s2")
+        else:
+            resumed2 = train2(synth_data, r["s2"], 2, 2, zero, extra, digest=root / f"z{zero}_dg_s2")
         runs[zero] = {"dirs": r, "root": root, "first": first, "resumed": resumed, "resumed2": resumed2}
     return runs
 
@@ -76,7 +79,8 @@ def ds_runs(synth_data, tmp_path_factory):
 @pytest.mark.parametrize("zero", [1, 2])
 def test_deepspeed_trains_both_stages_with_finite_losses_and_identical_ranks(ds_runs, zero):
     run = ds_runs[zero]
-    for key, dg, steps in (("s1", "dg_s1", [1, 2, 3, 4]), ("s1b", "dg_s1b", [3, 4]), ("s2", "dg_s2", [3])):
+    s2_steps = [3] if zero == 2 else [1, 2]
+    for key, dg, steps in (("s1", "dg_s1", [1, 2, 3, 4]), ("s1b", "dg_s1b", [3, 4]), ("s2", "dg_s2", s2_steps)):
         r0, r1 = (digests(run["root"] / f"z{zero}_{dg}", k) for k in (0, 1))
         assert [d["step"] for d in r0] == [d["step"] for d in r1] == steps
         for a, b in zip(r0, r1):
@@ -90,7 +94,7 @@ def test_deepspeed_trains_both_stages_with_finite_losses_and_identical_ranks(ds_
     s1 = digests(run["root"] / f"z{zero}_dg_s1", 0)
     assert len({d["G_params"] for d in s1}) == 4 and len({d["D_params"] for d in s1}) == 4  # it trains
     info = inspect(run["dirs"]["s2"])
-    assert info["valid"] and info["step"] == 3 and info["stage"] == 2
+    assert info["valid"] and info["step"] == s2_steps[-1] and info["stage"] == 2
 
 
 @pytest.mark.slow
@@ -100,7 +104,8 @@ def test_deepspeed_resume_restores_optimizer_partitions(ds_runs, zero):
     all came back (a fresh optimizer would give other weights)."""
     run = ds_runs[zero]
     assert "resumed from" in run["resumed"].stdout and "step_00000002" in run["resumed"].stdout
-    assert "resumed from" in run["resumed2"].stdout
+    if zero == 2:
+        assert "resumed from" in run["resumed2"].stdout and "step_00000002" in run["resumed2"].stdout
     ck = run["dirs"]["s1b"] / "checkpoints" / "step_00000004" / "engine"
     for net in ("G", "D"):
         files = sorted(os.listdir(ck / net))
@@ -118,9 +123,9 @@ def test_deepspeed_checkpoint_refuses_other_zero_stage_and_backend(ds_runs, synt
     d = ds_runs[1]["dirs"]["s1"]
     p = run_cli("train", CFG1, *tiny_overrides(synth_data, d, 1, 6, []), timeout=300)  # ddp on a deepspeed run
     assert p.returncode == 2 and "train.backend=deepspeed checkpoint with train.backend=ddp" in p.stderr, p.stderr
-    p = torchrun(2, "-m", "stackgan_dist", "train", CFG1,
-                 *tiny_overrides(synth_data, d, 1, 6, ["train.backend=deepspeed", "train.zero_stage=2"]))
-    assert p.returncode != 0 and "zero_stage changed (1 -> 2)" in p.stderr, p.stderr[-3000:]
+    p = run_cli("train", CFG1, *tiny_overrides(synth_data, d, 1, 6, ["train.backend=deepspeed",
+                                                                  "train.zero_stage=2"]), timeout=300)
+    assert p.returncode == 2 and "zero_stage changed (1 -> 2)" in p.stderr, p.stderr[-3000:]
 
 
 # -- the non-finite guard (DeepSpeed PR #8035): 2 ranks, a NaN on one rank skips the step on both ----
