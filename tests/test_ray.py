@@ -96,14 +96,15 @@ def test_ray_and_torchrun_give_equal_weights(ray_run, torchrun_digest):
 
 def test_ray_worker_killed_restarts_group_and_resumes(ray_cluster, synth_data, tmp_path, torchrun_digest):
     run, pids = tmp_path / "run", tmp_path / "pids"
-    # steps are slowed (0.5 s) so that the kill lands after the step-4 commit and before step 8
+    # after their first reported checkpoint the workers of the first attempt pause (test hook), so that the kill
+    # lands mid-run: after the step-4 commit, before step 8
     job = subprocess.Popen([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ray_cluster,
-                            "--num-workers", "2", "--max-failures", "2", "--env", "STACKGAN_TEST_STEP_DELAY_S=0.5",
+                            "--num-workers", "2", "--max-failures", "2", "--env", "STACKGAN_TEST_RAY_STALL_S=120",
                             "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}", CONFIG, *overrides(synth_data, run)],
                            cwd=REPO, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT)
     try:
         t0 = time.monotonic()
-        while not committed(run, EVERY):
+        while not (committed(run, EVERY) and (pids / "stalled_rank1").exists()):
             assert job.poll() is None, (tmp_path / "job.log").read_text()[-5000:]
             assert time.monotonic() - t0 < 300, "no step-4 checkpoint within 300 s"
             time.sleep(0.05)
@@ -171,11 +172,21 @@ def test_job_stuck_pending_is_stopped_with_a_clear_error(ray_cluster, synth_data
     assert "resources" in err, show(p)  # Ray's own hint is passed on
 
 
-def test_worker_error_fails_the_job_with_its_root_cause(ray_cluster, tmp_path):
-    p = ray_job("--num-workers", 2, "--max-failures", 0, CONFIG, f"run.dir={tmp_path}/run",
+def test_no_wait_returns_the_job_id_and_a_worker_error_fails_with_its_root_cause(ray_cluster, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    t0 = time.monotonic()
+    p = ray_job("--no-wait", "--num-workers", 2, "--max-failures", 0, CONFIG, f"run.dir={tmp_path}/run",
                 f"data.train={tmp_path}/no_such_split", "data.test=", "model.gf_dim=16", "model.df_dim=8",
-                timeout=300)
-    assert p.returncode == 1, show(p)
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("ray_job: error: job raysubmit_") and " FAILED: training failed" in last, show(p)
-    assert "DataError" in last and "no_such_split" in last and "\x1b" not in last, show(p)
+                timeout=120)
+    assert p.returncode == 0 and time.monotonic() - t0 < 60, show(p)
+    job_id = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))["job_id"]
+    client = JobSubmissionClient(ray_cluster)
+    t0 = time.monotonic()
+    while not client.get_job_status(job_id).is_terminal():
+        assert time.monotonic() - t0 < 300, "job did not finish within 300 s"
+        time.sleep(1)
+    assert str(client.get_job_status(job_id).value) == "FAILED"
+    # the driver ends with one line naming the worker's own error, not Ray's wrapper
+    line = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("stackgan ray: error:")][-1]
+    assert "training failed" in line and "rank 0: DataError" in line and "no_such_split" in line, line
