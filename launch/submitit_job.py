@@ -199,13 +199,34 @@ def _default_setup() -> list[str]:
     return lines
 
 
-def submit_error(e: Exception) -> str:
-    """sbatch's own complaint (e.g. 'invalid partition specified: gpux'), on one line."""
-    text = str(e)
-    m = re.findall(r"sbatch: error: ([^\n\\]+)", text)
+def submit_error(e: Exception, stderr: str) -> str:
+    """sbatch's first complaint (e.g. 'invalid partition specified: gpux'), on one line."""
+    m = re.findall(r"sbatch: error: ([^\n\\]+)", stderr + "\n" + str(e))
     if m:
-        return "; ".join(dict.fromkeys(s.strip().rstrip("'\"") for s in m))
-    return " ".join(text.split())[:300]
+        return m[0].strip().rstrip("'\"")
+    return " ".join(str(e).split())[:300]
+
+
+def submit_quietly(ex, fn):
+    """ex.submit(fn) with the child's stderr (sbatch's) captured: a refusal becomes one line, not three."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            job = ex.submit(fn)
+        except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's error in its own types
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            raise UserError(f"submission refused: {submit_error(e, tmp.read())}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        sys.stderr.write(tmp.read())  # warnings of a successful submission still show
+    return job
 
 
 def slurm_state(job_id: str) -> str:
@@ -266,10 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         if not any(o.startswith("run.dir=") for o in overrides):
             overrides.append(f"run.dir={run_dir}")
         ex = make_executor(a, folder, site)
-        try:
-            job = ex.submit(TrainJob(os.path.abspath(a.config), overrides))
-        except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's error in its own types
-            raise UserError(f"submission refused: {submit_error(e)}") from None
+        fn = TrainJob(os.path.abspath(a.config), overrides)
+        # local: the controller process inherits our stderr, so it must stay the terminal
+        job = ex.submit(fn) if a.local else submit_quietly(ex, fn)
     except UserError as e:
         print(f"submitit_job: error: {e}", file=sys.stderr, flush=True)
         return 2
