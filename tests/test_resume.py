@@ -239,3 +239,27 @@ def test_stage2_two_ranks_kill_rank0_then_resume(synth_data, tmp_path, stage1_ck
     text = finish(start(torchrun_cmd(args(run)), log_path=tmp_path / "b.log"), tmp_path / "b.log")
     assert "step_00000004 at step 4" in text, text[-3000:]
     assert digest(run) == digest(ref_run)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_kill_then_resume(synth_data, tmp_path):
+    """ZeRO-2 engines save into our step folder; a SIGKILLed rank, then a resume, gives the digest of the
+    DeepSpeed run that was never interrupted."""
+    ds = ["train.backend=deepspeed", "train.zero_stage=2"]
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    finish(start(torchrun_cmd(train_args(synth_data, ref_run, 1, 8, ds)), log_path=tmp_path / "ref.log"),
+           tmp_path / "ref.log")
+    p = start(torchrun_cmd(train_args(synth_data, run, 1, 8, ds)), log_path=tmp_path / "a.log",
+              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})
+    wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
+    os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
+    try:
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert os.path.isdir(run / "checkpoints" / "step_00000004" / "engine")
+    text = finish(start(torchrun_cmd(train_args(synth_data, run, 1, 8, ds)), log_path=tmp_path / "b.log"),
+                  tmp_path / "b.log")
+    assert "step_00000004 at step 4" in text, text[-3000:]
+    assert digest(run) == digest(ref_run)
