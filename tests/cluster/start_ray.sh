@@ -15,6 +15,9 @@ export RAY_USAGE_STATS_ENABLED=0
 # unless "cluster mode" is off; off, every Ray process (and the job drivers, which inherit this environment)
 # binds and connects on loopback only. A real multi-node cluster must not set this.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# a job whose driver cannot be placed is failed by Ray after this long (Ray's default: 15 min); the tests leave
+# one such job behind (launch/ray_job.py's PENDING watchdog reports it after --pending-timeout)
+export RAY_JOB_START_TIMEOUT_SECONDS="${RAY_JOB_START_TIMEOUT_SECONDS:-120}"
 
 up() { "$venv/bin/python" - "$dash_port" <<'PY'
 import sys, urllib.request
