@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python launch/submitit_job.py` from anywhere: the repo's package first
     sys.path.insert(0, ROOT)
 
-from stackgan_dist.checkpoint.signals import EXIT_REQUEUE  # noqa: E402
+from stackgan_dist.checkpoint.signals import EXIT_REQUEUE, last_received  # noqa: E402
 from stackgan_dist.errors import UserError  # noqa: E402
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -79,7 +79,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             return run_training(cfg)
         except Preempted:
-            got = self._signal_received()
+            got = last_received()  # the signal that stopped training in this process
             rank = int(os.environ.get("RANK", "0"))
             print(f"submitit_job: rank {rank}: checkpointed after {got or 'a signal'}", flush=True)
             if rank == 0 and got != "SIGTERM":
@@ -89,15 +89,6 @@ class TrainJob(submitit.helpers.Checkpointable):
                 time.sleep(5)  # the handler runs at the next bytecode; never fall through to a "success"
             # no result file for a preempted attempt: leave without pickling a result
             os._exit(EXIT_REQUEUE)
-
-    @staticmethod
-    def _signal_received() -> str:
-        try:
-            from stackgan_dist.checkpoint.signals import last_received
-
-            return last_received()
-        except ImportError:
-            return ""
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # our checkpoint is already on disk (written by every rank at the step boundary); requeue the same job
