@@ -1,0 +1,140 @@
+"""Benchmark suite: the FLOP counter against a hand count; every script runs end to end at tiny sizes on CPU
+and writes valid JSON with the documented fields. No timing assertions."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO
+from stackgan_dist.observability.flops import conv2d_flops, count_flops, linear_flops
+
+BENCH = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCH)
+
+THROUGHPUT_FIELDS = {"stage", "precision", "backend", "batch_size", "img_per_s", "step_ms_p50", "step_ms_p90",
+                     "peak_mem_mb", "flops_per_img", "mfu", "baseline_img_per_s", "speedup"}
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),            # -> 8 x 16 x 16
+                         nn.Conv2d(8, 16, 4, stride=2, padding=1), nn.ReLU(),  # -> 16 x 8 x 8
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False),          # -> 16 x 8 x 8
+                         nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+
+
+def test_flop_counter_matches_hand_count():
+    b = 5
+    net, x = _net(), torch.randn(b, 3, 16, 16)
+    # forward, by hand: 2 x multiply-accumulates per conv / linear, nothing for ReLU and bias
+    c1 = 2 * b * 8 * 16 * 16 * 3 * 3 * 3
+    c2 = 2 * b * 16 * 8 * 8 * 8 * 4 * 4
+    c3 = 2 * b * 16 * 8 * 8 * 16 * 3 * 3
+    fc = 2 * b * 1024 * 10
+    assert (conv2d_flops(b, 3, 8, 3, 16, 16), conv2d_flops(b, 8, 16, 4, 8, 8), conv2d_flops(b, 16, 16, 3, 8, 8),
+            linear_flops(b, 1024, 10)) == (c1, c2, c3, fc)
+    fwd = c1 + c2 + c3 + fc
+    assert count_flops(lambda: net(x)) == fwd
+    # backward: a weight gradient per layer and an input gradient per layer but the first (the input does
+    # not require grad), each as costly as that layer's forward
+    assert count_flops(lambda: net(x).sum().backward()) == fwd + 2 * fwd - c1
+    # grouped convolution, forward: C_in / groups inputs per output. (torch 2.13's counter charges the
+    # backward of a grouped conv as if ungrouped; StackGAN has no grouped convs.)
+    g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+    assert count_flops(lambda: g(torch.randn(b, 16, 8, 8))) == conv2d_flops(b, 16, 16, 3, 8, 8, groups=4) == c3 // 4
+
+
+def test_flop_counter_on_the_stage1_models_is_plausible():
+    from stackgan_dist.config import ModelConfig
+    from stackgan_dist.models.build import build_models
+
+    m = build_models(ModelConfig(stage=1, gf_dim=16, df_dim=8, condition_dim=8, z_dim=8, text_dim=16))
+    text, z = torch.randn(2, 16), torch.randn(2, 8)
+    with torch.no_grad():
+        g = count_flops(lambda: m.G(text, z))
+    # the last 3x3 conv to RGB at 64 x 64 alone: 2 * B * 3 * 64 * 64 * (gf/16) * 9
+    assert g > conv2d_flops(2, 16 // 16, 3, 3, 64, 64) and g < 1e9
+
+
+def _check_throughput(out, baseline=True):
+    assert {"device", "versions", "commit", "results"} <= set(out)
+    assert out["versions"]["torch"] == torch.__version__
+    for r in out["results"]:
+        assert THROUGHPUT_FIELDS <= set(r), THROUGHPUT_FIELDS - set(r)
+        assert r["img_per_s"] > 0 and r["step_ms_p90"] >= r["step_ms_p50"] > 0 and r["flops_per_img"] > 0
+        assert r["mfu"] is not None and 0 < r["mfu"] and r["peak_mem_mb"] > 0
+        if baseline:
+            assert r["baseline_img_per_s"] > 0 and math.isclose(r["speedup"], r["img_per_s"] / r["baseline_img_per_s"],
+                                                                rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_throughput_with_baseline_writes_json(tmp_path, stage):
+    import throughput
+
+    path = tmp_path / "t.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: OMP threads wait on each other when starved
+    try:
+        _run_throughput(throughput, stage, path)
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(path.read_text())
+    _check_throughput(out)
+    r = out["results"][0]
+    assert (r["stage"], r["precision"], r["backend"], r["batch_size"]) == (stage, "fp32", "ddp", 2)
+
+
+def _run_throughput(throughput, stage, path):
+    throughput.main(["--stage", str(stage), "--batch-size", "2", "--gf-dim", "16", "--df-dim", "8",
+                     "--condition-dim", "8", "--z-dim", "8", "--text-dim", "16", "--warmup", "1", "--steps", "2",
+                     "--peak-n", "64", "--baseline", "--json", str(path)])
+
+
+def test_scaling_projection_model():
+    import scaling
+
+    rows = scaling.projection(2, 100 * 2 ** 20, [25.0], [8, 64, 512])
+    eff = [r["efficiency"] for r in rows]
+    assert all(0 < e <= 1 for e in eff) and eff[0] >= eff[1] >= eff[2]  # more GPUs, more time in all-reduce
+    assert scaling.paper_grad_bytes(2) > scaling.paper_grad_bytes(1) > 0
+
+
+@pytest.mark.slow
+def test_suite_tiny_end_to_end(tmp_path):
+    """run_suite.py --tiny: every benchmark script in its own process, JSON + markdown + scaling plot."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "run_suite.py"), "--tiny", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    files = os.listdir(tmp_path)
+    suite = json.loads((tmp_path / next(f for f in files if f.startswith("suite-") and f.endswith(".json")))
+                       .read_text())
+    assert suite["tiny"] is True and {"device", "versions", "commit", "results"} <= set(suite)
+    res = suite["results"]
+    assert set(res) == {"throughput_stage1", "throughput_stage2", "scaling", "goodput", "dataloader"}
+    for k in ("throughput_stage1", "throughput_stage2"):
+        _check_throughput(res[k])
+    sc = res["scaling"]
+    assert [m["workers"] for m in sc["measured"]] == [1, 2]
+    for m in sc["measured"]:
+        assert {"img_per_s_per_worker", "efficiency", "grad_bytes", "allreduce_busbw_GBps"} <= set(m)
+    assert sc["measured"][0]["efficiency"] == 1.0 and sc["measured"][1]["allreduce_busbw_GBps"] > 0
+    assert sc["projection"]["label"].startswith("MODEL") and sc["projection"]["assumptions"]
+    assert {r["gpus"] for r in sc["projection"]["rows"]} == {8, 16, 32, 64, 128, 256, 512}
+    assert any(f.startswith("scaling-") and f.endswith(".png") for f in files)
+    g = res["goodput"]["goodput"]
+    for k in ("checkpoint_save_ms_sync", "stall_share_at_default_interval", "restart_to_first_step_s",
+              "steps_lost_per_preemption_with_signal", "steps_lost_per_preemption_hard_kill_expected"):
+        assert g[k] is not None and g[k] >= 0, k
+    assert g["resumed_at_step"] > 0
+    d = res["dataloader"]["dataloader"]
+    for k in ("ours_per_worker", "reference_per_worker", "ours_total", "reference_total", "speedup"):
+        assert d[k] > 0, k
+    md = (tmp_path / "latest-tiny.md").read_text()
+    assert "| stage |" in md and "speedup" in md and "Goodput" in md and "Loader" in md
