@@ -216,16 +216,23 @@ def _err(p, *words):
     return line
 
 
-def test_eval_bad_input(tiny_run, evalset, weights, tmp_path):
+def test_eval_bad_input(tiny_run, evalset, weights, tmp_path, monkeypatch):
+    """Through the CLI (one line, exit 2, no traceback) where the message matters most; the rest in-process."""
+    from stackgan_dist.evaluation.run_eval import evaluate
+
     d = evalset / "d64" / "test"
     _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "fid", "--inception-weights", tmp_path / "x.pt"),
          "weights", "x.pt")
-    _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "is", "--num-samples", 5,
-                 "--inception-weights", weights), "5", "splits")
     _err(run_cli("eval", tiny_run, "--data", evalset / "d32" / "test", "--metrics", "caption"), "text_dim", "32")
-    _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "caption", "--stage", 2), "Stage-1", "Stage-2")
-    _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "fid,kid"), "kid")
-    _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "fid"), "--inception-weights")
+    with pytest.raises(UserError, match=r"5.*splits"):
+        evaluate(str(tiny_run), str(d), "is", num_samples=5, inception_weights=weights)
+    with pytest.raises(UserError, match=r"Stage-1 checkpoint, not Stage-2"):
+        evaluate(str(tiny_run), str(d), "caption", stage=2)
+    with pytest.raises(UserError, match="kid"):
+        evaluate(str(tiny_run), str(d), "fid,kid")
+    monkeypatch.delenv("STACKGAN_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(UserError, match="--inception-weights"):
+        evaluate(str(tiny_run), str(d), "fid")
 
 
 def test_eval_refuses_stage2_checkpoint_as_stage1(tiny_run, evalset, tmp_path):

@@ -27,7 +27,8 @@ def read_events(tb_dir):
 def short_run(synth_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("obs") / "run"
     run_cli("train", os.path.join(REPO, "configs", "demo", "stage1.yaml"),
-            *tiny_overrides(synth_data, run, 1, 6, ["log.sample_every=3", "log.every_steps=2"]), check=True, timeout=600)
+            *tiny_overrides(synth_data, run, 1, 6, ["log.sample_every=3", "log.every_steps=2"]),
+            check=True, timeout=600)
     return run
 
 
@@ -37,7 +38,8 @@ def test_tensorboard_scalars_match_metrics_jsonl(short_run):
     assert REQUIRED_SCALARS <= tags, REQUIRED_SCALARS - tags
     recs = [json.loads(ln) for ln in (short_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4, 6]
-    for tag, key in (("loss/d_loss", "d_loss"), ("loss/kl", "kl"), ("lr/lr_g", "lr_g"), ("train/img_per_s", "img_per_s")):
+    for tag, key in (("loss/d_loss", "d_loss"), ("loss/kl", "kl"), ("lr/lr_g", "lr_g"),
+                     ("train/img_per_s", "img_per_s")):
         ev = acc.Scalars(tag)
         assert [e.step for e in ev] == [2, 4, 6]
         assert [e.value for e in ev] == pytest.approx([r[key] for r in recs], rel=1e-5)
