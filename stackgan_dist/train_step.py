@@ -65,17 +65,17 @@ class GANStep:
         set_requires_grad(s.D_module, True)
         fakes = []
         for i, ((real, text, cls), noise) in enumerate(zip(inputs, noises)):
-            with s.autocast():
-                if n == 1:  # one G forward serves both phases (the authors' schedule)
-                    fake, mu, logvar = self.generate(s.G, text, noise)
-                    fakes.append((fake, mu, logvar))
-                else:
-                    with torch.no_grad():
-                        fake, _, _ = self.generate(s.G, text, noise)
-                wrong = mismatched_conditions(text, cls)
-                dl = self.d_losses(real, text, wrong, fake)
-            ctx = s.no_sync("d") if i < n - 1 else _null()
-            with ctx:
+            # DDP decides in forward whether the next backward all-reduces: no_sync covers both
+            with s.no_sync("d") if i < n - 1 else _null():
+                with s.autocast():
+                    if n == 1:  # one G forward serves both phases (the authors' schedule)
+                        fake, mu, logvar = self.generate(s.G, text, noise)
+                        fakes.append((fake, mu, logvar))
+                    else:
+                        with torch.no_grad():
+                            fake, _, _ = self.generate(s.G, text, noise)
+                    wrong = mismatched_conditions(text, cls)
+                    dl = self.d_losses(real, text, wrong, fake)
                 s.backward("d", dl["d_loss"] / n)
             _accumulate(out, dl, n)
         s.step("d")
@@ -83,14 +83,13 @@ class GANStep:
         # -- G phase ------------------------------------------------------------------------------
         set_requires_grad(s.D_module, False)
         for i, ((real, text, cls), noise) in enumerate(zip(inputs, noises)):
-            with s.autocast():
-                if n == 1:
-                    fake, mu, logvar = fakes[0]
-                else:
-                    fake, mu, logvar = self.generate(s.G, text, noise)
-                gl = self.g_losses(fake, text, mu, logvar)
-            ctx = s.no_sync("g") if i < n - 1 else _null()
-            with ctx:
+            with s.no_sync("g") if i < n - 1 else _null():
+                with s.autocast():
+                    if n == 1:
+                        fake, mu, logvar = fakes[0]
+                    else:
+                        fake, mu, logvar = self.generate(s.G, text, noise)
+                    gl = self.g_losses(fake, text, mu, logvar)
                 s.backward("g", gl["g_loss"] / n)
             _accumulate(out, gl, n)
         s.step("g")

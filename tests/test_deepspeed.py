@@ -57,7 +57,8 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def ds_runs(synth_data, tmp_path_factory):
     """Per ZeRO stage: Stage-I straight to step 4; Stage-I to step 2, then resumed to 4; Stage-II (from the
-    Stage-I run) to step 2 (ZeRO-2: then resumed to 3). Every rank writes per-step digests."""
+    Stage-I run) to step 2 (ZeRO-1: with grad_accum=2; ZeRO-2: then resumed to 3). Every rank writes
+    per-step digests."""
     root = tmp_path_factory.mktemp("ds")
     runs = {}
     for zero in (1, 2):
@@ -70,7 +71,8 @@ def ds_runs(synth_data, tmp_path_factory):
             train2(synth_data, r["s2"], 2, 2, zero, extra)
             resumed2 = train2(synth_data, r["s2"], 2, 3, zero, extra, digest=root / f"z{zero}_dg_s2")
         else:
-            resumed2 = train2(synth_data, r["s2"], 2, 2, zero, extra, digest=root / f"z{zero}_dg_s2")
+            resumed2 = train2(synth_data, r["s2"], 2, 2, zero, extra + ["train.grad_accum=2"],
+                              digest=root / f"z{zero}_dg_s2")
         runs[zero] = {"dirs": r, "root": root, "first": first, "resumed": resumed, "resumed2": resumed2}
     return runs
 
@@ -126,6 +128,17 @@ def test_deepspeed_checkpoint_refuses_other_zero_stage_and_backend(ds_runs, synt
     p = run_cli("train", CFG1, *tiny_overrides(synth_data, d, 1, 6, ["train.backend=deepspeed",
                                                                   "train.zero_stage=2"]), timeout=300)
     assert p.returncode == 2 and "zero_stage changed (1 -> 2)" in p.stderr, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_one_process_zero0_trains_and_resumes(synth_data, tmp_path):
+    """No launcher: DeepSpeed gets a private one-process group (and the LOCAL_RANK it insists on)."""
+    o = ["train.backend=deepspeed", "train.zero_stage=0", "checkpoint.every_steps=2"]
+    check(run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, o), timeout=600))
+    p = check(run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 3, o), timeout=600))
+    assert "resumed from" in p.stdout
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [2, 3]
+    assert inspect(tmp_path / "r")["step"] == 3
 
 
 # -- the non-finite guard (DeepSpeed PR #8035): 2 ranks, a NaN on one rank skips the step on both ----

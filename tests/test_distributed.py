@@ -50,10 +50,11 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def ddp_runs(synth_data, tmp_path_factory):
-    """Stage-I (BN buffers averaged after each step) then Stage-II (model.sync_bn=true), 2 ranks each."""
+    """Stage-I (BN buffers averaged after each step, grad_accum=2: no_sync on the first micro-batch) then
+    Stage-II (model.sync_bn=true), 2 ranks each."""
     root = tmp_path_factory.mktemp("ddp")
     out = {}
-    for stage, cfg, extra in ((1, CFG1, []), (2, CFG2, [f"model.stage1_checkpoint={root / 'stage1'}",
+    for stage, cfg, extra in ((1, CFG1, ["train.grad_accum=2"]), (2, CFG2, [f"model.stage1_checkpoint={root / 'stage1'}",
                                                          "model.sync_bn=true"])):
         dg = root / f"digest{stage}"
         t0 = time.monotonic()

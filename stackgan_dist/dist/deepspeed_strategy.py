@@ -110,6 +110,8 @@ class DeepSpeedStrategy(Strategy):
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1,
                                     init_method=f"tcp://127.0.0.1:{_free_port()}")
             env.owns_group = True
+        # DeepSpeed's sanity check wants LOCAL_RANK in the environment (a plain process, Ray, srun: not set)
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         G, D = G.to(self.device), D.to(self.device)
         if cfg.train.channels_last:
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
