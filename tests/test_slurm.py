@@ -70,13 +70,32 @@ def wait_done(jid: str, log: str | None = None, want="COMPLETED", timeout=JOB_TI
     return info
 
 
+def stepd_alive(jid: str) -> bool:
+    """A slurmstepd of this job still runs on this (the only) node."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if open(f"/proc/{d}/cmdline", "rb").read().startswith(f"slurmstepd: [{jid}.".encode()):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
 def release_requeued(jid: str, log: str | None = None) -> None:
-    """A requeued job pends until its begin time (~2 min): start it now. Call only on a job that was running."""
+    """A requeued job pends until its begin time (~2 min): start it now. Call only on a job that was running.
+
+    Not before the last incarnation's slurmstepds are gone: released at once, Slurm 22.05 can refuse the new
+    start ("Job credential revoked") or a late kill of the old step id can hit the new step."""
     def requeued():
         i = job_info(jid)
         return i.get("JobState") == "PENDING" or (int(i.get("Restarts", "0")) >= 1 and
                                                   i.get("JobState") in ("RUNNING", "COMPLETED"))
     wait_until(requeued, f"job {jid} to be requeued", jid, log)
+    if job_info(jid).get("JobState") != "PENDING":
+        return
+    wait_until(lambda: not stepd_alive(jid), f"the old steps of job {jid} to end", jid, log)
+    time.sleep(2)
     sh("scontrol", "update", f"JobId={jid}", "StartTime=now", check=False)
 
 
