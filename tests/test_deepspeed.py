@@ -233,7 +233,8 @@ def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
         p.write_text(json.dumps(d))
         return str(p)
 
-    ok = build_ds_config(_cfg("train.zero_stage=1", f"train.deepspeed_config={write({'zero_optimization': {'stage': 1, 'reduce_bucket_size': 1000}, 'gradient_clipping': 1.0})}"), 2)
+    user = write({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "gradient_clipping": 1.0})
+    ok = build_ds_config(_cfg("train.zero_stage=1", f"train.deepspeed_config={user}"), 2)
     assert ok["zero_optimization"]["reduce_bucket_size"] == 1000 and ok["gradient_clipping"] == 1.0
     assert ok["train_batch_size"] == 64 * 2
     bad = [({"train_micro_batch_size_per_gpu": 3}, "disagrees with train.*"),

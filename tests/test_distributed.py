@@ -54,8 +54,9 @@ def ddp_runs(synth_data, tmp_path_factory):
     Stage-II (model.sync_bn=true), 2 ranks each."""
     root = tmp_path_factory.mktemp("ddp")
     out = {}
-    for stage, cfg, extra in ((1, CFG1, ["train.grad_accum=2"]), (2, CFG2, [f"model.stage1_checkpoint={root / 'stage1'}",
-                                                         "model.sync_bn=true"])):
+    plan = ((1, CFG1, ["train.grad_accum=2"]),
+            (2, CFG2, [f"model.stage1_checkpoint={root / 'stage1'}", "model.sync_bn=true"]))
+    for stage, cfg, extra in plan:
         dg = root / f"digest{stage}"
         t0 = time.monotonic()
         p = check(torchrun(2, "train", cfg, *tiny_overrides(synth_data, root / f"stage{stage}", stage, 3, extra),
