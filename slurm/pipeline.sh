@@ -41,7 +41,9 @@ submit() {  # sbatch, or one line with sbatch's first complaint (e.g. "invalid p
   local what="$1" out err; shift
   err="$(mktemp)"
   if ! out="$(sbatch --parsable "$@" 2>"$err")"; then
-    echo "pipeline.sh: $what refused by sbatch: $(grep -m1 -o 'error: .*' "$err" | sed 's/^error: //' || cat "$err")" >&2
+    local msg; msg="$(grep -m1 -o 'error: .*' "$err" | sed 's/^error: //')"
+    [ -n "$msg" ] || msg="$(tr '\n' ' ' <"$err" | cut -c1-300)"
+    echo "pipeline.sh: $what refused by sbatch: $msg" >&2
     rm -f "$err"; return 1
   fi
   rm -f "$err"; echo "${out%%;*}"
