@@ -45,7 +45,7 @@ from stackgan_dist.checkpoint.signals import EXIT_REQUEUE, last_received  # noqa
 from stackgan_dist.errors import UserError  # noqa: E402
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED", "SPECIAL_EXIT")
+            "PREEMPTED", "SPECIAL_EXIT")  # PREEMPTED: preempt mode CANCEL (with REQUEUE the job pends again)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -232,7 +232,7 @@ def slurm_state(job_id: str) -> str:
 def wait(job, local: bool, timeout_s: float = 0) -> int:
     """Wait for the job's result. submitit reads Slurm state through sacct, which clusters without
     accounting lack, so a job that ended without a result is detected through scontrol here."""
-    t0 = time.monotonic()
+    t0, ended_since = time.monotonic(), 0.0
     while True:
         if job.paths.result_pickle.exists():
             with job.paths.result_pickle.open("rb") as f:
@@ -251,13 +251,17 @@ def wait(job, local: bool, timeout_s: float = 0) -> int:
                           f"logs: {job.paths.stdout.parent}", file=sys.stderr, flush=True)
                     return 1
         else:
+            # ended (or unknown to scontrol) for 10 s in a row with no result file: a transient scontrol
+            # failure or a state seen while Slurm requeues the job does not end the wait
             st = slurm_state(job.job_id)
             if st in TERMINAL or st == "":
-                time.sleep(2)  # the result file is written just before the task exits
-                if not job.paths.result_pickle.exists():
-                    print(f"job {job.job_id} ended ({st or 'gone from squeue'}) without a result; "
+                ended_since = ended_since or time.monotonic()
+                if time.monotonic() - ended_since > 10 and not job.paths.result_pickle.exists():
+                    print(f"job {job.job_id} ended ({st or 'unknown to scontrol'}) without a result; "
                           f"logs: {job.paths.stdout}", file=sys.stderr, flush=True)
                     return 1
+            else:
+                ended_since = 0.0
         if timeout_s and time.monotonic() - t0 > timeout_s:
             print(f"job {job.job_id}: gave up waiting after {timeout_s:.0f}s", file=sys.stderr, flush=True)
             return 1
