@@ -5,8 +5,9 @@ Baseline (``--baseline``): the original StackGAN PyTorch recipe at the same widt
 in Sigmoid and the loss is nn.BCELoss, real and fake images are encoded by separate D calls and the
 wrong-text logits come from the real features shifted by one, D is not frozen in G's phase (its gradients
 are computed and thrown away), plain (for-loop) Adam, NCHW, no compile. Both use the same networks,
-so the difference is the step. The two are timed in alternating steps so that both see the same machine
-load (this machine is shared).
+so the difference is the step. The two are timed in alternating steps (ABBA) so that both see the same
+machine load (this machine is shared); besides wall-clock medians, the process CPU time per step is recorded
+(``speedup_cpu_time``), which waiting for a busy CPU does not inflate.
 """
 from __future__ import annotations
 
@@ -156,13 +157,16 @@ def run(a) -> dict:
             variants[k]()
             sync()
             peak[k] = torch.cuda.max_memory_allocated() / 2 ** 20
-    for _ in range(a.steps):  # alternate: both see the same load on a shared machine
-        for k, fn in variants.items():
+    names = list(variants)
+    cpu_times = {k: [] for k in variants}  # process CPU time: the work done, robust to waiting on a shared CPU
+    for i in range(a.steps):  # alternate, ABBA: both see the same load on a shared machine, neither always first
+        for k in (names if i % 2 == 0 else names[::-1]):
             sync()
-            t = time.perf_counter()
-            fn()
+            c, t = time.process_time(), time.perf_counter()
+            variants[k]()
             sync()
             times[k].append(time.perf_counter() - t)
+            cpu_times[k].append(time.process_time() - c)
     if not cuda:
         peak = {k: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 for k in variants}
     flops = count_flops(lambda: ours([batch])) if not a.compile else count_flops(lambda: base(batch)) if base else 0
@@ -173,12 +177,19 @@ def run(a) -> dict:
          "img_per_s": b / med, "step_ms_p50": 1e3 * med, "step_ms_p90": 1e3 * common.percentile(times["ours"], 0.9),
          "peak_mem_mb": peak["ours"], "peak_mem_kind": "cuda_max_allocated" if cuda else "process_max_rss",
          "flops_per_img": flops / b, "steps": a.steps, "warmup": a.warmup,
+         "cpu_ms_p50": 1e3 * common.percentile(cpu_times["ours"], 0.5),
          "baseline_img_per_s": None, "speedup": None}
     if base is not None:
         bmed = common.percentile(times["baseline"], 0.5)
         r.update({"baseline_img_per_s": b / bmed, "baseline_step_ms_p50": 1e3 * bmed,
                   "baseline_step_ms_p90": 1e3 * common.percentile(times["baseline"], 0.9),
-                  "speedup": bmed / med})
+                  "speedup": bmed / med,
+                  "baseline_cpu_ms_p50": 1e3 * common.percentile(cpu_times["baseline"], 0.5),
+                  "speedup_cpu_time": common.percentile(cpu_times["baseline"], 0.5)
+                  / common.percentile(cpu_times["ours"], 0.5),
+                  # the median of per-step ratios: robust to load that drifts during the run
+                  "speedup_paired_median": common.percentile([tb / to for tb, to in zip(times["baseline"],
+                                                                                          times["ours"])], 0.5)})
     return r
 
 
