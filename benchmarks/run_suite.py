@@ -124,7 +124,8 @@ def markdown(suite: dict) -> str:
         for n in ("ours", "reference"):
             tot = d.get(f"{n}_total")
             lines.append(f"| {n} | {d[n + '_per_worker']:.1f} | {'-' if tot is None else f'{tot:.1f}'} |")
-        lines.append(f"\nspeedup per worker (ours / reference): {d['speedup']:.2f}x")
+        sc = f", {d['speedup_cpu_time']:.2f}x per CPU second" if d.get("speedup_cpu_time") else ""
+        lines.append(f"\nspeedup per worker (ours / reference): {d['speedup']:.2f}x wall clock{sc}")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ MODEL_ASSUMPTIONS = {
     "grad_dtype_bytes": 4,  # DDP reduces fp32 gradients (autocast keeps fp32 parameters)
     "overlap": "none: communication added to compute (DDP's bucket overlap with backward would only help)",
     "algorithm": "ring all-reduce: t = 2 (N-1)/N * bytes / busbw + 2 (N-1) * latency",
-    "stage_flops_per_img": {"1": 10.3e9, "2": 129e9},  # torch.utils.flop_counter at the paper's widths
+    "stage_flops_per_img": {"1": 10.0e9, "2": 122.4e9},  # throughput.py (torch.utils.flop_counter), paper widths
 }
 
 
