@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (script, arguments) per mode
 CPU = {
-    # channels_last for our step: measured 5-7% (Stage I) and ~8% (Stage II) less CPU time per step with
+    # channels_last for our step: measured 4.5% (Stage I) and 7% (Stage II) less CPU time per step with
     # oneDNN; the baseline stays NCHW as the reference recipe is
     "throughput_stage1": ("throughput.py", ["--stage", "1", "--batch-size", "16", "--baseline", "--warmup", "2",
                                             "--steps", "10", "--peak-n", "1024", "--channels-last"]),
