@@ -14,9 +14,12 @@ def run_training(cfg: Config, fresh: bool = False, on_checkpoint=None) -> dict:
     """``on_checkpoint(path, step, env)``: called on every rank after each committed checkpoint (see Trainer)."""
     env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     setup_logging(env.rank, cfg.log.level)
+    done = False
     try:
         trainer = Trainer(cfg, env, fresh=fresh, on_checkpoint=on_checkpoint)
         trainer.build()
-        return trainer.train()
+        result = trainer.train()
+        done = True
+        return result
     finally:
-        teardown(env)
+        teardown(env, synchronize=done)

@@ -168,7 +168,7 @@ def _equiv_worker(out: str, mode: str) -> None:
     if env.is_main:
         torch.save({"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
                     "d_loss": float(losses["d_loss"])}, out)
-    teardown(env)
+    teardown(env, synchronize=True)
 
 
 def _run_equiv(tmp_path, mode, nproc):

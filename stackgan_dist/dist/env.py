@@ -116,9 +116,15 @@ def _store(addr: str, port: str, rank: int, world: int, timeout_s: float):
     return dist.PrefixStore(f"stackgan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def teardown(env: DistEnv) -> None:
+def teardown(env: DistEnv, synchronize: bool = False) -> None:
+    """Destroys the group we created. ``synchronize`` (only on a clean finish, where every rank gets
+    here): a barrier first, so that no rank exits while another still has gloo traffic in flight (that
+    aborted a peer once with "terminate called without an active exception"). Never on an error path:
+    a barrier there would hold a failing rank until the collective timeout."""
     if env.owns_group and dist.is_initialized():
         try:
+            if synchronize:
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
