@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -189,4 +190,5 @@ def test_no_wait_returns_the_job_id_and_a_worker_error_fails_with_its_root_cause
     assert str(client.get_job_status(job_id).value) == "FAILED"
     # the driver ends with one line naming the worker's own error, not Ray's wrapper
     line = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("stackgan ray: error:")][-1]
-    assert "training failed" in line and "rank 0: DataError" in line and "no_such_split" in line, line
+    # every rank fails the same way; whichever Ray reports first is named
+    assert "training failed" in line and re.search(r"rank \d+: DataError", line) and "no_such_split" in line, line
