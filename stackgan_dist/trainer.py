@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint.manager import (CheckpointManager, load_file, numpy_state_from_safe, numpy_state_to_safe,
-                                 params_digest, resolve_checkpoint, to_cpu)
+                                 resolve_checkpoint, to_cpu)
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
-from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, config_from_dict, kl_weight, model_defining
+from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, resolve_dataset
 from .dist.env import DistEnv, all_reduce_max
 from .dist.seeding import rank_seed, seed_all

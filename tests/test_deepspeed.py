@@ -13,40 +13,20 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import PY, REPO, run_cli, tiny_overrides  # noqa: E402
+from conftest import CFG1, CFG2, KEYS, PY, REPO, check, digests, run_cli, tiny_overrides, torchrun  # noqa: E402
 
-CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
-CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
-KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")
-
-
-def torchrun(nproc, *args, env=None, timeout=600):
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    e.update(env or {})
-    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                           *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
-
-
-def check(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-6000:]}"
-    return p
 
 
 def train2(data, run_dir, stage, steps, zero, extra=(), digest=None):
     cfg = CFG1 if stage == 1 else CFG2
     o = tiny_overrides(data, run_dir, stage, steps, ["train.backend=deepspeed", f"train.zero_stage={zero}",
                                                     "checkpoint.every_steps=2", *extra])
-    return check(torchrun(2, "-m", "stackgan_dist", "train", cfg, *o,
+    return check(torchrun(2, "train", cfg, *o,
                           env={"STACKGAN_TEST_DIGEST_DIR": str(digest)} if digest else None))
 
 
 def inspect(run_dir):
     return json.loads(check(run_cli("inspect", run_dir, timeout=300)).stdout)
-
-
-def digests(d, rank):
-    with open(os.path.join(d, f"rank{rank}.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def metrics(run_dir):

@@ -14,30 +14,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import PY, REPO, run_cli, tiny_overrides  # noqa: E402
+from conftest import CFG1, CFG2, KEYS, PY, REPO, check, digests, run_cli, tiny_overrides, torchrun  # noqa: E402
 
-CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
-CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
-KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")
-
-
-def torchrun(nproc, *args, env=None, timeout=600):
-    """``torchrun --standalone --nproc_per_node N -m stackgan_dist ARGS`` as a real process tree."""
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    e.update(env or {})
-    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                           "-m", "stackgan_dist", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=REPO)
-
-
-def check(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
-    return p
-
-
-def digests(d, rank):
-    with open(os.path.join(d, f"rank{rank}.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def free_port():

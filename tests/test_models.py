@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stackgan_dist.config import ModelConfig
 from stackgan_dist.losses import discriminator_loss, generator_loss, kl_loss, mismatched_conditions

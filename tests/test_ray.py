@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PY, REPO, run_cli, tiny_overrides
+from conftest import PY, REPO, committed, digest, tiny_overrides
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -39,14 +39,6 @@ def ray_job(*args, timeout=420):
 
 def show(p) -> str:
     return f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-5000:]}\nSTDERR:\n{p.stderr[-3000:]}"
-
-
-def digest(run) -> str:
-    return json.loads(run_cli("inspect", run, check=True).stdout)["params_sha256"]
-
-
-def committed(run, step) -> bool:
-    return os.path.isfile(os.path.join(run, "checkpoints", f"step_{step:08d}", "manifest.json"))
 
 
 @pytest.fixture(scope="module")

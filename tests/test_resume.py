@@ -7,16 +7,14 @@ complete checkpoint ends with bitwise the parameters of the run that was never i
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import PY, REPO, run_cli, tiny_overrides
+from conftest import PY, committed, digest, finish, run_cli, start, tiny_overrides
 
 CFG = {1: "configs/demo/stage1.yaml", 2: "configs/demo/stage2.yaml"}
 # `stackgan inspect` needs only the committed checkpoint; these are the shared knobs of the runs here.
@@ -44,28 +42,6 @@ def torchrun_cmd(args, nproc=2, max_restarts=0):
             f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "stackgan_dist", *map(str, args)]
 
 
-def start(cmd, env=None, log_path=None):
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(cmd, cwd=REPO, env=base_env(env), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(p: subprocess.Popen, log_path=None, timeout=420, expect=0) -> str:
-    try:
-        rc = p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        rc = "timeout"
-    text = open(log_path).read() if log_path else ""
-    assert rc == expect, f"exit {rc}, expected {expect}\n{text[-4000:]}"
-    return text
-
-
-def digest(run) -> str:
-    return json.loads(run_cli("inspect", run, check=True).stdout)["params_sha256"]
-
-
 def wait_for(pred, p: subprocess.Popen, timeout=300, what="condition", poll=0.02):
     t0 = time.monotonic()
     while not pred():
@@ -74,10 +50,6 @@ def wait_for(pred, p: subprocess.Popen, timeout=300, what="condition", poll=0.02
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
-
-
-def committed(run, step) -> bool:
-    return os.path.isfile(os.path.join(run, "checkpoints", f"step_{step:08d}", "manifest.json"))
 
 
 def mid_save(run, step, ranks=(0,)) -> bool:

@@ -9,7 +9,6 @@ A missing cluster is a failure, not a skip.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import PY, REPO, TINY, run_cli, tiny_overrides
+from conftest import PY, REPO, TINY, committed, inspect_run, tiny_overrides
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -99,14 +98,6 @@ def release_requeued(jid: str, log: str | None = None) -> None:
     sh("scontrol", "update", f"JobId={jid}", "StartTime=now", check=False)
 
 
-def committed(run, step) -> bool:
-    return os.path.isfile(os.path.join(run, "checkpoints", f"step_{step:08d}", "manifest.json"))
-
-
-def digest(run) -> dict:
-    return json.loads(run_cli("inspect", run, check=True).stdout)
-
-
 def sbatch(data, run, log, ntasks=2, extra_sbatch=(), steps=STEPS) -> str:
     p = sh("sbatch", "--parsable", f"--chdir={REPO}", "--nodes=1", f"--ntasks-per-node={ntasks}", f"--output={log}",
            "--job-name=stackgan-test", *extra_sbatch, "slurm/train.sbatch", CFG1, *overrides(data, run, steps))
@@ -139,7 +130,7 @@ def reference(synth_data, tmp_path_factory):
                         "train", CFG1, *overrides(synth_data, run)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    d = digest(run)
+    d = inspect_run(run)
     assert d["step"] == STEPS and d["world_size"] == 2
     cache.write_text(d["params_sha256"])
     return d["params_sha256"]
@@ -152,7 +143,7 @@ def test_sbatch_two_tasks_trains_and_matches_torchrun(slurm, synth_data, referen
     text = open(log).read()
     assert "2 task(s)" in text and "training exited with 0" in text, text[-3000:]
     assert info["NumTasks"] == "2" and info["Restarts"] == "0"
-    d = digest(run)
+    d = inspect_run(run)
     assert (d["step"], d["world_size"], d["valid"]) == (STEPS, 2, True)
     assert d["params_sha256"] == reference
 
@@ -173,7 +164,7 @@ def _interrupt_and_resume(data, tmp_path, interrupt, expect_lines) -> tuple[str,
     assert m and 4 <= int(m.group(1)) < STEPS, text[-3000:]
     assert f"resumed from {run}/checkpoints/step_{int(m.group(1)):08d}" in text, text[-3000:]
     assert int(info["Restarts"]) == 1, diagnose(jid, log)
-    return digest(run)["params_sha256"], text
+    return inspect_run(run)["params_sha256"], text
 
 
 def test_scontrol_requeue_checkpoints_and_resumes(slurm, synth_data, reference, tmp_path):
@@ -204,7 +195,7 @@ def test_pipeline_stage2_waits_for_stage1(slurm, synth_data, tmp_path):
     i1 = wait_done(j1, f"{tmp_path}/stackgan-s1-{j1}.out")
     i2 = wait_done(j2, f"{tmp_path}/stackgan-s2-{j2}.out")
     assert i2["StartTime"] >= i1["EndTime"], (i1["EndTime"], i2["StartTime"])
-    d1, d2 = digest(r1), digest(r2)
+    d1, d2 = inspect_run(r1), inspect_run(r2)
     assert (d1["stage"], d1["step"], d2["stage"], d2["step"]) == (1, 4, 2, 2)
 
 

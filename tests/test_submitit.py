@@ -14,36 +14,17 @@ import subprocess
 
 import pytest
 
-from conftest import PY, REPO
-from test_slurm import (STEPS, committed, diagnose, digest, job_info, overrides, reference,  # noqa: F401
-                        release_requeued, sh, slurm, wait_until)
+from conftest import CFG1, PY, REPO, committed, finish, inspect_run, start
+from test_slurm import (STEPS, diagnose, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
+                        slurm, wait_until)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 LAUNCH = os.path.join(REPO, "launch", "submitit_job.py")
-CFG1 = "configs/demo/stage1.yaml"
 
 
 def launch_cmd(data, run, *opts):
     return [PY, LAUNCH, *opts, CFG1, *overrides(data, run)]
-
-
-def start(cmd, log) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(p: subprocess.Popen, log, timeout=420) -> str:
-    try:
-        rc = p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        rc = "timeout"
-    text = open(log).read()
-    assert rc == 0, f"launcher exit {rc}\n{text[-4000:]}"
-    return text
 
 
 def submitted_id(log, p: subprocess.Popen, timeout=120) -> str:
@@ -72,16 +53,16 @@ def task_pids(job_id: str) -> list[int]:
 
 def test_local_executor_matches_torchrun(synth_data, reference, tmp_path):
     run, log = tmp_path / "run", str(tmp_path / "launch.log")
-    text = finish(start(launch_cmd(synth_data, run, "--local", "--tasks-per-node", "2"), log), log)
+    text = finish(start(launch_cmd(synth_data, run, "--local", "--tasks-per-node", "2"), log_path=log), log)
     assert "finished: {'stopped': 'max_steps', 'step': %d}" % STEPS in text, text
-    d = digest(run)
+    d = inspect_run(run)
     assert (d["step"], d["world_size"]) == (STEPS, 2)
     assert d["params_sha256"] == reference
 
 
 def test_local_timeout_signal_requeues_and_resumes(synth_data, reference, tmp_path):
     run, log = tmp_path / "run", str(tmp_path / "launch.log")
-    p = start(launch_cmd(synth_data, run, "--local", "--tasks-per-node", "2"), log)
+    p = start(launch_cmd(synth_data, run, "--local", "--tasks-per-node", "2"), log_path=log)
     jid = submitted_id(log, p)
     wait_until(lambda: committed(run, 4) or p.poll() is not None, "the first checkpoint", jid, log)
     pids = task_pids(jid)
@@ -94,14 +75,14 @@ def test_local_timeout_signal_requeues_and_resumes(synth_data, reference, tmp_pa
     for line in ("received SIGUSR2: checkpoint written at step", "checkpointed after SIGUSR2", "Requeued job",
                  "resumed from"):
         assert line in out0 + err0, f"{line!r} missing\n{out0[-3000:]}\n{err0[-3000:]}"
-    assert digest(run)["params_sha256"] == reference
+    assert inspect_run(run)["params_sha256"] == reference
 
 
 def test_slurm_executor_matches_torchrun(slurm, synth_data, reference, tmp_path):
     run, log = tmp_path / "run", str(tmp_path / "launch.log")
-    text = finish(start(launch_cmd(synth_data, run, "--tasks-per-node", "2", "--time", "10"), log), log)
+    text = finish(start(launch_cmd(synth_data, run, "--tasks-per-node", "2", "--time", "10"), log_path=log), log)
     assert "finished: {'stopped': 'max_steps', 'step': %d}" % STEPS in text, text
-    d = digest(run)
+    d = inspect_run(run)
     assert (d["step"], d["world_size"]) == (STEPS, 2)
     assert d["params_sha256"] == reference
 
@@ -110,7 +91,7 @@ def test_slurm_timeout_requeues_and_resumes(slurm, synth_data, reference, tmp_pa
     run, log = tmp_path / "run", str(tmp_path / "launch.log")
     # --time 5: Slurm's own USR2 (at ~3.5 min) stays out of the way; the test sends it early, as submitit's
     # SlurmJob._interrupt(timeout=True) does
-    p = start(launch_cmd(synth_data, run, "--tasks-per-node", "2", "--time", "5"), log)
+    p = start(launch_cmd(synth_data, run, "--tasks-per-node", "2", "--time", "5"), log_path=log)
     jid = submitted_id(log, p)
     out0 = run / "submitit" / f"{jid}_0_log.out"
     wait_until(lambda: committed(run, 4) or p.poll() is not None, "the first checkpoint", jid, str(out0))
@@ -123,7 +104,7 @@ def test_slurm_timeout_requeues_and_resumes(slurm, synth_data, reference, tmp_pa
                  "Requeued job", "resumed from"):
         assert line in text, f"{line!r} missing\n{text[-4000:]}"
     assert int(job_info(jid)["Restarts"]) == 1
-    assert digest(run)["params_sha256"] == reference
+    assert inspect_run(run)["params_sha256"] == reference
 
 
 def test_bad_partition_is_one_line(slurm, synth_data, tmp_path):

@@ -28,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError, UserError
-from .env import DistEnv
 from .wrap import BufferSync, Strategy, convert_sync_batchnorm, make_adam, refuse_cpu_amp
 
 log = logging.getLogger("stackgan_dist.dist")
