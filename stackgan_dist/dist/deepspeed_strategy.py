@@ -113,7 +113,9 @@ class DeepSpeedStrategy(Strategy):
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
         G, D = G.to(self.device), D.to(self.device)
         if cfg.train.channels_last:
-            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+            # DeepSpeed broadcasts and flattens parameters as contiguous byte views ("self.stride(-1) must
+            # be 1 to view Float as Byte" on NHWC weights): the models stay NCHW, the images go in NHWC
+            log.info("train.channels_last with DeepSpeed: parameters stay contiguous (NCHW), inputs are NHWC")
         if cfg.model.sync_bn and env.distributed:
             G, D = convert_sync_batchnorm(G, self.device), convert_sync_batchnorm(D, self.device)
         self.ds_config = build_ds_config(cfg, env.world_size)
