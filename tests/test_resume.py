@@ -21,13 +21,6 @@ CFG = {1: "configs/demo/stage1.yaml", 2: "configs/demo/stage2.yaml"}
 EVERY = 4
 
 
-def base_env(extra=None):
-    e = dict(os.environ)
-    e["OMP_NUM_THREADS"] = "1"
-    e.update(extra or {})
-    return e
-
-
 def train_args(data, run, stage, steps, extra=()):
     return ["train", CFG[stage], *tiny_overrides(data, run, stage, steps=steps,
                                                  extra=[f"checkpoint.every_steps={EVERY}", *extra])]
@@ -119,7 +112,8 @@ def test_stage1_single_kill_during_save_then_mid_step(synth_data, tmp_path):
     assert not committed(run, 8)
     assert os.readlink(run / "checkpoints" / "latest") == "step_00000004"
     # 2) resumed from step 4, killed again between checkpoints (after the step-8 one, before step 12)
-    p = start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "b.log")
+    p = start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "b.log",
+              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 9..12 take >= 2 s: the kill lands before 12
     wait_for(lambda: committed(run, 8), p, what="step-8 checkpoint")
     time.sleep(0.3)
     os.kill(p.pid, signal.SIGKILL)
@@ -139,7 +133,8 @@ def test_stage2_single_kill_mid_step(synth_data, tmp_path, stage1_ckpt):
     steps = 8
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     ref = start(single_cmd(train_args(synth_data, ref_run, 2, steps, s2(stage1_ckpt))), log_path=tmp_path / "ref.log")
-    p = start(single_cmd(train_args(synth_data, run, 2, steps, s2(stage1_ckpt))), log_path=tmp_path / "a.log")
+    p = start(single_cmd(train_args(synth_data, run, 2, steps, s2(stage1_ckpt))), log_path=tmp_path / "a.log",
+              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 5..8 take >= 2 s: the kill lands before 8
     wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
     time.sleep(0.5)
     os.kill(p.pid, signal.SIGKILL)
