@@ -10,20 +10,14 @@ import signal
 import pytest
 
 from stackgan_dist.checkpoint.signals import EXIT_REQUEUE
-from test_resume import committed, digest, finish, single_cmd, start, torchrun_cmd, train_args, worker_pid
+from test_resume import committed, digest, finish, single_cmd, start, torchrun_cmd, train_args, wait_for, worker_pid
 
 STEPS = 12
 SLOW = {"STACKGAN_TEST_STEP_DELAY_S": "0.4"}  # the signal lands mid-run, well before the last step
 
 
-def wait_for_step(run, step, p, timeout=300):
-    import time
-
-    t0 = time.monotonic()
-    while not committed(run, step):
-        assert p.poll() is None, f"exited with {p.returncode} before the step-{step} checkpoint"
-        assert time.monotonic() - t0 < timeout, f"no step-{step} checkpoint within {timeout}s"
-        time.sleep(0.05)
+def wait_for_step(run, step, p):
+    wait_for(lambda: committed(run, step), p, what=f"the step-{step} checkpoint")
 
 
 @pytest.fixture(scope="module")

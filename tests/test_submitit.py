@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from conftest import CFG1, PY, REPO, committed, finish, inspect_run, start
-from test_slurm import (STEPS, diagnose, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
+from conftest import PY, REPO, committed, finish, inspect_run, start
+from test_slurm import (CFG1, STEPS, diagnose, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
                         slurm, wait_until)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
