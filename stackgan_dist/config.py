@@ -73,6 +73,9 @@ class TrainConfig:
     # "mean": KL averaged over the condition dimensions, as the authors' code computes it (their lambda=2
     # at 128 dims weighs the KL 64x less than the paper's equation); "sum": the paper's equation
     kl_reduction: str = "mean"
+    # Stage-II only, 0 = off (the ICCV 2017 paper): weight of StackGAN++'s colour-consistency term, which
+    # ties each Stage-II image's pixel mean and covariance to its Stage-I image's (losses.color_consistency)
+    color_coeff: float = 0.0
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False
@@ -246,6 +249,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.gf_dim' must be a multiple of 4, got {cfg.model.gf_dim}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
+    if cfg.train.color_coeff < 0:
+        raise ConfigError(f"config key 'train.color_coeff' must be >= 0, got {cfg.train.color_coeff}")
+    if cfg.train.color_coeff and cfg.model.stage != 2:
+        raise ConfigError("config key 'train.color_coeff' needs model.stage=2 (it compares with the Stage-I image)")
     if cfg.train.backend == "ddp" and cfg.train.zero_stage != 0:
         raise ConfigError("config key 'train.zero_stage' needs train.backend=deepspeed")
 

@@ -51,11 +51,33 @@ def discriminator_loss(real: torch.Tensor, wrong: torch.Tensor, fake: torch.Tens
     return {"d_loss": total, "d_real": d_real, "d_wrong": d_wrong, "d_fake": d_fake}
 
 
+def pixel_mean_cov(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image mean (B, C) and covariance (B, C, C) of the pixel colours, in fp32."""
+    x = img.float().flatten(2)  # (B, C, H*W)
+    mu = x.mean(dim=2)
+    xc = x - mu.unsqueeze(2)
+    return mu, xc @ xc.transpose(1, 2) / x.shape[2]
+
+
+def color_consistency(img: torch.Tensor, lower: torch.Tensor, cov_weight: float = 5.0) -> torch.Tensor:
+    """StackGAN++'s colour-consistency regulariser (Zhang et al., TPAMI 2018, eq. 8), as the authors' code
+    computes it: MSE(mu, mu_lower) + 5 MSE(Sigma, Sigma_lower), the pixel mean and covariance of each image
+    against those of the lower stage's image from the same text and noise. Resolution-independent."""
+    mu, cov = pixel_mean_cov(img)
+    mu_lo, cov_lo = pixel_mean_cov(lower)
+    return F.mse_loss(mu, mu_lo) + cov_weight * F.mse_loss(cov, cov_lo)
+
+
 def generator_loss(fake: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl_coeff: float,
-                   fake_uncond: torch.Tensor | None = None) -> dict:
-    """Non-saturating L_G = BCE(s_f, 1) (+ the unconditional term) + lambda * KL."""
+                   fake_uncond: torch.Tensor | None = None, color: torch.Tensor | None = None,
+                   color_coeff: float = 0.0) -> dict:
+    """Non-saturating L_G = BCE(s_f, 1) (+ the unconditional term) + lambda * KL (+ the colour term)."""
     g_adv = bce(fake, 1.0)
     if fake_uncond is not None:
         g_adv = g_adv + bce(fake_uncond, 1.0)
     kl = kl_loss(mu, logvar)
-    return {"g_loss": g_adv + kl_coeff * kl, "g_adv": g_adv, "kl": kl}
+    out = {"g_loss": g_adv + kl_coeff * kl, "g_adv": g_adv, "kl": kl}
+    if color is not None:
+        out["g_color"] = color
+        out["g_loss"] = out["g_loss"] + color_coeff * color
+    return out

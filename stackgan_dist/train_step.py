@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dist.wrap import Strategy, set_requires_grad, unwrap
-from .losses import discriminator_loss, generator_loss, mismatched_conditions
+from .losses import color_consistency, discriminator_loss, generator_loss, mismatched_conditions
 
 
 def to_model_input(batch: dict, device: torch.device, channels_last: bool = False) -> tuple:
@@ -19,7 +19,7 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 class GANStep:
     def __init__(self, strategy: Strategy, stage: int, z_dim: int, cond_dim: int, kl_coeff: float,
                  G1: torch.nn.Module | None, generator: torch.Generator, grad_accum: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, color_coeff: float = 0.0):
         self.s = strategy
         self.stage = stage
         self.z_dim, self.cond_dim = z_dim, cond_dim
@@ -28,6 +28,7 @@ class GANStep:
         self.gen = generator  # this rank's noise: z and the CA epsilons
         self.accum = grad_accum
         self.channels_last = channels_last
+        self.color_coeff = color_coeff  # Stage-II only: the StackGAN++ colour term against the Stage-I image
 
     def _noise(self, b: int, device) -> dict:
         n = {"z": torch.randn(b, self.z_dim, generator=self.gen, device=self.gen.device).to(device),
@@ -38,20 +39,23 @@ class GANStep:
         return n
 
     def generate(self, G, text: torch.Tensor, noise: dict):
+        """-> (fake, mu, logvar, the Stage-I image it refines or None)."""
         if self.stage == 1:
-            return G(text, noise["z"], noise["eps"])
+            return (*G(text, noise["z"], noise["eps"]), None)
         with torch.no_grad():
             s0, _, _ = self.G1(text, noise["z"], noise["eps1"])
-        return G(text, s0.detach(), noise["eps"])
+        s0 = s0.detach()
+        return (*G(text, s0, noise["eps"]), s0)
 
     def d_losses(self, real, text, wrong, fake) -> dict:
         r = self.s.D(real, text, wrong)
         f = self.s.D(fake.detach(), text)
         return discriminator_loss(r["cond"], r["wrong"], f["cond"], r.get("uncond"), f.get("uncond"))
 
-    def g_losses(self, fake, text, mu, logvar) -> dict:
+    def g_losses(self, fake, text, mu, logvar, s0=None) -> dict:
         f = self.s.D_eval(fake, text)  # unwrapped D: its reducer never fires for G's loss
-        return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"))
+        color = color_consistency(fake, s0) if self.color_coeff and s0 is not None else None
+        return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"), color, self.color_coeff)
 
     def __call__(self, micro_batches: list[dict]) -> dict:
         """Runs one optimizer step of D then of G over ``grad_accum`` micro-batches. Returns detached losses."""
@@ -69,11 +73,11 @@ class GANStep:
             with s.no_sync("d") if i < n - 1 else _null():
                 with s.autocast():
                     if n == 1:  # one G forward serves both phases (the authors' schedule)
-                        fake, mu, logvar = self.generate(s.G, text, noise)
-                        fakes.append((fake, mu, logvar))
+                        fake, mu, logvar, s0 = self.generate(s.G, text, noise)
+                        fakes.append((fake, mu, logvar, s0))
                     else:
                         with torch.no_grad():
-                            fake, _, _ = self.generate(s.G, text, noise)
+                            fake = self.generate(s.G, text, noise)[0]
                     wrong = mismatched_conditions(text, cls)
                     dl = self.d_losses(real, text, wrong, fake)
                 s.backward("d", dl["d_loss"] / n)
@@ -86,10 +90,10 @@ class GANStep:
             with s.no_sync("g") if i < n - 1 else _null():
                 with s.autocast():
                     if n == 1:
-                        fake, mu, logvar = fakes[0]
+                        fake, mu, logvar, s0 = fakes[0]
                     else:
-                        fake, mu, logvar = self.generate(s.G, text, noise)
-                    gl = self.g_losses(fake, text, mu, logvar)
+                        fake, mu, logvar, s0 = self.generate(s.G, text, noise)
+                    gl = self.g_losses(fake, text, mu, logvar, s0)
                 s.backward("g", gl["g_loss"] / n)
             _accumulate(out, gl, n)
         s.step("g")

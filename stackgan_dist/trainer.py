@@ -163,7 +163,8 @@ class Trainer:
             cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.step * cfg.train.grad_accum,
             prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda")
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
-                                kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last)
+                                kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
+                                cfg.train.color_coeff)
         self._fixed = None
 
     # -- checkpoint state -------------------------------------------------------------------------

@@ -42,6 +42,10 @@ def test_wrong_type_and_choices():
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(None, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="train.color_coeff' needs model.stage=2"):
+        load_config(None, ["model.stage=1", "train.color_coeff=10"])
+    with pytest.raises(ConfigError, match="train.color_coeff' must be >= 0"):
+        load_config(None, ["model.stage=2", "train.color_coeff=-1"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

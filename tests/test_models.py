@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from stackgan_dist.config import ModelConfig
-from stackgan_dist.losses import discriminator_loss, generator_loss, kl_loss, mismatched_conditions
+from stackgan_dist.losses import (color_consistency, discriminator_loss, generator_loss, kl_loss,
+                                  mismatched_conditions, pixel_mean_cov)
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.models.conditioning import CondAugment
 
@@ -102,6 +103,41 @@ def test_generator_loss_by_hand():
     assert out["kl"].item() == 0.0
     out = generator_loss(fake, torch.ones(2, 3), logvar, 2.0, fake_uncond=torch.tensor([0.0, 0.0]))
     assert out["g_loss"].item() == pytest.approx(want + _bce(0.0, 1) + 2.0 * 1.5, rel=1e-6)
+
+
+def test_pixel_mean_cov_against_numpy():
+    import numpy as np
+    img = torch.rand(2, 3, 8, 5) * 2 - 1
+    mu, cov = pixel_mean_cov(img)
+    for b in range(2):
+        px = img[b].reshape(3, -1).numpy()
+        assert np.allclose(mu[b].numpy(), px.mean(axis=1), atol=1e-6)
+        assert np.allclose(cov[b].numpy(), np.cov(px, bias=True), atol=1e-6)
+    # the memory format does not change the statistics
+    mu2, cov2 = pixel_mean_cov(img.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(mu, mu2) and torch.allclose(cov, cov2)
+
+
+def test_color_consistency_by_hand():
+    lo = torch.rand(2, 3, 16, 16) * 2 - 1
+    # a 4x nearest up-sampling has exactly the same pixel statistics: no penalty across resolutions
+    hi = torch.nn.functional.interpolate(lo, scale_factor=4, mode="nearest")
+    assert color_consistency(hi, lo).item() == pytest.approx(0.0, abs=1e-10)
+    # flat images: the means differ by (1, 0, -0.5), both covariances are 0 -> MSE over the 6 means
+    a = torch.zeros(2, 3, 4, 4)
+    b = a + torch.tensor([1.0, 0.0, -0.5]).view(1, 3, 1, 1)
+    assert color_consistency(b, a).item() == pytest.approx((1.0 + 0.25) / 3, rel=1e-6)
+    # a channel with values +-1 (variance 1) against a flat one: 5 x MSE over the 2 x 9 covariance entries
+    c = a.clone()
+    c[:, 0, ::2] = 1.0
+    c[:, 0, 1::2] = -1.0
+    assert color_consistency(c, a).item() == pytest.approx(5.0 * 1.0 / 9, rel=1e-6)
+    # and it enters the generator's loss with its coefficient
+    fake = torch.tensor([0.3, -0.2])
+    z = torch.zeros(2, 3)
+    base = generator_loss(fake, z, z, 2.0)["g_loss"].item()
+    out = generator_loss(fake, z, z, 2.0, color=torch.tensor(0.5), color_coeff=10.0)
+    assert out["g_loss"].item() == pytest.approx(base + 5.0, rel=1e-6) and out["g_color"].item() == 0.5
 
 
 def test_bce_with_logits_is_stable_where_sigmoid_bce_saturates():
