@@ -28,15 +28,15 @@ def mismatched_conditions(text: torch.Tensor, cls: torch.Tensor | None = None) -
     same-class pair that is really a match; falls back to the shift where a batch has one class.
     """
     b = text.shape[0]
-    idx = torch.roll(torch.arange(b, device=text.device), -1)
-    if cls is not None and b > 1 and bool((cls >= 0).all()):
-        cls_cpu = cls.detach().cpu().tolist()
-        chosen = []
-        for i in range(b):
-            j = next(((i + k) % b for k in range(1, b) if cls_cpu[(i + k) % b] != cls_cpu[i]), (i + 1) % b)
-            chosen.append(j)
-        idx = torch.tensor(chosen, device=text.device)
-    return text[idx]
+    i = torch.arange(b, device=text.device)
+    if cls is None or b < 2:
+        return text[torch.roll(i, -1)]
+    # on the device, without a host sync: candidate k = 1..b-1 for row i is sample (i + k) mod b
+    cand = (i[:, None] + i[None, 1:]) % b  # (b, b-1)
+    differs = cls[cand] != cls[:, None]
+    first = differs.int().argmax(dim=1) + 1  # the first k whose class differs (argmax takes the first max)
+    use = differs.any(dim=1) & (cls >= 0).all()
+    return text[(i + torch.where(use, first, torch.ones_like(first))) % b]
 
 
 def discriminator_loss(real: torch.Tensor, wrong: torch.Tensor, fake: torch.Tensor,

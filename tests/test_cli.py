@@ -55,6 +55,9 @@ def test_stage2_train_sample_eval(stage1_run, synth_data, tmp_path):
             *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={stage1_run}"]), check=True)
     info = json.loads(run_cli("inspect", run, check=True).stdout)
     assert info["stage"] == 2 and info["step"] == 2
+    # the demo's Stage-II config turns on the colour term: it is logged beside the other losses
+    rec = [json.loads(x) for x in open(run / "metrics.jsonl")][-1]
+    assert np.isfinite(rec["g_color"]) and rec["g_color"] > 0
     out = tmp_path / "g.png"
     run_cli("sample", run, "--text", "a red circle", "--num", "2", "--out", out, check=True)
     from PIL import Image

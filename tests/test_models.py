@@ -154,6 +154,11 @@ def test_mismatched_conditions():
     wrong = mismatched_conditions(text, cls).flatten().tolist()
     assert wrong == [2.0, 2.0, 0.0, 0.0]  # always another class
     assert mismatched_conditions(text, torch.tensor([5, 5, 5, 5])).flatten().tolist() == [1.0, 2.0, 3.0, 0.0]
+    # the nearest following sample of another class, wrapping around; unknown classes (-1): the shift
+    text6 = torch.arange(6.0)[:, None]
+    got = mismatched_conditions(text6, torch.tensor([3, 3, 3, 1, 3, 2])).flatten().tolist()
+    assert got == [3.0, 3.0, 3.0, 4.0, 5.0, 0.0]
+    assert mismatched_conditions(text6, torch.tensor([3, 3, -1, 1, 3, 2])).flatten().tolist() == [1, 2, 3, 4, 5, 0]
 
 
 def test_few_steps_lower_d_loss():

@@ -44,8 +44,8 @@ def slurm_master_addr(nodelist: str) -> str:
 
 def detect_launcher() -> str:
     if dist.is_available() and dist.is_initialized():
-        return "ray" if os.environ.get("RAY_TRAIN_WORLD_SIZE") or "ray" in os.environ.get("STACKGAN_LAUNCHER", "") \
-            else "external"
+        # launch_ray.py marks its workers; Ray Train formed (and owns) their group
+        return "ray" if os.environ.get("STACKGAN_LAUNCHER") == "ray" else "external"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "torchrun"
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1 \
