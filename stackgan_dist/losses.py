@@ -52,11 +52,13 @@ def discriminator_loss(real: torch.Tensor, wrong: torch.Tensor, fake: torch.Tens
 
 
 def pixel_mean_cov(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image mean (B, C) and covariance (B, C, C) of the pixel colours, in fp32."""
-    x = img.float().flatten(2)  # (B, C, H*W)
-    mu = x.mean(dim=2)
-    xc = x - mu.unsqueeze(2)
-    return mu, xc @ xc.transpose(1, 2) / x.shape[2]
+    """Per-image mean (B, C) and covariance (B, C, C) of the pixel colours, in fp32 (also under autocast,
+    which would otherwise run the matmul over every pixel in bf16/fp16)."""
+    with torch.autocast(img.device.type, enabled=False):
+        x = img.float().flatten(2)  # (B, C, H*W)
+        mu = x.mean(dim=2)
+        xc = x - mu.unsqueeze(2)
+        return mu, xc @ xc.transpose(1, 2) / x.shape[2]
 
 
 def color_consistency(img: torch.Tensor, lower: torch.Tensor, cov_weight: float = 5.0) -> torch.Tensor:

@@ -116,6 +116,10 @@ def test_pixel_mean_cov_against_numpy():
     # the memory format does not change the statistics
     mu2, cov2 = pixel_mean_cov(img.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(mu, mu2) and torch.allclose(cov, cov2)
+    # autocast does not lower the covariance's precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu3, cov3 = pixel_mean_cov(img)
+    assert cov3.dtype == torch.float32 and torch.allclose(cov, cov3)
 
 
 def test_color_consistency_by_hand():
