@@ -10,7 +10,8 @@ import signal
 import pytest
 
 from stackgan_dist.checkpoint.signals import EXIT_REQUEUE
-from test_resume import committed, digest, finish, single_cmd, start, torchrun_cmd, train_args, wait_for, worker_pid
+from conftest import committed, digest, finish, start
+from test_resume import single_cmd, torchrun_cmd, train_args, wait_for, worker_pid
 
 STEPS = 12
 SLOW = {"STACKGAN_TEST_STEP_DELAY_S": "0.4"}  # the signal lands mid-run, well before the last step
