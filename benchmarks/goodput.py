@@ -21,7 +21,7 @@ import common
 import torch
 
 from stackgan_dist.config import CheckpointConfig, load_config
-from stackgan_dist.dist.env import DistEnv
+from stackgan_dist.distributed.env import DistEnv
 from stackgan_dist.trainer import Trainer
 
 

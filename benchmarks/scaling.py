@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stackgan_dist.config import Config
-from stackgan_dist.dist.env import DistEnv
-from stackgan_dist.dist.wrap import make_strategy
+from stackgan_dist.distributed.env import DistEnv
+from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.models.build import build_models
 from stackgan_dist.train_step import GANStep
 

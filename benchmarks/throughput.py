@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from stackgan_dist.config import Config, ModelConfig
-from stackgan_dist.dist.env import DistEnv
-from stackgan_dist.dist.wrap import make_strategy
+from stackgan_dist.distributed.env import DistEnv
+from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.losses import kl_loss
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.observability.flops import count_flops, measure_matmul_peak, stated_peak

@@ -33,7 +33,7 @@ def _cmd_train(a) -> int:
 
     cfg = load_config(a.config, a.overrides)
     if a.dry_run:
-        from .dist.env import detect_launcher
+        from .distributed.env import detect_launcher
 
         ws = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         print(json.dumps({"launcher": detect_launcher(), "world_size": ws, "batch_per_worker": cfg.train.batch_size,

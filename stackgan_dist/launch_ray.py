@@ -5,7 +5,7 @@ runs inside the job. Ray is imported lazily (only here, never by the trainer or 
 without Ray installed.
 
 Division of labour:
-- Ray Train forms the torch process group (gloo on CPU, NCCL on GPU); ``dist/env.py`` detects and reuses it.
+- Ray Train forms the torch process group (gloo on CPU, NCCL on GPU); ``distributed/env.py`` detects and reuses it.
 - Checkpoints stay in our run directory (``run.dir/checkpoints``, shared storage on a multi-node cluster). Each
   checkpoint is also reported to Ray with ``ray.train.report`` as a small pointer checkpoint (a JSON naming our
   step directory) under ``run.dir/ray/``: Ray then lists it, without a second copy of the weights.
@@ -65,7 +65,7 @@ def train_func(loop_config: dict) -> None:
     from .config import config_from_dict
     from .train import run_training
 
-    os.environ["STACKGAN_LAUNCHER"] = "ray"  # dist/env.py: the group exists and belongs to Ray Train
+    os.environ["STACKGAN_LAUNCHER"] = "ray"  # distributed/env.py: the group exists and belongs to Ray Train
     ctx = ray.train.get_context()
     # test hook: a worker's pid, so that a test can kill a real worker process mid-run
     pid_dir = os.environ.get("STACKGAN_TEST_RAY_PID_DIR")

@@ -5,7 +5,7 @@ Every launcher (plain process, torchrun, srun, submitit, Ray Train) ends up call
 from __future__ import annotations
 
 from .config import Config
-from .dist.env import init_distributed, teardown
+from .distributed.env import init_distributed, teardown
 from .observability.logging import setup_logging
 from .trainer import Trainer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .dist.wrap import Strategy, set_requires_grad, unwrap
+from .distributed.wrap import Strategy, set_requires_grad, unwrap
 from .losses import color_consistency, discriminator_loss, generator_loss, mismatched_conditions
 
 

@@ -19,9 +19,9 @@ from .checkpoint.manager import (CheckpointManager, load_file, numpy_state_from_
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, resolve_dataset
-from .dist.env import DistEnv, all_reduce_max
-from .dist.seeding import rank_seed, seed_all
-from .dist.wrap import make_strategy, unwrap
+from .distributed.env import DistEnv, all_reduce_max
+from .distributed.seeding import rank_seed, seed_all
+from .distributed.wrap import make_strategy, unwrap
 from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
 from .observability.images import make_grid, save_png, to_uint8

@@ -14,7 +14,7 @@ import torch
 from conftest import PY, REPO, run_cli, tiny_overrides
 from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoints, load_file, newest_valid,
                                               params_digest, resolve_checkpoint, verify)
-from stackgan_dist.dist.env import DistEnv
+from stackgan_dist.distributed.env import DistEnv
 from stackgan_dist.errors import CheckpointError, UserError
 from stackgan_dist.trainer import RestartGuard
 

@@ -127,9 +127,9 @@ def _guard_worker(out: str) -> None:
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.env import init_distributed, teardown
-    from stackgan_dist.dist.seeding import seed_all
-    from stackgan_dist.dist.wrap import make_strategy
+    from stackgan_dist.distributed.env import init_distributed, teardown
+    from stackgan_dist.distributed.seeding import seed_all
+    from stackgan_dist.distributed.wrap import make_strategy
     from stackgan_dist.models.build import build_models
 
     torch.set_num_threads(1)
@@ -191,7 +191,7 @@ def _cfg(*ov):
 
 
 def test_generated_deepspeed_config_follows_train_keys():
-    from stackgan_dist.dist.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
 
     ds = build_ds_config(_cfg("train.zero_stage=2", "train.batch_size=6", "train.grad_accum=3",
                               "train.precision=bf16"), world_size=4)
@@ -205,7 +205,7 @@ def test_generated_deepspeed_config_follows_train_keys():
 
 
 def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
-    from stackgan_dist.dist.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
     from stackgan_dist.errors import UserError
 
     def write(d):

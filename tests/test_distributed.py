@@ -90,9 +90,9 @@ def _equiv_worker(out: str, mode: str) -> None:
 
     from stackgan_dist.checkpoint.manager import to_cpu
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.env import init_distributed, teardown
-    from stackgan_dist.dist.seeding import seed_all
-    from stackgan_dist.dist.wrap import make_strategy, unwrap
+    from stackgan_dist.distributed.env import init_distributed, teardown
+    from stackgan_dist.distributed.seeding import seed_all
+    from stackgan_dist.distributed.wrap import make_strategy, unwrap
     from stackgan_dist.models.build import build_models
     from stackgan_dist.train_step import GANStep
 
@@ -191,7 +191,7 @@ def test_ddp_sync_bn_two_ranks_half_batch_equals_one_process_full_batch(tmp_path
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.seeding import seed_all
+    from stackgan_dist.distributed.seeding import seed_all
     from stackgan_dist.models.build import build_models
 
     seed_all(0)
@@ -290,8 +290,8 @@ def _tiny_strategy(precision="fp32"):
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.env import DistEnv
-    from stackgan_dist.dist.wrap import DDPStrategy
+    from stackgan_dist.distributed.env import DistEnv
+    from stackgan_dist.distributed.wrap import DDPStrategy
     from stackgan_dist.models.build import build_models
 
     cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",
@@ -325,7 +325,7 @@ def test_grad_scaler_per_optimizer_skips_overflow_and_round_trips():
     """The fp16 path's GradScaler logic, exercised on CPU (the CPU refusal is a policy, lifted here)."""
     import torch
 
-    from stackgan_dist.dist import wrap
+    from stackgan_dist.distributed import wrap
 
     s, m = _tiny_strategy("fp16")
     orig = wrap.refuse_cpu_amp

@@ -69,7 +69,7 @@ def test_sample_inputs_are_fixed(synth_data, tmp_path):
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.env import DistEnv
+    from stackgan_dist.distributed.env import DistEnv
     from stackgan_dist.trainer import Trainer
 
     cfg = load_config(os.path.join(REPO, "configs", "demo", "stage1.yaml"), tiny_overrides(synth_data, tmp_path / "r"))

@@ -63,7 +63,7 @@ def _all_sum(values: list[float], env) -> list[float]:
 def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, inception_weights: str = "",
              out: str = "", batch_size: int = 50, stage: int = 0, seed: int = 0) -> dict | None:
     """Scores a run or checkpoint; returns the result on rank 0 (None on the others)."""
-    from ..dist.env import init_distributed, teardown
+    from ..distributed.env import init_distributed, teardown
 
     names = _parse_metrics(metrics)
     if num_samples < 0 or batch_size <= 0:

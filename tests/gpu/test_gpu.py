@@ -63,8 +63,8 @@ def test_mixed_precision_trains_both_stages_on_cuda(data, tmp_path, precision):
 def _strategy(precision, *extra):
     need_cuda()
     from stackgan_dist.config import load_config
-    from stackgan_dist.dist.env import DistEnv
-    from stackgan_dist.dist.wrap import DDPStrategy
+    from stackgan_dist.distributed.env import DistEnv
+    from stackgan_dist.distributed.wrap import DDPStrategy
     from stackgan_dist.models.build import build_models
 
     cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import CheckpointError, UserError
 from .wrap import BufferSync, Strategy, convert_sync_batchnorm, make_adam, refuse_cpu_amp
 
-log = logging.getLogger("stackgan_dist.dist")
+log = logging.getLogger("stackgan_dist.distributed")
 
 # keys of a user's DeepSpeed JSON that our YAML owns: a conflicting value is an error, not a silent override
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
-log = logging.getLogger("stackgan_dist.dist")
+log = logging.getLogger("stackgan_dist.distributed")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UserError
 from .env import DistEnv
 
-log = logging.getLogger("stackgan_dist.dist")
+log = logging.getLogger("stackgan_dist.distributed")
 
 
 def unwrap(m: nn.Module) -> nn.Module:
