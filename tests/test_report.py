@@ -28,7 +28,7 @@ def test_report_of_a_real_run(synth_data, tmp_path):
     assert res["sample"].endswith("step_00000004.png")
     assert {"d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "kl"} <= set(res["curves"])
     img = Image.open(run / "report.png")
-    assert img.format == "PNG" and img.size == (1400, 600)
+    assert img.format == "PNG" and img.size == (1600, 900)
     a = np.asarray(img.convert("RGB"))
     assert a.std() > 10  # not a blank canvas
 
@@ -44,7 +44,7 @@ def test_report_without_samples_and_torn_line(tmp_path):
     res = make_report(str(run), str(out))
     assert res["records"] == 3 and res["last_step"] == 30 and res["sample"] is None
     assert res["curves"] == ["d_loss", "g_loss", "kl"]
-    assert Image.open(out).size == (1400, 600)
+    assert Image.open(out).size == (1600, 900)
 
 
 def test_report_bad_input(tmp_path):
@@ -52,3 +52,39 @@ def test_report_bad_input(tmp_path):
     _err(run_cli("report", tmp_path), "metrics.jsonl")
     (tmp_path / "metrics.jsonl").write_text("")
     _err(run_cli("report", tmp_path), "no records")
+
+
+def test_report_one_record_colour_term_and_kl_axis(tmp_path):
+    """A run with a single log record still draws its points; g_color and kl get their own axis."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "d_loss": 1.2, "g_loss": 3.0, "kl": 0.001,
+                                                   "g_color": 0.4, "img_per_s": 10.0}) + "\n")
+    res = make_report(str(run))
+    assert res["curves"] == ["d_loss", "g_loss", "kl", "g_color"]
+    a = np.asarray(Image.open(run / "report.png").convert("RGB"))
+    # the one record is drawn as a marker in the loss panel (top-left): some non-white, non-grey pixels
+    panel = a[60:560, 80:760].astype(int)
+    coloured = (np.abs(panel[..., 0] - panel[..., 2]) > 60).sum()
+    assert coloured > 10, coloured
+
+
+def test_report_without_matplotlib_names_the_extra(tmp_path):
+    """On a core install (no matplotlib) the report says which extra to install: one line, exit 2."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "d_loss": 1.0}) + "\n")
+    block = ("import sys\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'matplotlib' or name.startswith('matplotlib.'):\n"
+             "            raise ImportError('No module named ' + repr(name))\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "from stackgan_dist.cli import main\n"
+             f"sys.exit(main(['report', {str(run)!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=REPO, timeout=120)
+    _err(p, "matplotlib", "stackgan_dist[eval]")
+    assert not (run / "report.png").exists()

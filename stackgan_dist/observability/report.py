@@ -8,7 +8,10 @@ import re
 
 from ..errors import UserError
 
-LOSS_KEYS = ("d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "g_adv", "kl")
+LOSS_KEYS = ("d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "g_adv")
+# on axes of their own: the KL term is orders of magnitude below the adversarial losses and would flatten
+# them, the colour term (Stage-II, train.color_coeff) has its own scale too
+AUX_KEYS = ("kl", "g_color")
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -44,36 +47,46 @@ def make_report(run_dir: str, out: str = "") -> dict:
     recs = read_metrics(mpath)
     if not recs:
         raise UserError(f"{mpath} holds no records yet")
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("stackgan report needs matplotlib: pip install 'stackgan_dist[eval]'") from None
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from PIL import Image
 
     sample = latest_sample(run_dir)
-    fig = plt.figure(figsize=(14, 6), dpi=100)
-    gs = fig.add_gridspec(2, 2, width_ratios=(1.2, 1), height_ratios=(2, 1))
-    ax = fig.add_subplot(gs[0, 0])
-    keys = [k for k in LOSS_KEYS if any(k in r for r in recs)]
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.5 if k in ("d_loss", "g_loss") else 0.9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("losses")
-    ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=8, ncol=2)
-    ax2 = fig.add_subplot(gs[1, 0])
-    pts = [(r["step"], r["img_per_s"]) for r in recs if isinstance(r.get("img_per_s"), (int, float))]
-    ax2.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:gray", label="images/s")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("images/s")
-    ax2.grid(alpha=0.3)
+    # the sample grid gets the right half at full height: 8 rows of 64x64 (or 256x256) thumbnails stay
+    # legible, where a quarter of the figure shrank them to about 70 px
+    fig = plt.figure(figsize=(16, 9), dpi=100)
+    gs = fig.add_gridspec(3, 2, width_ratios=(1, 1), height_ratios=(2, 1, 1))
+
+    def curves(ax, names, ylabel, title):
+        shown = []
+        for k in names:
+            pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+            if not pts:
+                continue
+            # markers: a short run has one or two records, which a bare line would not draw
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o" if len(pts) < 20 else None,
+                    ms=3, lw=1.5 if k in ("d_loss", "g_loss") else 0.9)
+            shown.append(k)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if shown:
+            ax.legend(fontsize=8, ncol=2)
+        return shown
+
+    keys = curves(fig.add_subplot(gs[0, 0]), LOSS_KEYS, "loss", "adversarial losses")
+    keys += curves(fig.add_subplot(gs[1, 0]), AUX_KEYS, "value", "KL and colour terms")
+    curves(fig.add_subplot(gs[2, 0]), ("img_per_s",), "images/s", "throughput")
     axi = fig.add_subplot(gs[:, 1])
     axi.axis("off")
     if sample:
-        axi.imshow(Image.open(sample).convert("RGB"))
+        axi.imshow(Image.open(sample).convert("RGB"), interpolation="nearest")
         axi.set_title(f"samples: {os.path.basename(sample)}")
     else:
         axi.text(0.5, 0.5, "no sample grid yet", ha="center", va="center")
