@@ -49,7 +49,7 @@ def _cmd_sample(a) -> int:
 
     from .data.text_encoders import make_encoder
     from .inference import generate, load_run
-    from .observability.images import make_grid, save_png, to_uint8
+    from .observability.images import labelled_grid, save_png, to_uint8
 
     if not a.text:
         raise UserError("give at least one --text")
@@ -71,8 +71,13 @@ def _cmd_sample(a) -> int:
             rows.append(to_uint8(s2))
     size = 256 if run.stage == 2 else 64
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    save_png(make_grid(rows, size=size), a.out)
-    print(json.dumps({"out": a.out, "checkpoint": run.path, "step": run.step, "captions": a.text,
+    labels = ["Stage-I", "Stage-II"] if run.stage == 2 else ["Stage-I"]
+    save_png(labelled_grid(rows, a.text, labels, size=size), a.out)
+    captions_file = os.path.splitext(a.out)[0] + ".captions.json"  # the captions beside the grid, in order
+    with open(captions_file, "w", encoding="utf-8") as f:
+        json.dump({"captions": a.text, "rows": labels, "num": a.num, "seed": a.seed}, f, indent=1)
+    print(json.dumps({"out": a.out, "captions_file": captions_file, "checkpoint": run.path, "step": run.step,
+                      "captions": a.text,
                       "rows": "stage-I, stage-II per caption" if run.stage == 2 else "stage-I per caption"}))
     return 0
 

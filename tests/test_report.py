@@ -88,3 +88,30 @@ def test_report_without_matplotlib_names_the_extra(tmp_path):
     p = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=REPO, timeout=120)
     _err(p, "matplotlib", "stackgan_dist[eval]")
     assert not (run / "report.png").exists()
+
+
+def test_labelled_grid_layout():
+    """Each caption is written above its row pair; the rows carry their stage at the left."""
+    from stackgan_dist.observability.images import labelled_grid
+
+    size, pad = 64, 2
+    red = np.zeros((3, size, size, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((3, size, size, 3), np.uint8)
+    blue[..., 2] = 255
+    caps = ["a small red circle", "a very long caption " * 10]
+    g = labelled_grid([red, blue, red, blue], caps, ["Stage-I", "Stage-II"], size=size, pad=pad)
+    assert g.dtype == np.uint8 and g.shape[2] == 3
+    # the image blocks keep their pixels: the last column holds red then blue rows, twice
+    col = g[:, -pad - size // 2]
+    reds = np.where((col[:, 0] == 255) & (col[:, 2] == 0))[0]
+    blues = np.where((col[:, 2] == 255) & (col[:, 0] == 0))[0]
+    assert len(reds) == 2 * size and len(blues) == 2 * size
+    assert reds[:size].max() < blues[:size].min()  # Stage-I above Stage-II
+    # text: dark pixels above the first image row (the caption) and left of the images (the labels)
+    first_img_row = int(reds.min())
+    assert (g[:first_img_row, :, :] < 100).all(axis=2).sum() > 20
+    left = g[:, : g.shape[1] - 3 * (size + pad) - pad]
+    assert left.shape[1] > 10 and (left < 150).all(axis=2).sum() > 20
+    # the long caption is cut to the grid's width, not widened
+    assert g.shape[1] < 3 * (size + pad) + pad + 120
