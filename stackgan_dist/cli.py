@@ -106,20 +106,39 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _version() -> str:
+    try:
+        from importlib.metadata import version
 
-    pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json")
-    psub = pp.add_subparsers(dest="source", required=True)
-    ps = psub.add_parser("synthetic", help="the embedded default dataset (coloured shapes with captions)")
-    ps.add_argument("--out", required=True)
-    ps.add_argument("--train", type=int, default=4000)
-    ps.add_argument("--test", type=int, default=400)
-    ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--text-dim", type=int, default=256)
-    ps.add_argument("--samples-per-shard", type=int, default=500)
-    ps.add_argument("--overwrite", action="store_true")
+        return version("stackgan_dist")
+    except Exception:  # noqa: BLE001 -- run from a source tree without an install
+        return "unknown (not installed)"
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: its errors print its own usage (``stackgan train ...``), not the top level's."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+    p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training", formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_SubParser,
+                           help="prepare | train | sample | eval | inspect | report (COMMAND --help for its options)")
+    sub.required = True
+
+    pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json", formatter_class=fmt)
+    psub = pp.add_subparsers(dest="source", metavar="SOURCE", parser_class=_SubParser)
+    psub.required = True
+    ps = psub.add_parser("synthetic", help="the embedded default dataset (coloured shapes with captions)",
+                          formatter_class=fmt)
+    ps.add_argument("--out", required=True, help="dataset folder: OUT/train and OUT/test are written")
+    ps.add_argument("--train", type=int, default=4000, help="training images")
+    ps.add_argument("--test", type=int, default=400, help="held-out images")
+    ps.add_argument("--seed", type=int, default=0, help="generator seed")
+    ps.add_argument("--text-dim", type=int, default=256, help="hashing text encoder dimension")
+    ps.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
+    ps.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     try:
         from .data import prepare_cli
 
@@ -127,38 +146,52 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
 
-    pt = sub.add_parser("train", help="train one stage (resumes from RUN/checkpoints when present)")
-    pt.add_argument("config")
+    pt = sub.add_parser("train", help="train one stage (resumes from RUN/checkpoints when present)",
+                        formatter_class=fmt)
+    pt.add_argument("config", help="YAML config, e.g. configs/demo/stage1.yaml")
     pt.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=30 run.dir=runs/x")
     pt.add_argument("--fresh", action="store_true", help="start over; refused unless the run directory is empty")
     pt.add_argument("--dry-run", action="store_true", help="print world size, batch sizes and run dir, then exit")
 
-    pm = sub.add_parser("sample", help="PNG grid for free-text captions")
-    pm.add_argument("run")
-    pm.add_argument("--text", action="append", default=[])
-    pm.add_argument("--out", default="samples.png")
+    pm = sub.add_parser("sample", help="PNG grid for free-text captions", formatter_class=fmt)
+    pm.add_argument("run", help="run directory or checkpoint directory")
+    pm.add_argument("--text", action="append", default=[], help="a caption (repeat for several)")
+    pm.add_argument("--out", default="samples.png", help="PNG path; the captions go beside it as .captions.json")
     pm.add_argument("--num", type=int, default=4, help="images (z draws) per caption")
-    pm.add_argument("--seed", type=int, default=0)
+    pm.add_argument("--seed", type=int, default=0, help="noise seed")
 
-    pe = sub.add_parser("eval", help="caption consistency, IS and FID on held-out captions")
-    pe.add_argument("run")
-    pe.add_argument("--data", required=True)
+    pe = sub.add_parser("eval", help="caption consistency, IS and FID on held-out captions", formatter_class=fmt)
+    pe.add_argument("run", help="run directory or checkpoint directory")
+    pe.add_argument("--data", required=True, help="held-out split folder (holding dataset.json)")
     pe.add_argument("--metrics", default="caption", help="comma-separated: caption, fid, is")
     pe.add_argument("--num-samples", type=int, default=0,
                     help="images to generate (the paper: 30000); 0: one per test sample")
     pe.add_argument("--inception-weights", default="",
                     help="local Inception-v3 weights file for fid/is (default $STACKGAN_INCEPTION_WEIGHTS)")
-    pe.add_argument("--batch-size", type=int, default=50)
+    pe.add_argument("--batch-size", type=int, default=50, help="images per generator call")
     pe.add_argument("--out", default="", help="also write the JSON here (always written to RUN/eval.json)")
     pe.add_argument("--stage", type=int, choices=(1, 2), default=0, help="refuse a checkpoint of the other stage")
     pe.add_argument("--seed", type=int, default=0, help="noise seed (image i uses (seed, i))")
 
-    pr = sub.add_parser("report", help="one PNG: loss curves from metrics.jsonl and the latest sample grid")
-    pr.add_argument("run")
+    pr = sub.add_parser("report", help="one PNG: loss curves from metrics.jsonl and the latest sample grid",
+                        formatter_class=fmt)
+    pr.add_argument("run", help="run directory")
     pr.add_argument("--out", default="", help="default RUN/report.png")
 
-    pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256")
-    pi.add_argument("run")
+    pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256", formatter_class=fmt)
+    pi.add_argument("run", help="run directory, checkpoint directory or RUN/checkpoints/latest")
+    return p
+
+
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand that ``args`` came from, for its usage line."""
+    p = parser
+    for dest in ("cmd", "source"):
+        name = getattr(args, dest, None)
+        acts = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not name or not acts or name not in acts[0].choices:
+            break
+        p = acts[0].choices[name]
     return p
 
 
@@ -168,12 +201,17 @@ COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `stackgan` alone: the commands, not "the following arguments are required: cmd"
+        parser.print_help(sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after flags (`train CONFIG --fresh a=b`)
         if args.cmd == "train" and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        else:  # the subcommand's usage, which names the flags it does take
+            sub = _subparser(parser, args)
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.cmd](args)

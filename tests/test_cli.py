@@ -128,3 +128,18 @@ def test_dry_run_prints_batch_sizes(synth_data, tmp_path):
     d = json.loads(p.stdout)
     assert d["world_size"] == 4 and d["global_batch"] == 16
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_help_version_and_usage():
+    """`stackgan` alone lists the commands; --version; help shows defaults; a bad flag prints the
+    subcommand's own usage."""
+    p = run_cli()
+    assert p.returncode == 2 and "COMMAND" in p.stderr and "sample" in p.stderr and "required" not in p.stderr
+    v = run_cli("--version", check=True)
+    assert v.stdout.strip().startswith("stackgan 0.")
+    h = run_cli("sample", "--help", check=True)
+    assert "(default: 4)" in h.stdout and "(default: samples.png)" in h.stdout
+    b = run_cli("sample", "somerun", "--bogus")
+    assert b.returncode == 2 and "usage: stackgan sample" in b.stderr and "--bogus" in b.stderr
+    b = run_cli("prepare", "synthetic", "--out", "x", "--nope")
+    assert b.returncode == 2 and "usage: stackgan prepare synthetic" in b.stderr
