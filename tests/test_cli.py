@@ -138,7 +138,7 @@ def test_cli_help_version_and_usage():
     v = run_cli("--version", check=True)
     assert v.stdout.strip().startswith("stackgan 0.")
     h = run_cli("sample", "--help", check=True)
-    assert "(default: 4)" in h.stdout and "(default: samples.png)" in h.stdout
+    assert "(default: 4)" in h.stdout and "noise seed (default: 0)" in h.stdout
     b = run_cli("sample", "somerun", "--bogus")
     assert b.returncode == 2 and "usage: stackgan sample" in b.stderr and "--bogus" in b.stderr
     b = run_cli("prepare", "synthetic", "--out", "x", "--nope")
