@@ -154,13 +154,25 @@ def _all_keys() -> list[str]:
     return out
 
 
-def _closest(key: str) -> str:
+def _closest(key: str) -> str | None:
+    """The known key a typo most likely meant, or None when nothing is close (no unrelated suggestion)."""
     keys = _all_keys()
-    m = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
-    if not m:  # match on the leaf name alone
-        leaf = key.split(".")[-1]
-        m = [k for k in keys if k.split(".")[-1] == leaf] or keys[:1]
-    return m[0]
+    m = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if m:
+        return m[0]
+    leaf = key.split(".")[-1]
+    same_leaf = [k for k in keys if k.split(".")[-1] == leaf]  # right name, wrong section
+    if same_leaf:
+        return same_leaf[0]
+    m = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in keys], n=1, cutoff=0.75)
+    return next(k for k in keys if k.split(".")[-1] == m[0]) if m else None
+
+
+def _unknown(key: str) -> "ConfigError":
+    near = _closest(key)
+    hint = f"did you mean '{near}'?" if near else \
+        f"sections: {', '.join(f.name for f in fields(Config))}; see README's config table"
+    return ConfigError(f"unknown config key '{key}' ({hint})")
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -196,11 +208,11 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 def _set(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) != 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
-        raise ConfigError(f"unknown config key '{key}' (did you mean '{_closest(key)}'?)")
+        raise _unknown(key)
     section = getattr(cfg, parts[0])
     names = {f.name: f for f in fields(section)}
     if parts[1] not in names:
-        raise ConfigError(f"unknown config key '{key}' (did you mean '{_closest(key)}'?)")
+        raise _unknown(key)
     f = names[parts[1]]
     typ = _TYPES[f.type] if isinstance(f.type, str) else f.type
     setattr(section, parts[1], _coerce(key, value, typ))

@@ -31,6 +31,10 @@ def test_unknown_key_names_closest(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="unknown config key 'modle.gf_dim'.*model.gf_dim"):
         load_config(None, ["modle.gf_dim=3"])
+    # nothing close: no unrelated suggestion, the sections instead
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["foo.bar=1"])
+    assert "did you mean" not in str(e.value) and "sections: run, data, model, train" in str(e.value)
 
 
 def test_wrong_type_and_choices():
