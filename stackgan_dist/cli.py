@@ -44,6 +44,24 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _load_embeddings(path: str, text_dim: int):
+    """An (N, text_dim) float array from a .npy file (no pickles)."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --embeddings {path}: {e}") from None
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != text_dim or arr.shape[0] == 0 or arr.dtype.kind != "f":
+        raise UserError(f"--embeddings {path}: expected a float array of shape (N, {text_dim}), "
+                        f"got {arr.dtype} {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise UserError(f"--embeddings {path}: holds non-finite values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 def _cmd_sample(a) -> int:
     import torch
 
@@ -51,13 +69,18 @@ def _cmd_sample(a) -> int:
     from .inference import generate, load_run
     from .observability.images import labelled_grid, save_png, to_uint8
 
-    if not a.text:
-        raise UserError("give at least one --text")
+    if bool(a.text) == bool(a.embeddings):
+        raise UserError("give captions with --text (repeatable) or precomputed embeddings with --embeddings FILE.npy")
     run = load_run(a.run)
-    enc = make_encoder(run.text_encoder) if run.text_encoder else None
-    if enc is None:
-        raise UserError(f"{run.path} does not record its text encoder")
-    emb = torch.from_numpy(enc.encode(a.text))
+    if a.embeddings:
+        emb = torch.from_numpy(_load_embeddings(a.embeddings, run.model_config.text_dim))
+        a.text = [f"embedding {i} of {os.path.basename(a.embeddings)}" for i in range(emb.shape[0])]
+    else:
+        spec = a.encoder or run.text_encoder
+        if not spec:
+            raise UserError(f"{run.path} does not record its text encoder: name it with --encoder")
+        enc = make_encoder(spec, dim=run.model_config.text_dim)
+        emb = torch.from_numpy(enc.encode(a.text))
     if emb.shape[1] != run.model_config.text_dim:
         raise UserError(f"encoder gives {emb.shape[1]}-d embeddings, model expects {run.model_config.text_dim}")
     g = torch.Generator().manual_seed(a.seed)
@@ -156,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     pm = sub.add_parser("sample", help="PNG grid for free-text captions", formatter_class=fmt)
     pm.add_argument("run", help="run directory or checkpoint directory")
     pm.add_argument("--text", action="append", default=[], help="a caption (repeat for several)")
+    pm.add_argument("--embeddings", default="",
+                    help="an (N, text_dim) .npy of precomputed text embeddings instead of --text (models trained "
+                         "on the release's char-CNN-RNN embeddings)")
+    pm.add_argument("--encoder", default="",
+                    help="override the run's recorded text encoder, e.g. sentence-transformers:PATH")
     pm.add_argument("--out", default="samples.png", help="PNG path; the captions go beside it as .captions.json")
     pm.add_argument("--num", type=int, default=4, help="images (z draws) per caption")
     pm.add_argument("--seed", type=int, default=0, help="noise seed")

