@@ -151,10 +151,12 @@ def test_prepare_captions_hashing(tmp_path):
     img_dir, cap, rows = _own_data(tmp_path)
     out = tmp_path / "out"
     r = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--encoder", "hashing:64",
-                "--out", out, "--workers", "2", "--samples-per-shard", "2", "--no-progress", timeout=300)
+                "--out", out, "--workers", "2", "--samples-per-shard", "2", "--no-progress", "--test-fraction", "0",
+                timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    m, samples = _samples(str(out))
+    m, samples = _samples(str(out / "train"))
     assert m["num_samples"] == 5 and len(m["shards"]) == 3
+    assert json.load(open(out / "test" / "dataset.json"))["num_samples"] == 0
     assert m["text_encoder"]["name"] == "hashing" and m["text_dim"] == 64
     from stackgan_dist.data.text_encoders import make_encoder
 
@@ -175,9 +177,9 @@ def test_prepare_captions_sentence_transformers(tmp_path):
     img_dir, cap, rows = _own_data(tmp_path, n=3)
     out = tmp_path / "out"
     r = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--encoder", "sentence-transformers",
-                "--out", out, "--workers", "1", "--no-progress", timeout=600)
+                "--out", out, "--workers", "1", "--no-progress", "--test-fraction", "0", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    m, samples = _samples(str(out))
+    m, samples = _samples(str(out / "train"))
     assert m["text_encoder"]["name"] == "sentence-transformers" and m["text_dim"] == 384
     e0 = np.load(io.BytesIO(samples[0]["emb.npy"]))
     assert e0.shape == (2, 384) and np.isfinite(e0).all()
@@ -206,3 +208,129 @@ def test_recorded_sentence_encoder_is_never_a_path_or_unknown_model(tmp_path):
     assert not trap.exists()
     with pytest.raises(UserError, match="malformed hashing"):
         make_encoder({"name": "hashing", "dim": "many"})
+
+
+def _mixed_folder(root, n=12):
+    """Own images as people have them: JPEG with an EXIF rotation, 16-bit PNG, CMYK, palette, RGBA, WebP,
+    portrait and landscape, each with a .txt sidecar (one caption a line); one image without a sidecar."""
+    root.mkdir(parents=True)
+    kinds = []
+    for i in range(n):
+        k = i % 6
+        base = root / ("nested" if i % 4 == 3 else "") / f"img{i}"
+        base.parent.mkdir(exist_ok=True)
+        if k == 0:  # landscape JPEG stored sideways with EXIF orientation 6 (rotate 270 to view)
+            im = Image.new("RGB", (80, 40), (200, 30, 30))
+            ex = Image.Exif()
+            ex[0x0112] = 6
+            im.save(f"{base}.jpg", exif=ex)
+            path = f"{base}.jpg"
+        elif k == 1:  # 16-bit greyscale PNG at mid grey
+            Image.fromarray(np.full((50, 70), 32768, np.uint16)).save(f"{base}.png")
+            path = f"{base}.png"
+        elif k == 2:
+            Image.new("CMYK", (60, 90), (0, 255, 255, 0)).save(f"{base}.jpg")
+            path = f"{base}.jpg"
+        elif k == 3:
+            Image.new("RGB", (64, 64), (10, 200, 10)).convert("P").save(f"{base}.png")
+            path = f"{base}.png"
+        elif k == 4:
+            Image.new("RGBA", (90, 30), (10, 10, 200, 255)).save(f"{base}.png")
+            path = f"{base}.png"
+        else:
+            Image.new("RGB", (40, 100), (240, 240, 10)).save(f"{base}.webp")
+            path = f"{base}.webp"
+        kinds.append(path)
+        with open(f"{base}.txt", "w", encoding="utf-8") as f:
+            f.write(("\ufeff" if i == 0 else "") + f"caption {i} first\n\ncaption {i} second, café\n")
+    Image.new("RGB", (30, 30)).save(root / "orphan.jpg")  # no sidecar: skipped and counted
+    return kinds
+
+
+def test_prepare_own_folder_with_sidecars(tmp_path):
+    """A folder of mixed images with .txt sidecars: no --captions needed; OUT/train and OUT/test; images keep
+    their aspect (centre crop), EXIF applied, 16-bit scaled; the split is deterministic by file name."""
+    folder = tmp_path / "mine"
+    _mixed_folder(folder)
+    out = tmp_path / "ds"
+    args = ("prepare", "captions", "--images", folder, "--out", out, "--workers", "2", "--no-progress",
+            "--test-fraction", "0.3")
+    r = run_cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["train"] + res["test"] == 12 and res["test"] >= 1 and res["no_caption"] == 1
+    m, train = _samples(str(out / "train"))
+    _, test = _samples(str(out / "test"))
+    keys = {s["__key__"] for s in train} | {s["__key__"] for s in test}
+    assert len(keys) == 12
+    # deterministic: a second run puts the same images in the same splits
+    r2 = run_cli(*args[:5], tmp_path / "ds2", *args[6:], timeout=300)
+    assert r2.returncode == 0
+    _, test2 = _samples(str(tmp_path / "ds2" / "test"))
+    assert [s["__key__"] for s in test2] == [s["__key__"] for s in test]
+    by_key = {s["__key__"]: s for s in train + test}
+    for key, s in by_key.items():
+        i = int(key.split("_")[1][3:])
+        caps = json.loads(s["txt.json"])
+        assert caps == [f"caption {i} first", f"caption {i} second, café"]  # BOM stripped, blank line dropped
+        a = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).astype(int)
+        assert a.shape == (STORE_SIZE, STORE_SIZE, 3)
+        mean = a.reshape(-1, 3).mean(0)
+        if i % 6 == 1:  # 16-bit mid grey comes out mid grey, not clipped to white
+            assert 110 < mean[0] < 145 and abs(mean[0] - mean[2]) < 3
+        if i % 6 == 2:  # CMYK (0, 255, 255, 0) is red
+            assert mean[0] > 200 and mean[1] < 60
+        if i % 6 == 5:  # portrait WebP cropped, not squashed: uniform yellow everywhere
+            assert mean[0] > 200 and mean[2] < 60
+        if i % 6 == 0:  # EXIF-rotated JPEG: uniform red, cropped to a square
+            assert mean[0] > 170 and mean[1] < 80
+
+
+def test_fit_modes_and_exif():
+    from stackgan_dist.data.writer import fit_square, to_rgb8
+
+    im = Image.new("RGB", (200, 100), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 50, 100))  # a red band at the left quarter
+    crop = np.asarray(fit_square(im, 64, "crop"))
+    assert crop.shape == (64, 64, 3) and crop[:, :, 0].max() < 60  # the centre crop loses the left band
+    pad = np.asarray(fit_square(im, 64, "pad"))
+    assert pad[32, 2, 0] > 200 and pad[32, 40, 2] > 200  # all content kept, squeezed into the middle rows
+    assert abs(int(pad[2, 32, 0]) - int(pad[2, 32, 2])) < 200  # the border is the mean colour, not content
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 40)).save(buf, format="JPEG", exif=ex)
+    assert to_rgb8(Image.open(io.BytesIO(buf.getvalue()))).size == (40, 80)
+    wide = Image.fromarray(np.array([[0, 65535]], np.uint16))
+    assert np.asarray(to_rgb8(wide))[0, :, 0].tolist() == [0, 255]
+
+
+@pytest.mark.parametrize("content,words", [
+    ("file,caption\nimg0.jpg,caf\xe9 au lait\n".encode("latin-1"), ["caps.csv:2", "not UTF-8"]),
+    ("file,caption\nimg0.jpg,a\n".encode("utf-16"), ["UTF-16"]),
+    (b"name,description2\nimg0.jpg,a\n", ["caps.csv:1", "image column"]),
+])
+def test_captions_encoding_and_header_errors(tmp_path, content, words):
+    (tmp_path / "im").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "im" / "img0.jpg")
+    (tmp_path / "caps.csv").write_bytes(content)
+    p = run_cli("prepare", "captions", "--images", tmp_path / "im", "--captions", tmp_path / "caps.csv",
+                "--out", tmp_path / "o", timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_captions_csv_with_bom(tmp_path):
+    (tmp_path / "im").mkdir()
+    for i in range(3):
+        Image.new("RGB", (30, 20), (50 * i, 0, 0)).save(tmp_path / "im" / f"p{i}.png")
+    rows = "image,caption,class\np0.png,a dark one,1\np1.png,a red one,2\np0.png,very dark,1\np2.png,bright,3\n"
+    (tmp_path / "c.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    r = run_cli("prepare", "captions", "--images", tmp_path / "im", "--captions", tmp_path / "c.csv",
+                "--out", tmp_path / "o", "--test-fraction", "0", "--no-progress", timeout=120)
+    assert r.returncode == 0, r.stderr
+    m, samples = _samples(str(tmp_path / "o" / "train"))
+    caps = {s["__key__"].split("_", 1)[1]: (json.loads(s["txt.json"]), int(s["cls"])) for s in samples}
+    assert caps == {"p0": (["a dark one", "very dark"], 1), "p1": (["a red one"], 2), "p2": (["bright"], 3)}

