@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -34,12 +35,19 @@ class DistEnv:
 
 
 def slurm_master_addr(nodelist: str) -> str:
+    """The first node's address as Slurm knows it (NodeAddr): node names need not resolve."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        return out[0]
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0].split("[")[0]
+    try:
+        out = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+        m = re.search(r"NodeAddr=(\S+)", out)
+        return m.group(1) if m else first
+    except (OSError, subprocess.SubprocessError):
+        return first
 
 
 def detect_launcher() -> str:

@@ -77,12 +77,14 @@ if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$want" ]; then
 fi
 # no cgroup.conf: with proctrack/linuxproc and task/none slurmd needs none (22.05 has no "disabled" plugin)
 
+# by pid file: start_slurm2.sh's two-node cluster runs slurmctld and slurmd too, beside this one
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [ "$changed" = 1 ]; then
-  for d in slurmctld slurmd; do pid=$(pgrep -x "$d" || true); [ -n "$pid" ] && kill "$pid"; done
+  for pf in /run/slurmctld.pid /run/slurmd.pid; do alive "$pf" && kill "$(cat "$pf")"; done
   sleep 2
 fi
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
-pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+alive /run/slurmctld.pid || /usr/sbin/slurmctld
+alive /run/slurmd.pid || /usr/sbin/slurmd
 
 for _ in $(seq 1 60); do
   if sinfo -h -N -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then break; fi
