@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--num-workers", type=int, required=True, help="training workers (= world size)")
     p.add_argument("--gpus-per-worker", type=float, default=0, help="0: CPU training with gloo")
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="how Ray places the workers: STRICT_SPREAD puts each on its own node")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker-group restarts Ray Train makes after a failure; each resumes from run.dir")
     p.add_argument("--pending-timeout", type=float, default=600,
@@ -107,7 +109,8 @@ def submit(a) -> tuple[object, str, str]:
     client = JobSubmissionClient(a.address)
     cmd = [a.python, "-m", "stackgan_dist.launch_ray", "--num-workers", str(a.num_workers),
            "--gpus-per-worker", str(a.gpus_per_worker), "--cpus-per-worker", str(a.cpus_per_worker),
-           "--max-failures", str(a.max_failures), "--pending-timeout", str(a.pending_timeout), config, *overrides]
+           "--placement-strategy", a.placement_strategy, "--max-failures", str(a.max_failures),
+           "--pending-timeout", str(a.pending_timeout), config, *overrides]
     env_vars = dict(e.split("=", 1) for e in a.env)
     env_vars.setdefault("PYTHONUNBUFFERED", "1")
     job_id = client.submit_job(

@@ -74,19 +74,24 @@ def train_func(loop_config: dict) -> None:
         with open(os.path.join(pid_dir, f"rank{ctx.get_world_rank()}.pid"), "a") as f:
             f.write(f"{os.getpid()}\n")
     cfg = config_from_dict(loop_config["config"])
+    import ray
+
+    # where each rank landed (a multi-node placement is visible in the job log)
+    print(f"stackgan ray: rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()[:12]} "
+          f"({ray.util.get_node_ip_address()})", flush=True)
     if ctx.get_world_rank() == 0:
         print(f"stackgan ray: worker group of {ctx.get_world_size()} started; run dir {cfg.run.dir}", flush=True)
     run_training(cfg, on_checkpoint=_report_checkpoint)
 
 
-def _probe_resources(num_workers: int, bundle: dict, timeout_s: float) -> None:
+def _probe_resources(num_workers: int, bundle: dict, timeout_s: float, strategy: str = "PACK") -> None:
     """A job whose workers cannot be placed waits forever (a known Ray failure mode). Reserve the same bundles
     first with a deadline, so that an impossible request becomes a clear error. On an autoscaling cluster the
     reservation is what asks for the nodes."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
     try:
         ready = pg.wait(timeout_seconds=timeout_s)
     finally:
@@ -94,8 +99,8 @@ def _probe_resources(num_workers: int, bundle: dict, timeout_s: float) -> None:
     if not ready:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU") or k in bundle}
         raise UserError(f"{num_workers} workers x {bundle} could not be scheduled within {timeout_s:.0f}s "
-                        f"(cluster resources: {have}); lower --num-workers / --gpus-per-worker / --cpus-per-worker "
-                        "or add nodes")
+                        f"(cluster resources: {have}, placement {strategy}); lower --num-workers / --gpus-per-worker / "
+                        "--cpus-per-worker, relax --placement-strategy or add nodes")
 
 
 def root_cause(e: BaseException) -> str:
@@ -117,6 +122,7 @@ def drive(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, required=True)
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     p.add_argument("--max-failures", type=int, default=3)
     p.add_argument("--pending-timeout", type=float, default=600)
     p.add_argument("--name", default=RAY_SUBDIR)
@@ -136,18 +142,19 @@ def drive(argv: list[str] | None = None) -> int:
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     bundle = {"CPU": a.cpus_per_worker} | ({"GPU": a.gpus_per_worker} if a.gpus_per_worker else {})
-    _probe_resources(a.num_workers, bundle, a.pending_timeout)
+    _probe_resources(a.num_workers, bundle, a.pending_timeout, a.placement_strategy)
     use_gpu = a.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(max(cfg.train.dist_timeout_s, 60))),
-        scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=use_gpu, resources_per_worker=bundle),
+        scaling_config=ScalingConfig(num_workers=a.num_workers, use_gpu=use_gpu, resources_per_worker=bundle,
+                                     placement_strategy=a.placement_strategy),
         run_config=RunConfig(name=a.name, storage_path=cfg.run.dir,
                              failure_config=FailureConfig(max_failures=a.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
     )
-    print(f"stackgan ray: {a.num_workers} workers x {bundle}, run dir {cfg.run.dir}, "
+    print(f"stackgan ray: {a.num_workers} workers x {bundle} ({a.placement_strategy}), run dir {cfg.run.dir}, "
           f"max_failures {a.max_failures}", flush=True)
     try:
         result = trainer.fit()
