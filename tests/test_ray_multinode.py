@@ -52,3 +52,63 @@ def test_strict_spread_over_two_ray_nodes_equals_torchrun(two_node_ray, synth_da
     assert placed == {"0": placed["0"], "1": placed["1"]} and set(placed.values()) == {"127.0.0.2", "127.0.0.3"}, \
         show(p)
     assert digest(run) == torchrun_digest
+
+
+def _node2_pids() -> list[int]:
+    """Every process of the second Ray node: its raylet and log monitor, and all they started (agents, the
+    Ray Train workers, whose titles no longer name the node)."""
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    procs = [ln.split(None, 2) for ln in out.splitlines() if len(ln.split(None, 2)) == 3]
+    found = {int(p) for p, _, args in procs if re.search(r"node.ip.address=127\.0\.0\.3\b", args)}
+    grew = True
+    while grew:
+        kids = {int(p) for p, pp, _ in procs if int(pp) in found} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(found)
+
+
+def test_second_ray_node_lost_mid_run_restarts_and_ends_equal(two_node_ray, synth_data, tmp_path, torchrun_digest):
+    """The second node dies (every process of it SIGKILLed) after the step-4 checkpoint: Ray Train's
+    FailureConfig restarts the group, which waits for a second node (STRICT_SPREAD), the node comes back,
+    and the run resumes from run.dir and ends equal to the uninterrupted torchrun run."""
+    import signal
+    import time
+
+    from conftest import committed
+    from test_ray import EVERY, STEPS
+
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    job = subprocess.Popen([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ADDRESS,
+                            "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD", "--max-failures", "2",
+                            "--env", "STACKGAN_TEST_RAY_STALL_S=300", "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}",
+                            CONFIG, *overrides(synth_data, run)],
+                           cwd=REPO, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        # rendezvous: both workers have reported the step-4 checkpoint and paused (the hook's marks)
+        while not (committed(run, EVERY) and (pids / "stalled_rank0").exists() and (pids / "stalled_rank1").exists()):
+            assert job.poll() is None, (tmp_path / "job.log").read_text()[-5000:]
+            assert time.monotonic() - t0 < 300, "no step-4 checkpoint within 300 s"
+            time.sleep(0.05)
+        assert not committed(run, STEPS)
+        victims = _node2_pids()
+        assert victims, "no process of the second node found"
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # the node comes back (as a replaced machine would); the restarted group waits for it
+        subprocess.run(["bash", os.path.join(REPO, "tests", "cluster", "start_ray2.sh"), "--node2-only"],
+                       check=True, timeout=180)
+        rc = job.wait(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        subprocess.run(["bash", os.path.join(REPO, "tests", "cluster", "start_ray2.sh")], timeout=180)
+    log = (tmp_path / "job.log").read_text()
+    assert rc == 0, log[-6000:]
+    assert f"resumed from {run / 'checkpoints'}" in log, log[-4000:]
+    assert digest(run) == torchrun_digest

@@ -42,7 +42,9 @@ if [ "${1:-}" = "--stop" ]; then
   echo "two-node ray stopped"; exit 0
 fi
 if [ "${1:-}" = "--node2-only" ]; then
+  # `ray start` returns once the new raylet has registered; the GCS may list the dead one as alive a while
   [ -n "$(node2_pids)" ] || start_node2
+  echo "second ray node started ($node2)"; exit 0
 else
   n="$(count_nodes)"
   if [ "$n" = 2 ]; then echo "two-node ray already up (http://$head:$dash_port)"; exit 0; fi
