@@ -325,10 +325,16 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for key, value in _flatten(data).items():
             _set(cfg, key, value)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple) -> Config:
+    """Dotted ``key=value`` strings onto ``cfg`` in place (typed, unknown keys refused; not validated)."""
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value)
-    validate(cfg)
     return cfg
 
 

@@ -348,3 +348,25 @@ def test_batch_and_epochs_rows():
 def test_colour_term_is_off_by_default_and_in_the_preset():
     """Row: colour consistency (StackGAN++, not the ICCV 2017 paper, not the StackGAN-Pytorch code)."""
     assert Config().train.color_coeff == 0.0 and authors_cfg(2).train.color_coeff == 0.0
+
+
+def test_benchmark_baseline_is_our_step_under_the_preset():
+    """benchmarks/throughput.py --baseline: the authors' step is GANStep under the preset, not a copy."""
+    import os
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import throughput
+
+    a = throughput.parser().parse_args(["--stage", "2", "--batch-size", "2", "--gf-dim", "16", "--df-dim", "8",
+                                        "--condition-dim", "8", "--z-dim", "8", "--text-dim", "16", "--channels-last",
+                                        "--precision", "bf16"])
+    base = throughput.BaselineStep(a, torch.device("cpu"), torch.Generator().manual_seed(0))
+    c = base.cfg
+    assert (c.train.precision, c.train.channels_last, c.train.compile, c.train.adam_foreach) == ("fp32", False, False,
+                                                                                                  False)
+    assert base.step.opt == LossOptions("sigmoid", "authors", "shift", "ca_mu", "train")
+    assert base.step.kl_coeff == pytest.approx(2.0 / 8) and base.step.G1.ca.relu
+    assert base.step.s.opt["d"].defaults["foreach"] is None
