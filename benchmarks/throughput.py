@@ -1,18 +1,21 @@
 """Training-step throughput of our GAN step, side by side with a reference-faithful step.
 
 Our step: stackgan_dist.train_step.GANStep over the configured Strategy (DDP at world size 1 here).
-Baseline (``--baseline``): the original StackGAN PyTorch recipe at the same widths and batch: fp32, D ends
-in Sigmoid and the loss is nn.BCELoss, real and fake images are encoded by separate D calls and the
-wrong-text logits come from the real features shifted by one, D is not frozen in G's phase (its gradients
-are computed and thrown away), plain (for-loop) Adam, NCHW, no compile. Both use the same networks,
-so the difference is the step. The two are timed in alternating steps (ABBA) so that both see the same
-machine load (this machine is shared); besides wall-clock medians, the process CPU time per step is recorded
-(``speedup_cpu_time``), which waiting for a busy CPU does not inflate.
+Baseline (``--baseline``): the authors' StackGAN-Pytorch step as it runs on the same torch, which is our
+own step under the "authors" preset (configs/presets/authors.yaml, docs/faithfulness.md; one implementation
+of their formulas serves the preset and this baseline): fp32 with torch's default TF32 settings, D ending in
+Sigmoid with nn.BCELoss, their D-loss weights, their KL (the mean, times 2), their shifted wrong pairs, D
+conditioned on the detached CA mean, torch's default Adam, the frozen Stage-I generator in train mode, NCHW,
+no compile, the same widths and batch. It shares our step's mechanics (D frozen in G's phase, one G forward
+for both phases), so the speedup counts precision, layout, compile and optimizer choices only: a lower
+bound against their code, which also computes D's weight gradients in G's phase.
+The two are timed in alternating steps (ABBA) so that both see the same machine load (this machine is
+shared); besides wall-clock medians, the process CPU time per step is recorded (``speedup_cpu_time``), which
+waiting for a busy CPU does not inflate.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import resource
 import sys
 import time
@@ -21,10 +24,10 @@ import common  # noqa: F401  (puts the repo on sys.path)
 import torch
 from torch import nn
 
-from stackgan_dist.config import Config, ModelConfig
+from stackgan_dist.config import Config, ModelConfig, apply_overrides, kl_weight, preset_overrides
 from stackgan_dist.distributed.env import DistEnv
 from stackgan_dist.distributed.wrap import make_strategy
-from stackgan_dist.losses import kl_loss
+from stackgan_dist.losses import LossOptions
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.observability.flops import count_flops, measure_matmul_peak, stated_peak
 from stackgan_dist.train_step import GANStep, to_model_input
@@ -54,62 +57,49 @@ def make_batch(cfg: Config, gen: torch.Generator) -> dict:
 def stage1_for(cfg: Config) -> nn.Module:
     m = cfg.model
     s1 = ModelConfig(stage=1, gf_dim=m.gf_dim, df_dim=m.df_dim, condition_dim=m.condition_dim, z_dim=m.z_dim,
-                     text_dim=m.text_dim)
+                     text_dim=m.text_dim, ca_relu=m.ca_relu)
     return build_stage1_generator(s1).eval().requires_grad_(False)
 
 
+def baseline_config(a) -> Config:
+    """The authors' step's config: the "authors" preset over the benchmark's widths and batch, fp32, NCHW."""
+    return apply_overrides(make_cfg(a), preset_overrides("authors") + [
+        "train.backend=ddp", "train.precision=fp32", "train.channels_last=false", "train.compile=false"])
+
+
+class torch_default_tf32:
+    """torch's default TF32 flags (matmuls in full fp32, cuDNN convolutions on TF32) while the baseline
+    runs, whatever our step set; restored afterwards."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        return False
+
+
 class BaselineStep:
-    """The reference recipe (see module docstring). Same G/D modules; Sigmoid applied to their logits."""
+    """Our GANStep under the authors' preset (see the module docstring), with its own models, Stage-I
+    generator (whose BatchNorm statistics drift in train mode) and optimizers."""
 
-    def __init__(self, G, D, G1, cfg: Config, device: torch.device, gen: torch.Generator):
-        self.G, self.D, self.G1 = G, D, G1
-        self.stage, self.dev, self.gen = cfg.model.stage, device, gen
-        self.z_dim, self.cond_dim, self.kl = cfg.model.z_dim, cfg.model.condition_dim, cfg.train.kl_coeff
-        betas = (cfg.train.beta1, cfg.train.beta2)
-        self.optG = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.train.lr_g,
-                                     betas=betas, foreach=False)
-        self.optD = torch.optim.Adam(D.parameters(), lr=cfg.train.lr_d, betas=betas, foreach=False)
-        self.bce = nn.BCELoss()
-
-    def _logits(self, feats, cond=None, uncond=False):
-        if uncond:
-            return torch.sigmoid(self.D.uncond_logits(feats))
-        return torch.sigmoid(self.D.cond_logits(feats, cond))
+    def __init__(self, a, device: torch.device, gen: torch.Generator):
+        cfg = self.cfg = baseline_config(a)
+        torch.manual_seed(0)
+        models = build_models(cfg.model)  # D has no text layer: it is conditioned on the CA mean
+        G1 = stage1_for(cfg).to(device) if cfg.model.stage == 2 else None
+        strategy = make_strategy(cfg, DistEnv(device=device))
+        strategy.setup(models.G, models.D)
+        self.step = GANStep(strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim, kl_weight(cfg), G1,
+                            gen, 1, False, cfg.train.color_coeff, LossOptions.from_config(cfg))
+        self.cuda = device.type == "cuda"
 
     def __call__(self, batch: dict) -> dict:
-        real, text, _ = to_model_input(batch, self.dev)
-        b = real.shape[0]
-        z = torch.randn(b, self.z_dim, device=self.dev)
-        if self.stage == 1:
-            fake, mu, logvar = self.G(text, z)
-        else:
-            with torch.no_grad():
-                s0, _, _ = self.G1(text, z)
-            fake, mu, logvar = self.G(text, s0.detach())
-        ones, zeros = torch.ones(b, device=self.dev), torch.zeros(b, device=self.dev)
-        # D: separate calls for real and fake; wrong pairs = real features with the text shifted by one
-        self.D.zero_grad()
-        real_f = self.D.encode_image(real)
-        fake_f = self.D.encode_image(fake.detach())
-        err_real = self.bce(self._logits(real_f, text), ones)
-        err_wrong = self.bce(self._logits(real_f[:b - 1], text[1:]), zeros[1:])
-        err_fake = self.bce(self._logits(fake_f, text), zeros)
-        if self.D.has_uncond:
-            err_real = 0.5 * (err_real + self.bce(self._logits(real_f, uncond=True), ones))
-            err_fake = 0.5 * (err_fake + self.bce(self._logits(fake_f, uncond=True), zeros))
-        err_d = err_real + 0.5 * (err_fake + err_wrong)
-        err_d.backward()
-        self.optD.step()
-        # G: D not frozen (as in the original), its gradients are computed and discarded next step
-        self.G.zero_grad()
-        f = self.D.encode_image(fake)
-        err_g = self.bce(self._logits(f, text), ones)
-        if self.D.has_uncond:
-            err_g = err_g + self.bce(self._logits(f, uncond=True), ones)
-        err_g = err_g + self.kl * kl_loss(mu, logvar)
-        err_g.backward()
-        self.optG.step()
-        return {"d_loss": err_d.detach(), "g_loss": err_g.detach()}
+        if not self.cuda:
+            return self.step([batch])
+        with torch_default_tf32():
+            return self.step([batch])
 
 
 def build(a):
@@ -122,7 +112,6 @@ def build(a):
     torch.manual_seed(0)
     models = build_models(cfg.model)
     G1 = stage1_for(cfg).to(device) if a.stage == 2 else None
-    base_G, base_D = copy.deepcopy(models.G), copy.deepcopy(models.D)
     env = DistEnv(device=device)  # world size 1, built by hand: no process group needed
     strategy = make_strategy(cfg, env)
     strategy.setup(models.G, models.D)
@@ -131,7 +120,7 @@ def build(a):
                    1, cfg.train.channels_last)
     base = None
     if a.baseline:
-        base = BaselineStep(base_G.to(device), base_D.to(device), G1, cfg, device, gen)
+        base = BaselineStep(a, device, gen)
     batch = make_batch(cfg, torch.Generator().manual_seed(2))
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}

@@ -28,10 +28,10 @@ def _cmd_prepare(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    from .config import load_config
+    from .config import load_config, preset_overrides
     from .train import run_training
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
     if a.dry_run:
         from .distributed.env import detect_launcher
 
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=30 run.dir=runs/x")
     pt.add_argument("--fresh", action="store_true", help="start over; refused unless the run directory is empty")
     pt.add_argument("--dry-run", action="store_true", help="print world size, batch sizes and run dir, then exit")
+    pt.add_argument("--preset", default="", help="configs/presets/NAME.yaml applied before the overrides; "
+                    "'authors': the authors' StackGAN-Pytorch code where it differs from the paper")
 
     pm = sub.add_parser("sample", help="PNG grid for free-text captions", formatter_class=fmt)
     pm.add_argument("run", help="run directory or checkpoint directory")

@@ -50,6 +50,9 @@ class ModelConfig:
     stage1_checkpoint: str = ""  # Stage-II: a Stage-I run directory or checkpoint directory
     sync_bn: bool = False  # SyncBatchNorm across ranks (DDP only)
     ca_relu: bool = False  # the authors' code applies ReLU before splitting mu/logvar; the paper does not
+    # what D's conditional head reads: "text": its own FC + LeakyReLU compression of phi_t (the paper);
+    # "ca_mu": G's conditioning-augmentation mean, detached, as is (the authors' code; no FC in D)
+    d_condition: str = "text"
 
 
 @dataclass
@@ -76,6 +79,16 @@ class TrainConfig:
     # Stage-II only, 0 = off (the ICCV 2017 paper): weight of StackGAN++'s colour-consistency term, which
     # ties each Stage-II image's pixel mean and covariance to its Stage-I image's (losses.color_consistency)
     color_coeff: float = 0.0
+    # the faithfulness switches (docs/faithfulness.md; the "authors" preset sets the other side of each)
+    d_output: str = "logits"  # "logits": BCE-with-logits; "sigmoid": Sigmoid + BCELoss, the authors' (fp32 only)
+    # "ours": real + (wrong + fake)/2, the unconditional head's real/fake terms averaged into real/fake;
+    # "authors": Stage-II (real + uncond_real)/2 + (fake + wrong + uncond_fake)/3 (Stage-I: the same as ours)
+    d_loss_weights: str = "ours"
+    # wrong pairs for the matching-aware D: "other_class": each real image with the text of the next sample of
+    # another class (B pairs, wrapping around); "shift": the authors' image i with text i+1, B-1 pairs
+    wrong_pairs: str = "other_class"
+    stage1_bn: str = "eval"  # the frozen Stage-I G's BatchNorm: "eval" (fixed statistics) or "train" (authors)
+    adam_foreach: bool = True  # True: fused Adam on CUDA, foreach on CPU; False: torch's defaults (the authors')
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False
@@ -124,13 +137,19 @@ class Config:
         return hashlib.sha256(json.dumps(model_defining(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-MODEL_DEFINING_KEYS = ("stage", "gf_dim", "df_dim", "condition_dim", "z_dim", "text_dim", "res_blocks", "ca_relu")
+MODEL_DEFINING_KEYS = ("stage", "gf_dim", "df_dim", "condition_dim", "z_dim", "text_dim", "res_blocks", "ca_relu",
+                       "d_condition")
 
 CHOICES = {
     "train.backend": ("ddp", "deepspeed"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.optimizer": ("adam", "apex_fused_adam"),
     "train.kl_reduction": ("mean", "sum"),
+    "train.d_output": ("logits", "sigmoid"),
+    "train.d_loss_weights": ("ours", "authors"),
+    "train.wrong_pairs": ("other_class", "shift"),
+    "train.stage1_bn": ("eval", "train"),
+    "model.d_condition": ("text", "ca_mu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.zero_stage": (0, 1, 2),
     "model.stage": (1, 2),
@@ -265,8 +284,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.color_coeff' must be >= 0, got {cfg.train.color_coeff}")
     if cfg.train.color_coeff and cfg.model.stage != 2:
         raise ConfigError("config key 'train.color_coeff' needs model.stage=2 (it compares with the Stage-I image)")
+    if cfg.train.d_output == "sigmoid" and cfg.train.precision != "fp32":
+        raise ConfigError(f"config key 'train.d_output=sigmoid' needs train.precision=fp32 (Sigmoid + BCELoss is "
+                          f"unsafe under autocast), got {cfg.train.precision}; use train.d_output=logits")
     if cfg.train.backend == "ddp" and cfg.train.zero_stage != 0:
         raise ConfigError("config key 'train.zero_stage' needs train.backend=deepspeed")
+
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
+
+
+def preset_overrides(name: str) -> list[str]:
+    """``configs/presets/NAME.yaml`` (a mapping of sections, like a config) -> dotted ``key=value`` strings,
+    to be applied before the command line's own overrides. Unknown preset -> ConfigError naming the choices."""
+    if not name or os.sep in name or "/" in name or name.startswith("."):
+        raise ConfigError(f"preset name {name!r} is not a plain name (choose from {_preset_names()})")
+    path = os.path.join(PRESET_DIR, name + ".yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"unknown preset {name!r} (choose from {_preset_names()})")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must hold a mapping of sections")
+    out = []
+    for key, value in _flatten(data).items():
+        _set(Config(), key, value)  # unknown keys and wrong types are refused here, naming the key
+        out.append(f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else value}")
+    return out
+
+
+def _preset_names() -> list[str]:
+    if not os.path.isdir(PRESET_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
 
 def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
@@ -284,10 +337,16 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for key, value in _flatten(data).items():
             _set(cfg, key, value)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple) -> Config:
+    """Dotted ``key=value`` strings onto ``cfg`` in place (typed, unknown keys refused; not validated)."""
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value)
-    validate(cfg)
     return cfg
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from .distributed.wrap import Strategy, set_requires_grad, unwrap
-from .losses import color_consistency, discriminator_loss, generator_loss, mismatched_conditions
+from .losses import (LossOptions, color_consistency, d_condition, discriminator_loss, generator_loss,
+                     mismatched_conditions)
+from .models.stage1 import frozen_stage1_forward
 
 
 def to_model_input(batch: dict, device: torch.device, channels_last: bool = False) -> tuple:
@@ -19,7 +21,7 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
 class GANStep:
     def __init__(self, strategy: Strategy, stage: int, z_dim: int, cond_dim: int, kl_coeff: float,
                  G1: torch.nn.Module | None, generator: torch.Generator, grad_accum: int = 1,
-                 channels_last: bool = False, color_coeff: float = 0.0):
+                 channels_last: bool = False, color_coeff: float = 0.0, options: LossOptions = LossOptions()):
         self.s = strategy
         self.stage = stage
         self.z_dim, self.cond_dim = z_dim, cond_dim
@@ -29,6 +31,7 @@ class GANStep:
         self.accum = grad_accum
         self.channels_last = channels_last
         self.color_coeff = color_coeff  # Stage-II only: the StackGAN++ colour term against the Stage-I image
+        self.opt = options  # the faithfulness switches (losses.LossOptions)
 
     def _noise(self, b: int, device) -> dict:
         n = {"z": torch.randn(b, self.z_dim, generator=self.gen, device=self.gen.device).to(device),
@@ -42,20 +45,21 @@ class GANStep:
         """-> (fake, mu, logvar, the Stage-I image it refines or None)."""
         if self.stage == 1:
             return (*G(text, noise["z"], noise["eps"]), None)
-        with torch.no_grad():
-            s0, _, _ = self.G1(text, noise["z"], noise["eps1"])
-        s0 = s0.detach()
+        s0 = frozen_stage1_forward(self.G1, text, noise["z"], noise["eps1"], self.opt.stage1_bn)
         return (*G(text, s0, noise["eps"]), s0)
 
     def d_losses(self, real, text, wrong, fake) -> dict:
         r = self.s.D(real, text, wrong)
         f = self.s.D(fake.detach(), text)
-        return discriminator_loss(r["cond"], r["wrong"], f["cond"], r.get("uncond"), f.get("uncond"))
+        return discriminator_loss(r["cond"], r["wrong"], f["cond"], r.get("uncond"), f.get("uncond"),
+                                  self.opt.d_loss_weights, self.opt.d_output)
 
     def g_losses(self, fake, text, mu, logvar, s0=None) -> dict:
-        f = self.s.D_eval(fake, text)  # unwrapped D: its reducer never fires for G's loss
+        cond = d_condition(text, mu, self.opt.d_condition)
+        f = self.s.D_eval(fake, cond)  # unwrapped D: its reducer never fires for G's loss
         color = color_consistency(fake, s0) if self.color_coeff and s0 is not None else None
-        return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"), color, self.color_coeff)
+        return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"), color, self.color_coeff,
+                              self.opt.d_output)
 
     def __call__(self, micro_batches: list[dict]) -> dict:
         """Runs one optimizer step of D then of G over ``grad_accum`` micro-batches. Returns detached losses."""
@@ -77,9 +81,10 @@ class GANStep:
                         fakes.append((fake, mu, logvar, s0))
                     else:
                         with torch.no_grad():
-                            fake = self.generate(s.G, text, noise)[0]
-                    wrong = mismatched_conditions(text, cls)
-                    dl = self.d_losses(real, text, wrong, fake)
+                            fake, mu = self.generate(s.G, text, noise)[:2]
+                    cond = d_condition(text, mu, self.opt.d_condition)
+                    wrong = mismatched_conditions(cond, cls, self.opt.wrong_pairs)
+                    dl = self.d_losses(real, cond, wrong, fake)
                 s.backward("d", dl["d_loss"] / n)
             _accumulate(out, dl, n)
         s.step("d")

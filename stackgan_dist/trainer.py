@@ -26,6 +26,7 @@ from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
 from .observability.images import make_grid, save_png, to_uint8
 from .observability.metrics import MetricsWriter
+from .losses import LossOptions
 from .train_step import GANStep
 
 log = logging.getLogger("stackgan_dist.train")
@@ -164,7 +165,7 @@ class Trainer:
             prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda")
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
-                                cfg.train.color_coeff)
+                                cfg.train.color_coeff, LossOptions.from_config(cfg))
         self._fixed = None
 
     # -- checkpoint state -------------------------------------------------------------------------

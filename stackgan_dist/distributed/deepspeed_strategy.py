@@ -122,7 +122,7 @@ class DeepSpeedStrategy(Strategy):
         betas = (cfg.train.beta1, cfg.train.beta2)
         self.engine = {}
         for k, m, lr in (("g", G, cfg.train.lr_g), ("d", D, cfg.train.lr_d)):
-            opt = make_adam(m.parameters(), lr, betas, self.device, cfg.train.optimizer)
+            opt = make_adam(m.parameters(), lr, betas, self.device, cfg.train.optimizer, cfg.train.adam_foreach)
             eng, _opt, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=dict(self.ds_config),
                                                    dist_init_required=False)
             zopt = eng.optimizer

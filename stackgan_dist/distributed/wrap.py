@@ -129,7 +129,8 @@ def amp_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str = "adam"):
+def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str = "adam", foreach: bool = True):
+    """``foreach=False`` (train.adam_foreach): torch.optim.Adam with torch's defaults, as the authors call it."""
     if kind == "apex_fused_adam":
         try:
             from apex.optimizers import FusedAdam  # optional: apex is not on PyPI
@@ -137,6 +138,8 @@ def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str =
             raise UserError("train.optimizer=apex_fused_adam needs NVIDIA apex, which is not importable here; "
                             "use train.optimizer=adam (fused on CUDA)") from None
         return FusedAdam(params, lr=lr, betas=betas)
+    if not foreach:
+        return torch.optim.Adam(params, lr=lr, betas=betas)
     if device.type == "cuda":
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
@@ -231,8 +234,10 @@ class DDPStrategy(Strategy):
             G, D = convert_sync_batchnorm(G, self.device), convert_sync_batchnorm(D, self.device)
         self.G_module, self.D_module = G, D
         betas = (cfg.train.beta1, cfg.train.beta2)
-        self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer),
-                    "d": make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer)}
+        self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer,
+                                   cfg.train.adam_foreach),
+                    "d": make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer,
+                                   cfg.train.adam_foreach)}
         fp16 = self.precision == "fp16"
         self.scaler = {k: torch.amp.GradScaler(self.device.type) for k in ("g", "d")} if fp16 else None
         if env.distributed:

@@ -14,7 +14,7 @@ from .stage2 import Stage2Discriminator, Stage2Generator
 class Models:
     G: nn.Module
     D: nn.Module
-    G1: nn.Module | None = None  # Stage-II only: the frozen Stage-I generator (eval mode, no grads)
+    G1: nn.Module | None = None  # Stage-II only: the frozen Stage-I generator (no grads; see frozen_stage1_forward)
 
 
 def build_stage1_generator(m) -> Stage1Generator:
@@ -27,11 +27,11 @@ def build_models(m) -> Models:
     """``m`` is a ModelConfig. Stage-II's G1 is built here but its weights come from the Stage-I checkpoint."""
     if m.stage == 1:
         G = build_stage1_generator(m)
-        D = Stage1Discriminator(m.text_dim, m.condition_dim, m.df_dim)
+        D = Stage1Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
         G1 = None
     else:
         G = Stage2Generator(m.text_dim, m.condition_dim, m.gf_dim, m.res_blocks, m.ca_relu)
-        D = Stage2Discriminator(m.text_dim, m.condition_dim, m.df_dim)
+        D = Stage2Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
         G1 = None
     G.apply(init_weights)
     D.apply(init_weights)

@@ -32,12 +32,34 @@ class Stage1Generator(nn.Module):
         return self.img(self.up(h)), mu, logvar
 
 
-class TextCompress(nn.Module):
-    """D's own text path: phi_t -> N_d (paper: FC + LeakyReLU), replicated spatially by the head."""
+@torch.no_grad()
+def frozen_stage1_forward(G1: nn.Module, text: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None,
+                          bn: str = "eval") -> torch.Tensor:
+    """Stage-II's input: the frozen Stage-I generator's image, without gradients.
 
-    def __init__(self, text_dim: int, cond_dim: int):
+    ``bn="eval"`` (ours): BatchNorm uses its stored statistics, so G1 is a fixed function. ``bn="train"``
+    (the authors': their STAGE1_G is a submodule of STAGE2_G, which trains in train mode): BatchNorm
+    normalises with the batch's statistics and its running statistics drift with every step, while the
+    weights stay frozen. G1 is left in eval mode afterwards either way (sample grids use the stored,
+    possibly drifted, statistics, as the authors' test-time ``netG.eval()`` does).
+    """
+    G1.train(bn == "train")
+    try:
+        return G1(text, z, eps)[0].detach()
+    finally:
+        G1.eval()
+
+
+class TextCompress(nn.Module):
+    """D's own text path: phi_t -> N_d (paper: FC + LeakyReLU), replicated spatially by the head.
+
+    ``condition="ca_mu"`` (the authors' code): D is given G's detached CA mean, already N_g = N_d wide, and
+    concatenates it as is: no layer, no parameters."""
+
+    def __init__(self, text_dim: int, cond_dim: int, condition: str = "text"):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2, inplace=True))
+        self.fc = nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2, inplace=True)) \
+            if condition == "text" else nn.Identity()
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return self.fc(text)
@@ -46,7 +68,7 @@ class TextCompress(nn.Module):
 class Stage1Discriminator(nn.Module):
     has_uncond = False
 
-    def __init__(self, text_dim: int, cond_dim: int, df_dim: int):
+    def __init__(self, text_dim: int, cond_dim: int, df_dim: int, condition: str = "text"):
         super().__init__()
         ndf = df_dim
         self.encode = nn.Sequential(
@@ -55,7 +77,7 @@ class Stage1Discriminator(nn.Module):
             down_block(ndf * 2, ndf * 4),  # -> 4ndf x 8 x 8
             down_block(ndf * 4, ndf * 8),  # -> 8ndf x 4 x 4
         )
-        self.text = TextCompress(text_dim, cond_dim)
+        self.text = TextCompress(text_dim, cond_dim, condition)
         self.cond = CondLogits(ndf, cond_dim)
 
     def encode_image(self, img: torch.Tensor) -> torch.Tensor:
@@ -65,9 +87,10 @@ class Stage1Discriminator(nn.Module):
         return self.cond(h, self.text(text))
 
     def forward(self, img: torch.Tensor, text: torch.Tensor, wrong_text: torch.Tensor | None = None) -> dict:
-        """One image encoding shared by the right-text and wrong-text heads -> logits (B,) each."""
+        """One image encoding shared by the right-text and wrong-text heads -> logits (B,) each. A
+        ``wrong_text`` of B' < B rows (the authors' shifted pairs) is scored against the first B' images."""
         h = self.encode_image(img)
         out = {"cond": self.cond_logits(h, text)}
         if wrong_text is not None:
-            out["wrong"] = self.cond_logits(h, wrong_text)
+            out["wrong"] = self.cond_logits(h[:wrong_text.shape[0]], wrong_text)
         return out

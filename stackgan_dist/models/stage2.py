@@ -41,7 +41,7 @@ class Stage2Generator(nn.Module):
 class Stage2Discriminator(nn.Module):
     has_uncond = True
 
-    def __init__(self, text_dim: int, cond_dim: int, df_dim: int):
+    def __init__(self, text_dim: int, cond_dim: int, df_dim: int, condition: str = "text"):
         super().__init__()
         ndf = df_dim
         self.encode = nn.Sequential(
@@ -54,7 +54,7 @@ class Stage2Discriminator(nn.Module):
             conv3x3(ndf * 32, ndf * 16), nn.BatchNorm2d(ndf * 16), nn.LeakyReLU(0.2, inplace=True),
             conv3x3(ndf * 16, ndf * 8), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),  # 8ndf x 4 x 4
         )
-        self.text = TextCompress(text_dim, cond_dim)
+        self.text = TextCompress(text_dim, cond_dim, condition)
         self.cond = CondLogits(ndf, cond_dim)
         self.uncond = CondLogits(ndf, 0)
 
@@ -68,9 +68,10 @@ class Stage2Discriminator(nn.Module):
         return self.uncond(h)
 
     def forward(self, img: torch.Tensor, text: torch.Tensor, wrong_text: torch.Tensor | None = None) -> dict:
-        """One image encoding shared by the heads -> conditional, wrong-text and unconditional logits (B,)."""
+        """One image encoding shared by the heads -> conditional, wrong-text and unconditional logits (B,).
+        A ``wrong_text`` of B' < B rows (the authors' shifted pairs) is scored against the first B' images."""
         h = self.encode_image(img)
         out = {"cond": self.cond_logits(h, text), "uncond": self.uncond_logits(h)}
         if wrong_text is not None:
-            out["wrong"] = self.cond_logits(h, wrong_text)
+            out["wrong"] = self.cond_logits(h[:wrong_text.shape[0]], wrong_text)
         return out
