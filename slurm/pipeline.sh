@@ -27,16 +27,37 @@ site="${STACKGAN_SITE_ENV:-$root/slurm/site.env}"
 # shellcheck disable=SC1090
 [ -f "$site" ] && source "$site"
 py="${STACKGAN_PYTHON:-$root/.venv/bin/python}"
+if [ ! -x "$py" ]; then
+  echo "pipeline.sh: python $py not found: create the venv (make venv) or set STACKGAN_PYTHON (slurm/site.env)" >&2
+  exit 2
+fi
 export STACKGAN_ROOT="${STACKGAN_ROOT:-$root}"  # sbatch passes the environment on: the jobs find the repo
+export STACKGAN_PYTHON="$py"                     # ... and the same interpreter
 
-# Stage-I's run directory, as the training will resolve it (config + overrides, relative to the repository);
-# a bad config fails here, before anything is submitted
-run1="$(cd "$root" && "$py" - "$c1" "${common[@]}" "${s1[@]}" <<'PY'
+# Both stages' configs as the training will resolve them (config + overrides, relative to the repository):
+# a bad key or value in either fails here, in one line, before anything is submitted. Prints Stage-I's run.dir.
+check_configs() {
+  (cd "$root" && "$py" - "$c1" "$c2" "${#common[@]}" "${#s1[@]}" "${common[@]}" "${s1[@]}" "${s2[@]}" <<'PY'
 import os, sys
+from stackgan_dist.errors import UserError
 from stackgan_dist.config import load_config
-print(os.path.abspath(load_config(sys.argv[1], sys.argv[2:]).run.dir))
+c1, c2, nc, n1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rest = sys.argv[5:]
+common, s1, s2 = rest[:nc], rest[nc:nc + n1], rest[nc + n1:]
+try:
+    cfg1 = load_config(c1, common + s1)
+except UserError as e:
+    sys.exit(f"pipeline.sh: Stage-I config {c1}: {e}")
+run1 = os.path.abspath(cfg1.run.dir)
+try:
+    load_config(c2, common + [f"model.stage1_checkpoint={run1}"] + s2)
+except UserError as e:
+    sys.exit(f"pipeline.sh: Stage-II config {c2}: {e}")
+print(run1)
 PY
-)"
+  )
+}
+run1="$(check_configs)" || exit 2
 submit() {  # sbatch, or one line with sbatch's first complaint (e.g. "invalid partition specified: x")
   local what="$1" out err; shift
   err="$(mktemp)"
