@@ -77,8 +77,10 @@ def train_func(loop_config: dict) -> None:
     import ray
 
     # where each rank landed (a multi-node placement is visible in the job log)
+    import stackgan_dist
+
     print(f"stackgan ray: rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()[:12]} "
-          f"({ray.util.get_node_ip_address()})", flush=True)
+          f"({ray.util.get_node_ip_address()}), code {os.path.dirname(stackgan_dist.__file__)}", flush=True)
     if ctx.get_world_rank() == 0:
         print(f"stackgan ray: worker group of {ctx.get_world_size()} started; run dir {cfg.run.dir}", flush=True)
     run_training(cfg, on_checkpoint=_report_checkpoint)

@@ -48,7 +48,7 @@ def test_strict_spread_over_two_ray_nodes_equals_torchrun(two_node_ray, synth_da
     p = ray_job2("--num-workers", 2, "--placement-strategy", "STRICT_SPREAD", "--max-failures", 0, CONFIG,
                  *overrides(synth_data, run))
     assert p.returncode == 0, show(p)
-    placed = dict(re.findall(r"stackgan ray: rank (\d) on node \w+ \((127\.0\.0\.\d)\)", p.stdout))
+    placed = dict(re.findall(r"stackgan ray: rank (\d) on node \w+ \((127\.0\.0\.\d)\), code ", p.stdout))
     assert placed == {"0": placed["0"], "1": placed["1"]} and set(placed.values()) == {"127.0.0.2", "127.0.0.3"}, \
         show(p)
     assert digest(run) == torchrun_digest
