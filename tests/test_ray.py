@@ -184,3 +184,31 @@ def test_no_wait_returns_the_job_id_and_a_worker_error_fails_with_its_root_cause
     line = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("stackgan ray: error:")][-1]
     # every rank fails the same way; whichever Ray reports first is named
     assert "training failed" in line and re.search(r"rank \d+: DataError", line) and "no_such_split" in line, line
+
+
+def test_job_runs_the_code_of_the_checkout_that_submitted_it(ray_cluster, synth_data, tmp_path):
+    """Two checkouts that differ by a marker: the Ray head runs from this one (its venv's editable install
+    points here), the job is submitted from the other, and every worker runs the other's code (the job's
+    working_dir package), not the head's."""
+    other = tmp_path / "other_checkout"
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", str(other), "HEAD"], check=True,
+                   capture_output=True, timeout=120)
+    try:
+        src = other / "stackgan_dist" / "launch_ray.py"
+        text = src.read_text()
+        assert 'print(f"stackgan ray: rank' in text
+        src.write_text(text.replace('print(f"stackgan ray: rank', 'print(f"OTHER-CHECKOUT stackgan ray: rank'))
+        e = dict(os.environ, OMP_NUM_THREADS="1")
+        p = subprocess.run([PY, str(other / "launch" / "ray_job.py"), "--address", ray_cluster, "--num-workers", "2",
+                            "--max-failures", "0", CONFIG, *overrides(synth_data, tmp_path / "run")],
+                           capture_output=True, text=True, timeout=420, cwd=str(other), env=e)
+        assert p.returncode == 0, show(p)
+        lines = [ln for ln in p.stdout.splitlines() if "stackgan ray: rank" in ln and ", code " in ln]
+        assert {ln.split("rank ")[1][0] for ln in lines} == {"0", "1"}, show(p)
+        for ln in lines:
+            assert "OTHER-CHECKOUT" in ln, ln
+            code = ln.split(", code ")[1].strip()
+            assert "working_dir_files" in code and not code.startswith(REPO), ln
+    finally:
+        subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", str(other)], capture_output=True,
+                       timeout=120)
