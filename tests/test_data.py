@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.loader import (ShardStream, check_sample, first_sample_check, iter_samples, make_loader,
-                                       resolve_dataset)
+from stackgan_dist.data.decode import check_sample
+from stackgan_dist.data.index import resolve_dataset
+from stackgan_dist.data.loader import ShardStream, first_sample_check, make_loader
+from stackgan_dist.data.samples import iter_samples
 from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 

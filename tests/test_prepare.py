@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from stackgan_dist.data.loader import iter_samples, resolve_dataset
+from stackgan_dist.data.index import resolve_dataset
+from stackgan_dist.data.samples import iter_samples
 from stackgan_dist.data.safe_pickle import safe_load, safe_loads
 from stackgan_dist.data.stackgan_release import crop_box
 from stackgan_dist.data.writer import STORE_SIZE, sha256_file
