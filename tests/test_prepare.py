@@ -183,3 +183,41 @@ def test_prepare_captions_sentence_transformers(tmp_path):
     e0 = np.load(io.BytesIO(samples[0]["emb.npy"]))
     assert e0.shape == (2, 384) and np.isfinite(e0).all()
     assert not np.allclose(e0[0], e0[1])  # different captions, different embeddings
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"file": "a.jpg", "captions": ["caf\u00e9 au lait"]}\n'.encode("latin-1"), ["captions.jsonl:1", "not UTF-8"]),
+    ('{"file": "a.jpg", "captions": ["x"]}\n'.encode("utf-16"), ["UTF-16"]),
+    ('{"file": "a.jpg", "captions": ["x"]}\n'.encode("utf-16-le"), ["NUL", "UTF-16"]),
+    (b'{"file": "a.jpg", "captions": ["x"]}\n{"file": "b.jpg", "captions": {"a": 1}}\n',
+     ["captions.jsonl:2", "'captions' must be a string or a list"]),
+    (b'{"file": "a.jpg", "captions": 7}\n', ["captions.jsonl:1", "'captions'"]),
+    (b'[{"file": "a.jpg", "captions": ["x"]}]\n', ["captions.jsonl:1", "expected an object"]),
+    (b'{"file": 3, "captions": ["x"]}\n', ["'file'"]),
+    (b'{"file": "a.jpg", "captions": ["x"], "class": true}\n', ["'class'"]),
+    (b'{"file": "a.jpg", "captions": ["x"]}\n{"file": \n', ["captions.jsonl:2", "not JSON"]),
+])
+def test_captions_file_bad_input_is_one_clear_line(tmp_path, content, words):
+    from stackgan_dist.data.captions import read_jsonl
+
+    p = tmp_path / "captions.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(p))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_captions_file_with_utf8_bom_is_read_and_bad_one_exits_2(tmp_path):
+    from stackgan_dist.data.captions import read_jsonl
+
+    p = tmp_path / "captions.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + '{"file": "a.jpg", "captions": ["caf\u00e9"], "class": 2}\n'.encode())
+    assert read_jsonl(str(p)) == [{"file": "a.jpg", "captions": ["caf\u00e9"], "class": 2}]
+    img_dir, _, _ = _own_data(tmp_path, n=2)
+    p.write_bytes('{"file": "photo0.jpg", "captions": ["caf\u00e9"]}\n'.encode("latin-1"))
+    r = run_cli("prepare", "captions", "--images", img_dir, "--captions", p, "--out", tmp_path / "o", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "captions.jsonl:1" in r.stderr and "UTF-8" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
