@@ -15,12 +15,17 @@ both see the same machine load (this machine may be shared); the medians of the 
 wall clock and per second of this process's CPU time (which waiting for a busy CPU does not inflate).
 Total: a DataLoader with ``--workers`` worker processes, each loader timed once, alternately.
 ``speedup`` = ours / reference, per worker.
+
+Tar reading: stackgan_dist.data.tar_reader (a port of tarfile's stream reading, kept only while it is
+faster and tests/test_tar_reader.py shows it equal) against ``tarfile.open(fileobj, "r|")`` on the same
+shards, every member's bytes read, ABBA rounds: ``tar_speedup`` = tarfile's time / ours.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -30,7 +35,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from stackgan_dist.data.loader import make_loader, resolve_dataset
+from stackgan_dist.data.index import resolve_dataset
+from stackgan_dist.data.loader import make_loader
+from stackgan_dist.data.tar_reader import iter_tar_files
 from stackgan_dist.data.safe_pickle import safe_load
 from stackgan_dist.data.stackgan_release import crop_box, load_bboxes, prepare_stackgan
 
@@ -83,6 +90,34 @@ def rate(it, batches: int, batch_size: int, cpu: bool = False) -> float | tuple[
     n = batches * batch_size
     wall = n / (time.perf_counter() - t)
     return (wall, n / max(time.process_time() - c, 1e-9)) if cpu else wall
+
+
+def _read_ours(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in iter_tar_files(f))
+
+
+def _read_tarfile(path: str) -> int:
+    n = 0
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as t:
+        for m in t:
+            if m.isreg():
+                t.extractfile(m).read()
+                n += 1
+    return n
+
+
+def tar_rates(paths: list[str], rounds: int) -> dict:
+    """Microseconds per member (median of ABBA rounds) for our tar reader and tarfile's stream mode."""
+    got: dict = {"ours": [], "tarfile": []}
+    fns = {"ours": _read_ours, "tarfile": _read_tarfile}
+    for i in range(max(2, rounds)):
+        for name in (("ours", "tarfile") if i % 2 == 0 else ("tarfile", "ours")):
+            t = time.perf_counter()
+            n = sum(fns[name](p) for p in paths)
+            got[name].append((time.perf_counter() - t) / n * 1e6)
+    ours, ref = common.percentile(got["ours"], 0.5), common.percentile(got["tarfile"], 0.5)
+    return {"tar_reader_us_per_member": ours, "tarfile_us_per_member": ref, "tar_speedup": ref / ours}
 
 
 def main(argv=None) -> dict:
@@ -141,6 +176,7 @@ def main(argv=None) -> dict:
                     next(it)
                 res[f"{name}_total"] = rate(it, n_tot, B)
                 del it
+        res.update(tar_rates([s.url for s in info.shards], a.rounds))
         jpg_kb = np.mean([os.path.getsize(os.path.join(tmp, "CUB_200_2011", "images", n + ".jpg"))
                           for n in ref.names]) / 1024
     res.update({"speedup": res["ours_per_worker"] / res["reference_per_worker"],
@@ -157,6 +193,8 @@ def main(argv=None) -> dict:
         print(f"{name:<10} {res[name + '_per_worker']:>12.1f} {tot if tot is None else round(tot, 1)!s:>20}")
     print(f"speedup (per worker): {res['speedup']:.2f}x wall clock, {res['speedup_cpu_time']:.2f}x per CPU second",
           flush=True)
+    print(f"tar reading: ours {res['tar_reader_us_per_member']:.1f} us/member, tarfile "
+          f"{res['tarfile_us_per_member']:.1f} us/member ({res['tar_speedup']:.2f}x)", flush=True)
     return out
 
 

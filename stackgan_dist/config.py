@@ -34,6 +34,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank
     shuffle_buffer: int = 512  # samples held for in-stream shuffling (per worker)
     prefetch_factor: int = 4
+    slots: int = 0  # shuffle units of an epoch, fixed whatever the world size (0: auto; data/slots.py)
     max_bad_fraction: float = 0.01  # stop the run if more than this share of samples fail to decode
     pipe_timeout_s: float = 600.0
 
@@ -274,6 +275,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {flat[key]!r}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    for key, lo in (("prefetch_factor", 1), ("shuffle_buffer", 0), ("slots", 0)):
+        if getattr(cfg.data, key) < lo:
+            raise ConfigError(f"config key 'data.{key}' must be >= {lo}, got {getattr(cfg.data, key)}")
     if cfg.model.gf_dim % 16 and cfg.model.stage == 1:
         raise ConfigError(f"config key 'model.gf_dim' must be a multiple of 16 at Stage-I, got {cfg.model.gf_dim}")
     if cfg.model.gf_dim % 4:

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.loader import (ShardStream, check_sample, first_sample_check, iter_samples, make_loader,
-                                       resolve_dataset)
+from stackgan_dist.data.decode import check_sample
+from stackgan_dist.data.index import resolve_dataset
+from stackgan_dist.data.loader import ShardStream, first_sample_check, make_loader
+from stackgan_dist.data.samples import iter_samples
 from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
@@ -201,3 +203,17 @@ def test_non_contiguous_sample_members_are_an_error(tmp_path):
 def test_too_small_for_slots_is_clear(idset):
     with pytest.raises(DataError, match="too small"):
         ShardStream(resolve_dataset(idset), 1, 32, 0, world_size=2, num_workers=2)
+
+
+def test_sequential_reader_file_order_start_and_cycle(idset):
+    from stackgan_dist.data.reader import read_batches, read_samples
+
+    info = resolve_dataset(idset)
+    every = list(read_samples(info, 1))
+    assert [int(s["text"][0]) for s in every] == list(range(N)) and [s["index"] for s in every] == list(range(N))
+    assert every[0]["image"].shape == (3, 64, 64) and every[0]["key"] == "s00000"
+    assert int(every[7]["text"][1]) == 0  # the first caption: scores do not depend on a random draw
+    it = read_samples(info, 2, start=97, cycle=True)
+    assert [int(next(it)["text"][0]) for _ in range(5)] == [97, 98, 99, 0, 1]
+    bs = list(read_batches(info, 1, 32))
+    assert [len(b["key"]) for b in bs] == [32, 32, 32, 4] and torch.equal(bs[1]["text"][0], every[32]["text"])

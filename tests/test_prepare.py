@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from stackgan_dist.data.loader import iter_samples, resolve_dataset
+from stackgan_dist.data.index import resolve_dataset
+from stackgan_dist.data.samples import iter_samples
 from stackgan_dist.data.safe_pickle import safe_load, safe_loads
 from stackgan_dist.data.stackgan_release import crop_box
 from stackgan_dist.data.writer import STORE_SIZE, sha256_file
@@ -334,3 +335,43 @@ def test_prepare_captions_csv_with_bom(tmp_path):
     m, samples = _samples(str(tmp_path / "o" / "train"))
     caps = {s["__key__"].split("_", 1)[1]: (json.loads(s["txt.json"]), int(s["cls"])) for s in samples}
     assert caps == {"p0": (["a dark one", "very dark"], 1), "p1": (["a red one"], 2), "p2": (["bright"], 3)}
+
+
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"file": "a.jpg", "captions": ["caf\u00e9 au lait"]}\n'.encode("latin-1"), ["captions.jsonl:1", "not UTF-8"]),
+    ('{"file": "a.jpg", "captions": ["x"]}\n'.encode("utf-16"), ["UTF-16"]),
+    ('{"file": "a.jpg", "captions": ["x"]}\n'.encode("utf-16-le"), ["NUL", "UTF-16"]),
+    (b'{"file": "a.jpg", "captions": ["x"]}\n{"file": "b.jpg", "captions": {"a": 1}}\n',
+     ["captions.jsonl:2", "'captions' must be a string or a list"]),
+    (b'{"file": "a.jpg", "captions": 7}\n', ["captions.jsonl:1", "'captions'"]),
+    (b'[{"file": "a.jpg", "captions": ["x"]}]\n', ["captions.jsonl:1", "expected an object"]),
+    (b'{"file": 3, "captions": ["x"]}\n', ["'file'"]),
+    (b'{"file": "a.jpg", "captions": ["x"], "class": true}\n', ["'class'"]),
+    (b'{"file": "a.jpg", "captions": ["x"]}\n{"file": \n', ["captions.jsonl:2", "not JSON"]),
+])
+def test_captions_file_bad_input_is_one_clear_line(tmp_path, content, words):
+    from stackgan_dist.data.captions import read_jsonl
+
+    p = tmp_path / "captions.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(p))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_captions_file_with_utf8_bom_is_read_and_bad_one_exits_2(tmp_path):
+    from stackgan_dist.data.captions import read_jsonl
+
+    p = tmp_path / "captions.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + '{"file": "a.jpg", "captions": ["caf\u00e9"], "class": 2}\n'.encode())
+    assert read_jsonl(str(p)) == [{"file": "a.jpg", "captions": ["caf\u00e9"], "class": 2}]
+    img_dir, _, _ = _own_data(tmp_path, n=2)
+    p.write_bytes('{"file": "photo0.jpg", "captions": ["caf\u00e9"]}\n'.encode("latin-1"))
+    r = run_cli("prepare", "captions", "--images", img_dir, "--captions", p, "--out", tmp_path / "o", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "captions.jsonl:1" in r.stderr and "UTF-8" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written

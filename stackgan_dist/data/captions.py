@@ -35,21 +35,23 @@ CAPTION_COLUMNS = ("caption", "text", "captions", "description")
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 text file (a BOM allowed). Other encodings: one line naming the file and the line."""
+    """The file as text: UTF-8, a BOM allowed; anything else one DataError line naming file and line."""
     if not os.path.isfile(path):
         raise DataError(f"captions file not found: {path}")
     with open(path, "rb") as f:
         raw = f.read()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path}: UTF-16 text; save it as UTF-8")
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}; latin-1 or another encoding?): "
-                        "save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}; latin-1 or another code page?); "
+                        "save it as UTF-8") from None
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DataError(f"{path}:{line}: holds NUL characters (UTF-16 without a byte-order mark?); save it as UTF-8")
+    return text
 
 
 def _caption_lines(text: str) -> list[str]:
@@ -58,23 +60,32 @@ def _caption_lines(text: str) -> list[str]:
 
 def read_jsonl(path: str) -> list[dict]:
     rows = []
-    if True:
-        for ln, line in enumerate(read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{ln}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict) or "file" not in r or "captions" not in r:
-                raise DataError(f"{path}:{ln}: expected an object with 'file' and 'captions'")
-            caps = [r["captions"]] if isinstance(r["captions"], str) else list(r["captions"])
-            if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-                raise DataError(f"{path}:{ln}: 'captions' must be a non-empty list of non-empty strings")
-            cls = r.get("class")
-            if cls is not None and not isinstance(cls, int):
-                raise DataError(f"{path}:{ln}: 'class' must be an integer, got {cls!r}")
-            rows.append({"file": str(r["file"]), "captions": caps, "class": cls})
+    for ln, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{ln}: not JSON ({e.msg}); one JSON object per line is expected") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{ln}: not JSON ({str(e) or type(e).__name__})") from None
+        if not isinstance(r, dict) or "file" not in r or "captions" not in r:
+            raise DataError(f"{path}:{ln}: expected an object with 'file' and 'captions', got "
+                            f"{type(r).__name__}")
+        if not isinstance(r["file"], str) or not r["file"] or "\0" in r["file"]:
+            raise DataError(f"{path}:{ln}: 'file' must be a non-empty path string, got {r['file']!r:.60}")
+        caps = r["captions"]
+        if isinstance(caps, str):
+            caps = [caps]
+        if not isinstance(caps, list):
+            raise DataError(f"{path}:{ln}: 'captions' must be a string or a list of strings, got "
+                            f"{type(caps).__name__}")
+        if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise DataError(f"{path}:{ln}: 'captions' must be a non-empty list of non-empty strings")
+        cls = r.get("class")
+        if cls is not None and (isinstance(cls, bool) or not isinstance(cls, int)):
+            raise DataError(f"{path}:{ln}: 'class' must be an integer, got {cls!r:.60}")
+        rows.append({"file": r["file"], "captions": caps, "class": cls})
     if not rows:
         raise DataError(f"{path} holds no captions")
     return rows

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.loader import make_loader, resolve_dataset
+from ..data.index import resolve_dataset
+from ..data.reader import read_samples
 from ..data.writer import CROP_SIZES
 from ..errors import UserError
 from ..inference import generate, load_run
@@ -35,10 +36,8 @@ def _parse_metrics(metrics: str) -> list[str]:
 
 
 def _test_stream(info, stage: int, start: int):
-    """Test samples in file order, one per batch, forever (cycling), starting at global index ``start``."""
-    ds, _ = make_loader(info, stage, 1, 0, num_workers=0, shuffle_buffer=1, train=False)
-    ds.batch_size, ds.batches_per_slot = 1, info.num_samples  # one slot holding the whole split
-    return ds.slot_batches(0, start)  # skipped samples are read, not decoded
+    """Test samples in file order, forever (cycling), starting at global index ``start``."""
+    return read_samples(info, stage, start % info.num_samples, cycle=True)
 
 
 def _noise(seed: int, lo: int, hi: int, dim: int) -> torch.Tensor:
@@ -120,13 +119,13 @@ def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) ->
         while i < hi:
             j = min(i + batch_size, hi)
             batch = [next(it) for _ in range(j - i)]
-            text = torch.cat([b["text"] for b in batch]).to(dev)
+            text = torch.stack([b["text"] for b in batch]).to(dev)
             s1, s2 = generate(run, text, _noise(seed, i, j, zdim).to(dev))
             fake = s2 if s2 is not None else s1  # (B, 3, H, W) in [-1, 1]
             if scorer is not None:
                 scorer.update(((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), real=False)
             if "caption" in names:
-                sc = caption_scores(to_uint8(fake), [int(b["cls"][0]) for b in batch])
+                sc = caption_scores(to_uint8(fake), [b["cls"] for b in batch])
                 counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
             bar.update(j - i)
             i = j
@@ -138,11 +137,11 @@ def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) ->
         while i < rhi:
             j = min(i + batch_size, rhi)
             batch = [next(it) for _ in range(j - i)]
-            real = torch.cat([b["image"] for b in batch])  # uint8 (B, 3, H, W)
+            real = torch.stack([b["image"] for b in batch])  # uint8 (B, 3, H, W)
             if scorer is not None and "fid" in names:
                 scorer.update(real, real=True)
             if "caption" in names:
-                sc = caption_scores(real.permute(0, 2, 3, 1).numpy(), [int(b["cls"][0]) for b in batch])
+                sc = caption_scores(real.permute(0, 2, 3, 1).numpy(), [b["cls"] for b in batch])
                 real_counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
             i = j
     res = {"checkpoint": run.path, "step": run.step, "stage": run.stage, "data": data, "num_samples": n,

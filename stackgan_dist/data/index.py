@@ -1,0 +1,270 @@
+"""Which shards make a dataset: ``dataset.json`` (checked against its schema) or a shard pattern / URL.
+
+Trust: a dataset file is read, never believed. Its schema is checked before anything else uses it, and it
+can only name shard *files*:
+
+- a relative path must stay inside the split folder (no ``..`` component, no drive or root): a dataset
+  copied between machines cannot reach out of its folder by accident or by design;
+- an absolute path is allowed, for shards indexed in place (a dataset file written next to shards kept
+  elsewhere): the path is written out in full in the file, so a reader sees where it points, and it is
+  only ever opened for reading as a tar of plain files;
+- never a ``pipe:`` command or a URL: those would run a command or reach a server that the file chose.
+  They come only from the config or the command line (``data.train='pipe:aws s3 cp s3://b/x-{0..9}.tar -'``),
+  which the user wrote;
+- every shard records its ``size``, checked against the file when the dataset is resolved (a cut-short or
+  replaced shard is reported before training starts; the samples it cannot deliver then count as bad,
+  bounded by ``data.max_bad_fraction``); ``sha256``, when recorded, is checked with
+  ``resolve_dataset(..., verify="sha256")`` (it reads every byte: ``stackgan prepare`` output is checked so
+  in tests, and a user can ask for it);
+- sample counts are bounded (at most one sample per 1 KiB of shard: two tar headers at least), so a
+  hostile count cannot make the loader loop or allocate without end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DataError
+from .decode import REQUIRED, check_sample
+from .samples import iter_samples
+from .writer import FORMAT_VERSION, MANIFEST, sha256_file
+
+log = logging.getLogger("stackgan_dist.data")
+FORMAT = "stackgan_dist.webdataset"
+MAX_SAMPLES = 1 << 40
+MAX_TEXT_DIM = 1 << 16
+ENCODERS = ("precomputed", "hashing", "sentence-transformers")
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Shard:
+    url: str
+    samples: int
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class DatasetInfo:
+    shards: list[Shard]
+    num_samples: int
+    text_dim: int
+    manifest: dict
+    root: str
+
+
+def is_remote(url: str) -> bool:
+    """A ``pipe:`` command or a URL: allowed from the config or command line only."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Brace patterns (``shard-{000000..000009}.tar``) and, for local paths, glob wildcards."""
+    import glob
+
+    import braceexpand  # installed with webdataset
+
+    out = []
+    for u in braceexpand.braceexpand(pattern):
+        if not is_remote(u) and any(c in u for c in "*?["):
+            out += sorted(glob.glob(u))
+        else:
+            out.append(u)
+    return out
+
+
+def _int(v, where: str, lo: int = 0, hi: int = MAX_SAMPLES) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where} must be an integer, got {type(v).__name__} {_short(v)}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{where} must lie in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _str(v, where: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{where} must be a string, got {type(v).__name__} {_short(v)}")
+    return v
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def shard_path(path: str, root: str, where: str) -> str:
+    """The file a dataset file's shard entry names (see the module docstring for the rules)."""
+    if not path or "\0" in path:
+        raise ValueError(f"{where} must be a non-empty file path")
+    if is_remote(path):
+        raise ValueError(f"{where} is {_short(path)}: a dataset file names shard files only, never a pipe: "
+                         "command or a URL (put those in data.train / --data, which you write yourself)")
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    parts = re.split(r"[/\\]", path)
+    if ".." in parts or re.match(r"^[A-Za-z]:", path):
+        raise ValueError(f"{where} is {_short(path)}, which leaves the split folder: name shards inside it, "
+                         "or by their absolute path for shards indexed in place")
+    return os.path.join(root, os.path.normpath(path))
+
+
+def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
+    """Schema of a dataset file -> (shards, num_samples, text_dim). Raises ValueError naming the field."""
+    if not isinstance(m, dict):
+        raise ValueError(f"the file must hold a JSON object, got {type(m).__name__}")
+    if m.get("format") != FORMAT:
+        raise ValueError(f"'format' must be {FORMAT!r}, got {_short(m.get('format'))}")
+    version = _int(m.get("version"), "'version'", 1, 1 << 30)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"'version' {version} is newer than this stackgan_dist reads ({FORMAT_VERSION}): "
+                         "upgrade stackgan_dist, or prepare the data again")
+    text_dim = _int(m.get("text_dim"), "'text_dim'", 1, MAX_TEXT_DIM)
+    enc = m.get("text_encoder")
+    if not isinstance(enc, dict):
+        raise ValueError(f"'text_encoder' must be an object, got {_short(enc)}")
+    if enc.get("name") not in ENCODERS:
+        raise ValueError(f"'text_encoder.name' must be one of {list(ENCODERS)}, got {_short(enc.get('name'))}")
+    if _int(enc.get("dim"), "'text_encoder.dim'", 1, MAX_TEXT_DIM) != text_dim:
+        raise ValueError(f"'text_encoder.dim' {enc['dim']} differs from 'text_dim' {text_dim}")
+    for k in ("path", "source"):
+        if k in enc:
+            _str(enc[k], f"'text_encoder.{k}'")
+    for k in ("image_size",):
+        if k in m:
+            _int(m[k], f"'{k}'", 1, 1 << 16)
+    for k in ("source", "created"):
+        if k in m:
+            _str(m[k], f"'{k}'")
+    entries = m.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"'shards' must be a non-empty list, got {_short(entries)}")
+    shards = []
+    for i, s in enumerate(entries):
+        where = f"'shards[{i}]"
+        if not isinstance(s, dict):
+            raise ValueError(f"{where}' must be an object with path, samples and size, got {_short(s)}")
+        url = shard_path(_str(s.get("path"), f"{where}.path'"), root, f"{where}.path'")
+        size = _int(s.get("size"), f"{where}.size'", 0, 1 << 50)
+        samples = _int(s.get("samples"), f"{where}.samples'", 0, size // 1024)
+        sha = s.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and _SHA.fullmatch(sha)):
+            raise ValueError(f"{where}.sha256' must be 64 lowercase hex digits, got {_short(sha)}")
+        shards.append(Shard(url, samples, size, sha))
+    n = _int(m.get("num_samples"), "'num_samples'")
+    if n != sum(s.samples for s in shards):
+        raise ValueError(f"'num_samples' {n} differs from the sum of the shards' samples "
+                         f"{sum(s.samples for s in shards)}")
+    return shards, n, text_dim
+
+
+def read_manifest(path: str) -> dict:
+    """A dataset file's JSON (UTF-8, a BOM allowed); DataError naming the file (and line) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)
+            if f.read(1):
+                raise DataError(f"{path}: larger than 64 MiB; not a dataset file")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); "
+                        "a dataset file is UTF-8 JSON (write it again with `stackgan prepare`)") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); write it again with "
+                        "`stackgan prepare`") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_manifest(path: str, verify: str = "size") -> DatasetInfo:
+    m = read_manifest(path)
+    root = os.path.dirname(os.path.abspath(path))
+    try:
+        shards, n, text_dim = validate_manifest(m, root)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    for s in shards:
+        check_shard(s, path, verify)
+    return DatasetInfo(shards, n, text_dim, m, root)
+
+
+def check_shard(s: Shard, manifest: str, verify: str = "size") -> None:
+    """The shard file exists and has the recorded size (and hash, for verify="sha256")."""
+    try:
+        size = os.stat(s.url).st_size
+    except OSError:
+        raise DataError(f"shard listed in {manifest} is missing: {s.url}") from None
+    if s.size is not None and size != s.size:  # samples it cannot deliver count as bad (data.max_bad_fraction)
+        log.warning("shard %s has %d bytes, %s records %d: it was cut short or replaced (prepare the split "
+                    "again); samples it cannot deliver count as bad", s.url, size, manifest, s.size)
+    if verify == "sha256" and s.sha256 and sha256_file(s.url) != s.sha256:
+        raise DataError(f"shard {s.url} does not match the sha256 that {manifest} records (prepare it again)")
+
+
+def _count_samples(url: str) -> int:
+    n = 0
+    try:
+        for _ in iter_samples(url, keep=lambda i: False):  # member data is skipped: headers only
+            n += 1
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged shard: keep what it delivers
+        log.warning("shard %s unreadable after %d samples (%s: %s); using those", url, n, type(e).__name__, e)
+        return max(0, n - 1)  # the last key may be partial
+    return n
+
+
+def resolve_dataset(spec: str, verify: str = "size") -> DatasetInfo:
+    """``spec``: a split directory holding dataset.json, a dataset.json path, or a shard pattern / URL
+    (local, ``shard-{000000..000009}.tar``, ``pipe:CMD``) from the config or command line.
+    Raises DataError before any worker starts."""
+    if verify not in ("size", "sha256"):
+        raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
+    if not spec:
+        raise DataError("no data path given (set data.train / data.test, or pass --data)")
+    if os.path.isdir(spec):
+        mpath = os.path.join(spec, MANIFEST)
+        if not os.path.isfile(mpath):
+            raise DataError(f"data directory {spec} has no {MANIFEST} (prepare it with `stackgan prepare`)")
+        return load_manifest(mpath, verify)
+    if spec.endswith(".json") and not is_remote(spec):
+        if not os.path.isfile(spec):
+            raise DataError(f"data manifest not found: {spec}")
+        return load_manifest(spec, verify)
+    # a pattern from the config: expand, check, count (a neighbouring dataset.json avoids the count pass)
+    urls = expand_braces(spec)
+    if not urls:
+        raise DataError(f"shard pattern {spec} matches nothing")
+    for u in urls:
+        if not is_remote(u) and not os.path.isfile(u):
+            raise DataError(f"shard not found: {u}")
+    shards = [Shard(u, _count_samples(u)) for u in urls]
+    first = next(iter_samples(shards[0].url), None)
+    if first is None:
+        raise DataError(f"shard {urls[0]} holds no samples")
+    if any(k not in first for k in REQUIRED):  # not a KeyError: a DataError naming shard, key, expected, found
+        check_sample(first, 0)
+    try:
+        text_dim = int(np.load(io.BytesIO(first["emb.npy"]), allow_pickle=False).shape[-1])
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has an unreadable emb.npy ({e})") from None
+    if not 1 <= text_dim <= MAX_TEXT_DIM:
+        raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has a {text_dim}-d embedding")
+    return DatasetInfo(shards, sum(s.samples for s in shards), text_dim, {}, os.path.dirname(urls[0]))
+

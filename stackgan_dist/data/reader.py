@@ -1,0 +1,81 @@
+"""The public sequential reader: a split's samples in file order, decoded for scoring (centre crop, first
+caption). Evaluation and sample grids read data through this, not through the training loader."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .decode import BadSample, decode
+from .index import DatasetInfo
+from .samples import iter_samples
+from .writer import CROP_SIZES, LOAD_SIZES
+
+log = logging.getLogger("stackgan_dist.data")
+
+
+def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = False) -> Iterator[dict]:
+    """Samples ``start``, ``start + 1``, ... of the split in file order (wrapping round when ``cycle``):
+    ``{"image": uint8 (3, H, W), "text": float32 (text_dim,), "cls": int, "key": str, "index": int}``,
+    H = W = the stage's crop. Samples before ``start`` are skipped without reading their data. A sample that
+    does not decode raises DataError naming it (scores must not silently change their sample set)."""
+    n = info.num_samples
+    if n <= 0:
+        raise DataError("the split holds no samples")
+    if not 0 <= start < n:
+        raise ValueError(f"start {start} outside the split's {n} samples")
+    load, crop = LOAD_SIZES[stage], CROP_SIZES[stage]
+    i = start
+    while True:
+        pos = 0
+        for shard in info.shards:
+            if i >= pos + shard.samples:
+                pos += shard.samples
+                continue
+            first = i - pos
+            j = -1
+            try:
+                for j, sample in enumerate(iter_samples(shard.url, keep=lambda k, f=first: k >= f)):
+                    if j < first:
+                        continue
+                    if j >= shard.samples:
+                        break
+                    try:
+                        img, text, cls, _ = decode(sample, load, crop, None, info.text_dim, train=False)
+                    except BadSample as e:
+                        raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
+                                        f"({e})") from None
+                    yield {"image": torch.from_numpy(img), "text": torch.from_numpy(text), "cls": cls,
+                           "key": sample["__key__"], "index": pos + j}
+                    i += 1
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged tar
+                raise DataError(f"shard {shard.url} unreadable after {j + 1} samples ({e})") from None
+            if j + 1 < shard.samples:
+                raise DataError(f"shard {shard.url} ended after {j + 1} of {shard.samples} samples")
+            pos += shard.samples
+        if not cycle:
+            return
+        i = 0
+
+
+def read_batches(info: DatasetInfo, stage: int, batch_size: int, start: int = 0, cycle: bool = False):
+    """``read_samples`` stacked into batches of ``batch_size`` (the last one may be smaller)."""
+    buf: list[dict] = []
+    for s in read_samples(info, stage, start, cycle):
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield _stack(buf)
+            buf = []
+    if buf:
+        yield _stack(buf)
+
+
+def _stack(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples]),
+            "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.int64),
+            "key": [s["key"] for s in samples], "index": np.array([s["index"] for s in samples])}
