@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from stackgan_dist.config import Config, ModelConfig
+from stackgan_dist.distributed.device import local_cuda_device
 from stackgan_dist.distributed.env import DistEnv
 from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.losses import kl_loss
@@ -112,12 +113,16 @@ class BaselineStep:
         return {"d_loss": err_d.detach(), "g_loss": err_g.detach()}
 
 
+def bench_device(name: str) -> torch.device:
+    """cpu, or this process's indexed CUDA device (cuda:LOCAL_RANK, made current): never a bare "cuda"."""
+    return local_cuda_device() if name == "cuda" else torch.device("cpu")
+
+
 def build(a):
     """-> (cfg, ours, baseline or None, batch, device)."""
     cfg = make_cfg(a)
-    device = torch.device(a.device)
+    device = bench_device(a.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     models = build_models(cfg.model)
