@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import PY, REPO
 from stackgan_dist.observability.flops import (compute_precision, conv2d_flops, count_flops, linear_flops, mfu,
                                                stated_peak)
 
@@ -175,3 +175,56 @@ def test_suite_tiny_end_to_end(tmp_path):
         assert d[k] > 0, k
     md = (tmp_path / "latest-tiny.md").read_text()
     assert "| stage |" in md and "speedup" in md and "Goodput" in md and "Loader" in md
+
+
+# -- the GPU check and its Makefile targets, as far as a machine without CUDA can show them -----------------
+
+GPU_CHECK = os.path.join(BENCH, "gpu_check.sh")
+
+
+def _gpu_check(*args, env=None):
+    return subprocess.run(["bash", GPU_CHECK, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=dict(os.environ, **(env or {})))
+
+
+def test_gpu_check_refuses_at_once_without_cuda(tmp_path):
+    out = tmp_path / "out"
+    # no driver at all (this machine): one line, exit 3, before torch is imported or anything is written
+    p = _gpu_check(out, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 3 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "no CUDA device" in p.stderr and not out.exists()
+    # a driver's nvidia-smi but a torch without CUDA: refused by torch's own answer, still one line
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    p = _gpu_check(out, "--phases", "env", env={"PATH": f"{fake}:/usr/bin:/bin", "GPU_CHECK_PYTHON": PY})
+    assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "no CUDA device visible to" in p.stderr and not out.exists()
+
+
+def test_gpu_check_usage_errors():
+    for args, msg in (((), "usage"), (("out", "--phases", "env,bogus"), "unknown phase 'bogus'"),
+                      (("out", "--fast"), "unknown argument")):
+        p = _gpu_check(*args)
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+
+
+def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
+    """The Makefile exports PIP_CONSTRAINT (the CPU torch) to every recipe: test-gpu and gpu-wheels unset it
+    first; test-gpu installs nothing from a registry and runs the GPU check with the system python."""
+    for target in ("test-gpu", "gpu-wheels"):
+        p = subprocess.run(["make", "-n", "-o", ".venv/bin/.full", "-o", ".venv/bin/.core", target, f"GPU_OUT={tmp_path}"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        recipe = p.stdout
+        assert recipe.startswith("unset PIP_CONSTRAINT;"), recipe
+        if target == "test-gpu":
+            assert "gpu_check.sh" in recipe and "pip" not in recipe and ".venv" not in recipe, recipe
+        else:
+            assert "--only-binary=:all: --platform manylinux2014_x86_64" in recipe and "--python-version 3.12" in recipe
+            assert "DS_BUILD_OPS=0" in recipe and "--no-build-isolation" in recipe, recipe
+    # and for real: on this machine the GPU check stops at once, with its one line, through make
+    p = subprocess.run(["make", "test-gpu", f"GPU_OUT={tmp_path / 'gc'}"], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env=dict(os.environ, PATH="/usr/bin:/bin"))
+    assert p.returncode != 0 and "gpu_check: no CUDA device" in p.stderr, p.stderr
