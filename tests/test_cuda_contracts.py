@@ -207,6 +207,44 @@ def test_deepspeed_engine_from_our_bf16_config_trains_a_batchnorm_model_on_cpu(t
     assert theirs["not_fp32"] and "BFloat16" in theirs.get("error", ""), theirs
 
 
+
+# -- loader workers from the CPUs a rank is granted (slurm/train.sbatch asks for 8 per task) ---------------
+
+def test_auto_num_workers_follow_the_granted_cpus():
+    from stackgan_dist.config import auto_num_workers, granted_cpus, load_config
+
+    assert granted_cpus({}, set(range(12))) == 12
+    assert granted_cpus({"SLURM_CPUS_PER_TASK": "8"}, set(range(64))) == 8  # no task binding: whole node visible
+    assert granted_cpus({"SLURM_CPUS_PER_TASK": "8"}, {0, 1}) == 2  # bound tighter than asked
+    assert granted_cpus({"SLURM_CPUS_PER_TASK": "x"}, {0, 1, 2}) == 3
+    assert [auto_num_workers(n) for n in (1, 2, 8, 64)] == [0, 1, 7, 16]
+    cfg = load_config(None, ["data.num_workers=auto"])
+    assert cfg.data.num_workers == auto_num_workers(granted_cpus()) and isinstance(cfg.data.num_workers, int)
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+
+
+def test_sbatch_asks_for_cpus_and_sizes_workers_from_them(tmp_path):
+    """slurm/train.sbatch with a stand-in srun that records its command line: 8 CPUs per task requested,
+    data.num_workers=auto added unless the command line sets it."""
+    import subprocess
+    import sys
+
+    with open(os.path.join(REPO, "slurm", "train.sbatch")) as f:
+        assert "#SBATCH --cpus-per-task=8\n" in f.read()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (fake / "srun").chmod(0o755)
+    for extra, want in (((), "data.num_workers=auto"), (("data.num_workers=3",), "data.num_workers=3")):
+        rec = tmp_path / "args"
+        env = dict(os.environ, PATH=f"{fake}:/usr/bin:/bin", SRUN_ARGS=str(rec), STACKGAN_PYTHON=sys.executable,
+                   STACKGAN_ROOT=REPO, STACKGAN_SITE_ENV=str(tmp_path / "none.env"), SLURM_JOB_ID="1")
+        p = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "configs/demo/stage1.yaml", *extra],
+                           capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
+        assert p.returncode == 0, p.stdout + p.stderr
+        args = rec.read_text().split()
+        assert args[-1] == want and sum(a.startswith("data.num_workers=") for a in args) == 1, args
+
 if __name__ == "__main__":
     import sys
 
