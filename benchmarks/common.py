@@ -16,8 +16,8 @@ if REPO not in sys.path:
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.cuda.current_device())  # the device this process was given
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 

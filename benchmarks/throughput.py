@@ -25,13 +25,15 @@ import torch
 from torch import nn
 
 from stackgan_dist.config import Config, ModelConfig, apply_overrides, kl_weight, preset_overrides
+from stackgan_dist.distributed.device import local_cuda_device
 from stackgan_dist.distributed.env import DistEnv
 from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.losses import LossOptions
 from stackgan_dist.models.build import build_models, build_stage1_generator
-from stackgan_dist.observability.flops import count_flops, measure_matmul_peak, stated_peak
+from stackgan_dist.observability.flops import compute_precision, count_flops, measure_matmul_peak, mfu, stated_peak
 from stackgan_dist.train_step import GANStep, to_model_input
 
+MIN_CUDA_STEPS = 30  # timed steps on CUDA, at least (events; the default everywhere)
 PAPER = {"gf_dim": 128, "df_dim": 64, "condition_dim": 128, "z_dim": 100, "text_dim": 1024}
 
 
@@ -102,12 +104,16 @@ class BaselineStep:
             return self.step([batch])
 
 
+def bench_device(name: str) -> torch.device:
+    """cpu, or this process's indexed CUDA device (cuda:LOCAL_RANK, made current): never a bare "cuda"."""
+    return local_cuda_device() if name == "cuda" else torch.device("cpu")
+
+
 def build(a):
     """-> (cfg, ours, baseline or None, batch, device)."""
     cfg = make_cfg(a)
-    device = torch.device(a.device)
+    device = bench_device(a.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     models = build_models(cfg.model)
@@ -116,7 +122,7 @@ def build(a):
     strategy = make_strategy(cfg, env)
     strategy.setup(models.G, models.D)
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(1)
-    ours = GANStep(strategy, a.stage, cfg.model.z_dim, cfg.model.condition_dim, cfg.train.kl_coeff, G1, gen,
+    ours = GANStep(strategy, a.stage, cfg.model.z_dim, cfg.model.condition_dim, kl_weight(cfg), G1, gen,
                    1, cfg.train.channels_last)
     base = None
     if a.baseline:
@@ -127,10 +133,53 @@ def build(a):
     return cfg, ours, base, batch, device
 
 
+def step_flops(ours: GANStep, batch: dict) -> int:
+    """FLOPs of one of our steps, counted once per configuration, eagerly (the dispatcher's counter cannot see
+    inside compiled graphs; the arithmetic is the same): the compiled modules are swapped for their eager
+    originals for this one counted step."""
+    s = ours.s
+    saved = s.G, s.D, s.D_eval
+    s.G, s.D, s.D_eval = s.G_module, s.D_module, s.D_module
+    try:
+        return count_flops(lambda: ours([batch]))
+    finally:
+        s.G, s.D, s.D_eval = saved
+
+
+class Timer:
+    """Per-step wall time: CUDA events on the GPU (recorded on the stream, read once at the end, so timing
+    adds no host synchronisation between steps), perf_counter around a synchronised step on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.pending: list = []
+        self.times: list[float] = []
+
+    def __call__(self, fn) -> None:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self.pending.append((start, end))
+        else:
+            t = time.perf_counter()
+            fn()
+            self.times.append(time.perf_counter() - t)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.times += [a.elapsed_time(b) / 1e3 for a, b in self.pending]
+            self.pending = []
+        return self.times
+
+
 def run(a) -> dict:
     cfg, ours, base, batch, device = build(a)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    flops = step_flops(ours, batch)  # once per configuration, before any timing
     variants = {"ours": lambda: ours([batch])}
     if base is not None:
         variants["baseline"] = lambda: base(batch)
@@ -138,7 +187,6 @@ def run(a) -> dict:
         for fn in variants.values():
             fn()
     sync()
-    times = {k: [] for k in variants}
     peak = {}
     for k in variants:  # peak memory per variant (CUDA); CPU: the process's max RSS, shared by both
         if cuda:
@@ -147,25 +195,24 @@ def run(a) -> dict:
             sync()
             peak[k] = torch.cuda.max_memory_allocated() / 2 ** 20
     names = list(variants)
+    timers = {k: Timer(cuda) for k in variants}
     cpu_times = {k: [] for k in variants}  # process CPU time: the work done, robust to waiting on a shared CPU
     for i in range(a.steps):  # alternate, ABBA: both see the same load on a shared machine, neither always first
         for k in (names if i % 2 == 0 else names[::-1]):
-            sync()
-            c, t = time.process_time(), time.perf_counter()
-            variants[k]()
-            sync()
-            times[k].append(time.perf_counter() - t)
+            c = time.process_time()
+            timers[k](variants[k])
             cpu_times[k].append(time.process_time() - c)
+    times = {k: t.seconds() for k, t in timers.items()}
     if not cuda:
         peak = {k: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 for k in variants}
-    flops = count_flops(lambda: ours([batch])) if not a.compile else count_flops(lambda: base(batch)) if base else 0
     b = cfg.train.batch_size
     med = common.percentile(times["ours"], 0.5)
     r = {"stage": a.stage, "precision": a.precision, "backend": a.backend, "batch_size": b,
          "gf_dim": a.gf_dim, "df_dim": a.df_dim, "compile": a.compile, "channels_last": a.channels_last,
          "img_per_s": b / med, "step_ms_p50": 1e3 * med, "step_ms_p90": 1e3 * common.percentile(times["ours"], 0.9),
+         "timer": "cuda_events" if cuda else "perf_counter",
          "peak_mem_mb": peak["ours"], "peak_mem_kind": "cuda_max_allocated" if cuda else "process_max_rss",
-         "flops_per_img": flops / b, "steps": a.steps, "warmup": a.warmup,
+         "flops_per_img": flops / b, "flops_counted": "once, eager, our step", "steps": a.steps, "warmup": a.warmup,
          "cpu_ms_p50": 1e3 * common.percentile(cpu_times["ours"], 0.5),
          "baseline_img_per_s": None, "speedup": None}
     if base is not None:
@@ -182,19 +229,29 @@ def run(a) -> dict:
     return r
 
 
-def add_mfu(r: dict, device: str, peaks: dict) -> None:
-    name = common.device_name(device)
-    sp = stated_peak(name, r["precision"])
-    r["peak_flops_stated"] = sp
-    r["peak_flops_measured"] = peaks.get(r["precision"])
-    basis = sp or r["peak_flops_measured"]
-    r["mfu_basis"] = "stated" if sp else "measured_matmul"
-    r["mfu"] = r["flops_per_img"] * r["img_per_s"] / basis if basis else None
+def add_mfu(r: dict, device: torch.device, ceiling: float | None) -> None:
+    """MFU only against a datasheet peak, for the precision that actually runs (fp32 convolutions on CUDA
+    run in TF32). On CPU there is no datasheet: the achieved FLOP/s stand beside a measured matmul ceiling,
+    and there is no MFU (a ratio to a matmul timed on a shared, loaded machine once read 126%)."""
+    r["achieved_flop_s"] = r["flops_per_img"] * r["img_per_s"]
+    r["matmul_flop_s_measured"] = ceiling
+    if device.type != "cuda":
+        r.update(compute_precision="fp32", peak_flops_stated=None, mfu=None, mfu_basis=None)
+        return
+    prec = compute_precision(r["precision"], "cuda", torch.backends.cudnn.allow_tf32,
+                             torch.backends.cuda.matmul.allow_tf32)
+    peak = stated_peak(common.device_name("cuda"), prec)
+    r.update(compute_precision=prec, peak_flops_stated=peak, mfu=None, mfu_basis=None)
+    if peak:
+        try:
+            r["mfu"], r["mfu_basis"] = mfu(r["achieved_flop_s"], peak), f"datasheet {prec} dense"
+        except ValueError as e:  # > 1: a measurement error, recorded as such (the timings above stay)
+            r["mfu_error"] = str(e)
 
 
-def measured_peaks(device: str, precisions: list[str], n: int) -> dict:
+def matmul_ceiling(device: torch.device, precision: str, n: int) -> float:
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return {p: measure_matmul_peak(torch.device(device), dt[p], n=n) for p in set(precisions)}
+    return measure_matmul_peak(device, dt[precision], n=n)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -208,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--baseline", action="store_true")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=MIN_CUDA_STEPS, help="timed steps (CUDA: at least 30)")
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the measured-peak matmul")
     for k, v in PAPER.items():  # the paper's widths by default
         p.add_argument("--" + k.replace("_", "-"), type=int, default=v)
@@ -220,10 +277,13 @@ def main(argv=None) -> dict:
     a = parser().parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is visible")
+    if a.device == "cuda" and a.steps < MIN_CUDA_STEPS:
+        sys.exit(f"--steps {a.steps}: at least {MIN_CUDA_STEPS} timed steps on CUDA")
     if a.backend == "deepspeed":
         raise SystemExit("--backend deepspeed: not wired into this benchmark yet (it needs a launcher)")
     r = run(a)
-    add_mfu(r, a.device, measured_peaks(a.device, [a.precision], a.peak_n))
+    device = bench_device(a.device)
+    add_mfu(r, device, matmul_ceiling(device, a.precision, a.peak_n))
     out = {**common.header(a.device), "results": [r]}
     common.write_json(out, a.json)
     print(format_row(r), flush=True)
@@ -231,9 +291,16 @@ def main(argv=None) -> dict:
 
 
 def format_row(r: dict) -> str:
-    s = (f"stage{r['stage']} {r['precision']} b{r['batch_size']} gf{r['gf_dim']}/df{r['df_dim']}: "
+    s = (f"stage{r['stage']} {r['precision']} b{r['batch_size']} gf{r['gf_dim']}/df{r['df_dim']}"
+         f"{' NHWC' if r['channels_last'] else ''}{' compiled' if r['compile'] else ''}: "
          f"{r['img_per_s']:.1f} img/s (p50 {r['step_ms_p50']:.1f} ms, p90 {r['step_ms_p90']:.1f} ms), "
-         f"{r['flops_per_img'] / 1e9:.2f} GFLOP/img, MFU {100 * (r['mfu'] or 0):.1f}% ({r['mfu_basis']})")
+         f"{r['flops_per_img'] / 1e9:.2f} GFLOP/img, {r['achieved_flop_s'] / 1e12:.3f} TFLOP/s")
+    if r.get("mfu") is not None:
+        s += f", MFU {100 * r['mfu']:.1f}% ({r['mfu_basis']})"
+    elif r.get("matmul_flop_s_measured"):
+        s += f" (matmul ceiling measured here {r['matmul_flop_s_measured'] / 1e12:.3f} TFLOP/s; no MFU)"
+    if r.get("mfu_error"):
+        s += f", MFU not reported: {r['mfu_error']}"
     if r.get("speedup"):
         s += f", baseline {r['baseline_img_per_s']:.1f} img/s, speedup {r['speedup']:.2f}x"
     return s

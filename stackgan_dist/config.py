@@ -31,7 +31,7 @@ class RunConfig:
 class DataConfig:
     train: str = ""  # prepared split directory (holding dataset.json) or a shard pattern/URL
     test: str = ""
-    num_workers: int = 2  # DataLoader worker processes per rank
+    num_workers: int = 2  # DataLoader worker processes per rank; "auto": the CPUs this rank was granted, less one
     shuffle_buffer: int = 512  # samples held for in-stream shuffling (per worker)
     prefetch_factor: int = 4
     slots: int = 0  # shuffle units of an epoch, fixed whatever the world size (0: auto; data/slots.py)
@@ -195,7 +195,29 @@ def _unknown(key: str) -> "ConfigError":
     return ConfigError(f"unknown config key '{key}' ({hint})")
 
 
+def granted_cpus(environ=os.environ, affinity: set | None = None) -> int:
+    """CPUs this process may use: its CPU affinity (what cgroups / srun binding allow), and no more than
+    Slurm's SLURM_CPUS_PER_TASK where that is set (without task binding the affinity can be the whole node)."""
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    n = max(1, len(affinity))
+    try:
+        slurm = int(environ.get("SLURM_CPUS_PER_TASK", ""))
+    except ValueError:
+        slurm = 0
+    return min(n, slurm) if slurm > 0 else n
+
+
+def auto_num_workers(cpus: int, cap: int = 16) -> int:
+    """Loader workers for ``data.num_workers=auto``: one CPU stays with the training process, the rest decode
+    (at most ``cap``); one CPU: the training process loads itself (0 workers). The data partition does not
+    depend on the worker count, so this may differ between runs of one job."""
+    return max(0, min(cpus - 1, cap))
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
+    if key == "data.num_workers" and isinstance(value, str) and value.strip().lower() == "auto":
+        return auto_num_workers(granted_cpus())  # resolved here, per process: the rest of the code sees an int
     if typ is bool:
         if isinstance(value, bool):
             return value

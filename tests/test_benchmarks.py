@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
-from stackgan_dist.observability.flops import conv2d_flops, count_flops, linear_flops
+from conftest import PY, REPO
+from stackgan_dist.observability.flops import (compute_precision, conv2d_flops, count_flops, linear_flops, mfu,
+                                               stated_peak)
 
 BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCH)
 
 THROUGHPUT_FIELDS = {"stage", "precision", "backend", "batch_size", "img_per_s", "step_ms_p50", "step_ms_p90",
-                     "peak_mem_mb", "flops_per_img", "mfu", "baseline_img_per_s", "speedup"}
+                     "peak_mem_mb", "flops_per_img", "mfu", "baseline_img_per_s", "speedup", "achieved_flop_s",
+                     "matmul_flop_s_measured", "compute_precision"}
 
 
 def _net():
@@ -49,6 +51,40 @@ def test_flop_counter_matches_hand_count():
     assert count_flops(lambda: g(torch.randn(b, 16, 8, 8))) == conv2d_flops(b, 16, 16, 3, 8, 8, groups=4) == c3 // 4
 
 
+def test_mfu_is_never_above_one():
+    assert math.isclose(mfu(0.35 * 989e12, 989e12), 0.35)
+    for rate, peak in ((1.26 * 27e9, 27e9), (1.0001e15, 989e12)):  # the CPU table's old 126%; just over
+        with pytest.raises(ValueError, match="> 1"):
+            mfu(rate, peak)
+    with pytest.raises(ValueError):
+        mfu(1e12, 0.0)
+
+
+def test_peak_follows_the_precision_that_runs():
+    # fp32 convolutions on CUDA run on TF32 tensor cores (cudnn.allow_tf32 is on by torch's default)
+    assert compute_precision("fp32", "cuda", cudnn_allow_tf32=True, matmul_allow_tf32=False) == "tf32"
+    assert compute_precision("fp32", "cuda", cudnn_allow_tf32=False, matmul_allow_tf32=False) == "fp32"
+    assert compute_precision("bf16", "cuda", True, True) == "bf16"
+    assert compute_precision("fp32", "cpu", True, True) == "fp32"
+    assert torch.backends.cudnn.allow_tf32  # torch's default, which the fp32 baseline runs with
+    assert stated_peak("NVIDIA H100 80GB HBM3", "tf32") == 495e12 and stated_peak("NVIDIA H200", "tf32") == 495e12
+    assert stated_peak("NVIDIA H100 80GB HBM3", "bf16") == stated_peak("NVIDIA H200", "bf16") == 989e12
+    assert stated_peak("NVIDIA H100 PCIe", "bf16") == 756e12  # the more specific name wins
+    assert stated_peak("x86_64 CPU, 2 cores", "fp32") is None and stated_peak("NVIDIA H100", "int8") is None
+
+
+def test_cpu_throughput_reports_no_mfu():
+    import throughput
+
+    r = {"flops_per_img": 1e10, "img_per_s": 3.0, "precision": "fp32"}
+    throughput.add_mfu(r, torch.device("cpu"), 2.7e10)
+    assert r["achieved_flop_s"] == 3e10 and r["matmul_flop_s_measured"] == 2.7e10  # beside each other, no ratio
+    assert r["mfu"] is None and r["peak_flops_stated"] is None
+    assert "% (" not in throughput.format_row({**r, "stage": 1, "batch_size": 4, "gf_dim": 8, "df_dim": 4,
+                                               "channels_last": False, "compile": False, "step_ms_p50": 1.0,
+                                               "step_ms_p90": 1.0})
+
+
 def test_flop_counter_on_the_stage1_models_is_plausible():
     from stackgan_dist.config import ModelConfig
     from stackgan_dist.models.build import build_models
@@ -67,7 +103,8 @@ def _check_throughput(out, baseline=True):
     for r in out["results"]:
         assert THROUGHPUT_FIELDS <= set(r), THROUGHPUT_FIELDS - set(r)
         assert r["img_per_s"] > 0 and r["step_ms_p90"] >= r["step_ms_p50"] > 0 and r["flops_per_img"] > 0
-        assert r["mfu"] is not None and 0 < r["mfu"] and r["peak_mem_mb"] > 0
+        assert r["peak_mem_mb"] > 0 and r["achieved_flop_s"] > 0 and r["matmul_flop_s_measured"] > 0
+        assert r["mfu"] is None and r["mfu_basis"] is None and r["timer"] == "perf_counter"  # CPU: no datasheet
         if baseline:
             assert r["baseline_img_per_s"] > 0 and math.isclose(r["speedup"], r["img_per_s"] / r["baseline_img_per_s"],
                                                                 rel_tol=1e-6)
@@ -138,3 +175,56 @@ def test_suite_tiny_end_to_end(tmp_path):
         assert d[k] > 0, k
     md = (tmp_path / "latest-tiny.md").read_text()
     assert "| stage |" in md and "speedup" in md and "Goodput" in md and "Loader" in md
+
+
+# -- the GPU check and its Makefile targets, as far as a machine without CUDA can show them -----------------
+
+GPU_CHECK = os.path.join(BENCH, "gpu_check.sh")
+
+
+def _gpu_check(*args, env=None):
+    return subprocess.run(["bash", GPU_CHECK, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=dict(os.environ, **(env or {})))
+
+
+def test_gpu_check_refuses_at_once_without_cuda(tmp_path):
+    out = tmp_path / "out"
+    # no driver at all (this machine): one line, exit 3, before torch is imported or anything is written
+    p = _gpu_check(out, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 3 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "no CUDA device" in p.stderr and not out.exists()
+    # a driver's nvidia-smi but a torch without CUDA: refused by torch's own answer, still one line
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    p = _gpu_check(out, "--phases", "env", env={"PATH": f"{fake}:/usr/bin:/bin", "GPU_CHECK_PYTHON": PY})
+    assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "no CUDA device visible to" in p.stderr and not out.exists()
+
+
+def test_gpu_check_usage_errors():
+    for args, msg in (((), "usage"), (("out", "--phases", "env,bogus"), "unknown phase 'bogus'"),
+                      (("out", "--fast"), "unknown argument")):
+        p = _gpu_check(*args)
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+
+
+def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
+    """The Makefile exports PIP_CONSTRAINT (the CPU torch) to every recipe: test-gpu and gpu-wheels unset it
+    first; test-gpu installs nothing from a registry and runs the GPU check with the system python."""
+    for target in ("test-gpu", "gpu-wheels"):
+        p = subprocess.run(["make", "-n", "-o", ".venv/bin/.full", "-o", ".venv/bin/.core", target, f"GPU_OUT={tmp_path}"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        recipe = p.stdout
+        assert recipe.startswith("unset PIP_CONSTRAINT;"), recipe
+        if target == "test-gpu":
+            assert "gpu_check.sh" in recipe and "pip" not in recipe and ".venv" not in recipe, recipe
+        else:
+            assert "--only-binary=:all: --platform manylinux2014_x86_64" in recipe and "--python-version 3.12" in recipe
+            assert "DS_BUILD_OPS=0" in recipe and "--no-build-isolation" in recipe, recipe
+    # and for real: on this machine the GPU check stops at once, with its one line, through make
+    p = subprocess.run(["make", "test-gpu", f"GPU_OUT={tmp_path / 'gc'}"], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env=dict(os.environ, PATH="/usr/bin:/bin"))
+    assert p.returncode != 0 and "gpu_check: no CUDA device" in p.stderr, p.stderr

@@ -198,10 +198,11 @@ def test_generated_deepspeed_config_follows_train_keys():
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 6 * 3 * 4
-    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
-    assert "fp16" not in ds and "optimizer" not in ds
+    # bf16 is torch autocast over fp32 weights, not DeepSpeed's bf16 mode (tests/test_cuda_contracts.py)
+    assert ds["bf16"] == ds["fp16"] == {"enabled": False} and ds["torch_autocast"]["dtype"] == "bfloat16"
+    assert "optimizer" not in ds
     ds16 = build_ds_config(_cfg("train.precision=fp16"), world_size=1)
-    assert ds16["fp16"]["enabled"] and ds16["fp16"]["loss_scale"] == 0 and "bf16" not in ds16
+    assert ds16["torch_autocast"]["dtype"] == "float16" and not ds16["fp16"]["enabled"]
 
 
 def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
@@ -220,7 +221,7 @@ def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
     bad = [({"train_micro_batch_size_per_gpu": 3}, "disagrees with train.*"),
            ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
            ({"zero_optimization": {"stage": 2}}, "disagrees with train.zero_stage=1"),
-           ({"bf16": {"enabled": True}}, "disagrees with train.precision=fp32")]
+           ({"bf16": {"enabled": True}}, "remove 'bf16'")]
     for d, msg in bad:
         with pytest.raises(UserError, match=msg.replace("*", r"\*")):
             build_ds_config(_cfg("train.zero_stage=1", f"train.deepspeed_config={write(d)}"), 2)

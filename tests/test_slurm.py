@@ -100,7 +100,7 @@ def release_requeued(jid: str, log: str | None = None) -> None:
 
 def sbatch(data, run, log, ntasks=2, extra_sbatch=(), steps=STEPS) -> str:
     p = sh("sbatch", "--parsable", f"--chdir={REPO}", "--nodes=1", f"--ntasks-per-node={ntasks}", f"--output={log}",
-           "--job-name=stackgan-test", *extra_sbatch, "slurm/train.sbatch", CFG1, *overrides(data, run, steps))
+           "--job-name=stackgan-test", "--cpus-per-task=1", *extra_sbatch, "slurm/train.sbatch", CFG1, *overrides(data, run, steps))
     return p.stdout.strip().split(";")[0]
 
 
@@ -185,7 +185,7 @@ def test_pipeline_stage2_waits_for_stage1(slurm, synth_data, tmp_path):
     common = [f"data.train={synth_data}/train", f"data.test={synth_data}/test", *TINY, *EVERY, "train.max_steps=4"]
     p = sh("bash", "slurm/pipeline.sh", CFG1, CFG2, *common, f"stage1.run.dir={r1}",
            f"stage2.run.dir={r2}", "stage2.train.max_steps=2",
-           "--", "--nodes=1", "--ntasks-per-node=1", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out")
+           "--", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out")
     m1 = re.search(r"^stage1 (\d+) run.dir=(\S+)$", p.stdout, re.M)
     m2 = re.search(r"^stage2 (\d+) \(afterok:(\d+)\)$", p.stdout, re.M)
     assert m1 and m2 and m2.group(2) == m1.group(1) and m1.group(2) == str(r1), p.stdout + p.stderr

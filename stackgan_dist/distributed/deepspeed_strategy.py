@@ -14,6 +14,20 @@ Why the GAN needs care here:
   all-reduced) gradients ourselves and drop them so Adam skips every parameter. Skips are counted.
 - Gradient accumulation: ``GANStep`` divides each micro-batch loss by ``grad_accum`` itself, so
   ``backward(scale_wrt_gas=False)``; the boundary is set explicitly per micro-batch.
+- Mixed precision (``fp32_module_contract`` below): DeepSpeed's own ``bf16``/``fp16`` modes are never
+  switched on. Since 0.19.2 they cast parameters but not buffers (``data_types.buffer_dtype`` unset), so
+  every BatchNorm would get bf16 weights next to fp32 running statistics, which batch norm refuses
+  ("expected scalar type BFloat16 but found Float", on CPU and in the CUDA NCHW kernels; DeepSpeed keeps
+  weights NCHW, so step 1 fails). Casting the buffers too (``buffer_dtype``) would keep running statistics
+  in bf16 (8 bits of mantissa for a 0.1-momentum average that eval-mode sampling reads) and change what a
+  checkpoint holds. Instead the engine keeps fp32 weights, buffers, gradients and reductions, and computes
+  under ``torch.autocast`` through DeepSpeed's ``torch_autocast`` section (>= 0.17.2; the engine's own
+  forward runs under it, and an outer autocast alone would be switched off inside the engine). This is the
+  DDP path's contract: batch norm and SyncBatchNorm see the AMP mixed case (bf16/fp16 input, fp32
+  weight/bias/running statistics) that their kernels dispatch as "mixed type". Gradients are reduced in
+  fp32 (``lower_precision_safe_modules: []``), as DDP does. fp16 needs a loss scale: DeepSpeed gives the
+  ``torch_autocast`` path a GradScaler at ZeRO-0 (>= 0.18.0), but at ZeRO-1/2 its optimizer skips an
+  overflowing step before that scaler sees it, so the scale never falls: fp16 with ZeRO-1/2 is refused.
 """
 from __future__ import annotations
 
@@ -69,27 +83,54 @@ def build_ds_config(cfg, world_size: int) -> dict:
         if zs != t.zero_stage:
             raise UserError(f"train.deepspeed_config: zero_optimization.stage={zs} disagrees with "
                             f"train.zero_stage={t.zero_stage}")
-        for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
-            en = bool(ds.get(key, {}).get("enabled", False))
-            if en != (t.precision == name):
-                raise UserError(f"train.deepspeed_config: {key}.enabled={en} disagrees with "
-                                f"train.precision={t.precision}")
+        for key in ("bf16", "fp16"):
+            sec = ds.get(key, {})
+            if not isinstance(sec, dict) or sec.get("enabled", False) not in (False, "false"):
+                raise UserError(f"train.deepspeed_config: remove '{key}' from {t.deepspeed_config}; precision "
+                                f"comes from train.precision (torch autocast over fp32 weights: DeepSpeed's {key} "
+                                "mode casts BatchNorm weights but not their running statistics)")
+        if "torch_autocast" in ds and ds["torch_autocast"] != autocast_section(t.precision):
+            raise UserError(f"train.deepspeed_config: remove 'torch_autocast' from {t.deepspeed_config}; it is "
+                            f"generated from train.precision={t.precision}")
+        for k, v in (ds.get("data_types") or {}).items():
+            if k in ("param_dtype", "buffer_dtype", "grad_accum_dtype") and v not in (None, "fp32", "float32"):
+                raise UserError(f"train.deepspeed_config: data_types.{k}={v} in {t.deepspeed_config}: weights, "
+                                "buffers and gradients stay fp32 (train.precision sets the compute dtype)")
     else:
         ds = {"zero_optimization": {"stage": t.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
                                     "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
               "gradient_clipping": 0.0, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-        if t.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
-        elif t.precision == "fp16":
-            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}
+    if t.precision == "fp16" and t.zero_stage > 0:
+        raise UserError("train.precision=fp16 with train.backend=deepspeed needs train.zero_stage=0 (at ZeRO-1/2 "
+                        "DeepSpeed skips an overflowing fp16 step before its loss scaler can lower the scale); "
+                        "use train.precision=bf16, or train.backend=ddp for fp16")
     ds = dict(ds)
     ds.update(ours)
     ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
-    if t.precision == "bf16":
-        ds["bf16"] = dict(ds.get("bf16", {}), enabled=True, check_grad_overflow=True)  # PR #8035
+    # the dtype contract (module docstring): DeepSpeed's casting modes off, fp32 everywhere it stores
+    # anything, bf16/fp16 only as autocast compute
+    ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
+    ds["data_types"] = dict(ds.get("data_types") or {}, grad_accum_dtype="fp32")
+    ds.pop("torch_autocast", None)
+    if t.precision != "fp32":
+        ds["torch_autocast"] = autocast_section(t.precision)
     ds["zero_allow_untested_optimizer"] = True
     return ds
+
+
+def autocast_section(precision: str) -> dict:
+    """DeepSpeed's ``torch_autocast`` config for bf16/fp16 compute over fp32 weights. No module's gradients
+    are marked lower-precision-safe: DeepSpeed then reduces every gradient in fp32, as DDP does."""
+    return {"enabled": True, "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision],
+            "lower_precision_safe_modules": []}
+
+
+def fp32_module_contract(module: nn.Module) -> list[str]:
+    """Names of parameters and floating buffers that are not fp32 (the contract: none). A BatchNorm with
+    bf16 weights and fp32 running statistics (DeepSpeed's bf16 mode) fails in forward and backward."""
+    bad = [n for n, p in module.named_parameters() if p.dtype != torch.float32]
+    bad += [n for n, b in module.named_buffers() if b.is_floating_point() and b.dtype != torch.float32]
+    return bad
 
 
 class DeepSpeedStrategy(Strategy):
@@ -125,9 +166,16 @@ class DeepSpeedStrategy(Strategy):
             opt = make_adam(m.parameters(), lr, betas, self.device, cfg.train.optimizer, cfg.train.adam_foreach)
             eng, _opt, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=dict(self.ds_config),
                                                    dist_init_required=False)
+            bad = fp32_module_contract(eng.module)
+            if bad:
+                raise UserError(f"DeepSpeed left {k.upper()}'s {', '.join(bad[:4])} in a dtype other than fp32; "
+                                "weights and BatchNorm buffers must stay fp32 (remove bf16/fp16/data_types "
+                                "settings from train.deepspeed_config)")
             zopt = eng.optimizer
-            if hasattr(zopt, "check_grad_overflow"):
-                zopt.check_grad_overflow = True  # PR #8035: skip (on every rank) instead of poisoning Adam
+            if hasattr(zopt, "check_grad_overflow") and self.precision != "fp16":
+                # PR #8035: skip (on every rank) instead of poisoning Adam. Not with fp16 (ZeRO-0 only): there
+                # the engine's GradScaler finds the inf, skips and lowers the scale
+                zopt.check_grad_overflow = True
             self.engine[k] = eng
         self.G, self.D = self.engine["g"], self.engine["d"]
         self.G_module, self.D_module = self.engine["g"].module, self.engine["d"].module
@@ -165,15 +213,19 @@ class DeepSpeedStrategy(Strategy):
 
     def step(self, which: str) -> None:
         eng = self.engine[which]
-        zero0_fp32 = eng.zero_optimization_stage() == 0 and self.precision == "fp32"
+        # ZeRO-0 without a loss scaler (fp32, bf16 autocast) has no overflow check of its own
+        zero0_fp32 = eng.zero_optimization_stage() == 0 and self.precision != "fp16"
         if zero0_fp32 and not self._zero0_grads_finite(eng):
             for p in eng.module.parameters():
                 p.grad = None  # Adam skips parameters without gradients: a clean skip, state untouched
             skipped = True
         else:
             skipped = False
+        scaler = getattr(eng, "torch_autocast_z0_gradscaler", None)  # fp16: GradScaler.step skips on inf
+        scale = scaler.get_scale() if scaler is not None else None
         eng.step()
-        skipped = skipped or bool(getattr(eng.optimizer, "overflow", False))
+        skipped = skipped or bool(getattr(eng.optimizer, "overflow", False)) or (
+            scaler is not None and scaler.get_scale() < scale)  # the scale falls exactly when a step was skipped
         if skipped:
             self.skipped_steps[which] += 1
             log.warning("rank %d: non-finite %s gradients, step skipped", self.env.rank, which.upper())
@@ -194,7 +246,8 @@ class DeepSpeedStrategy(Strategy):
     def scaler_scale(self) -> float | None:
         if self.precision != "fp16":
             return None
-        return float(getattr(self.engine["g"].optimizer, "loss_scale", 0.0) or 0.0)
+        scaler = getattr(self.engine["g"], "torch_autocast_z0_gradscaler", None)  # fp16 runs at ZeRO-0 only
+        return float(scaler.get_scale()) if scaler is not None else None
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .device import local_cuda_device
 
 log = logging.getLogger("stackgan_dist.distributed")
 
@@ -67,10 +68,7 @@ def pick_device(want: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible")
-    n = torch.cuda.device_count()
-    dev = torch.device("cuda", local_rank % n)
-    torch.cuda.set_device(dev)
-    return dev
+    return local_cuda_device(local_rank)  # always cuda:N, made current
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
