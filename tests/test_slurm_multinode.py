@@ -43,7 +43,8 @@ def test_node_names_do_not_resolve(two_nodes):
 
 def test_sbatch_two_nodes_matches_torchrun(two_nodes, synth_data, reference, tmp_path):
     run, log = tmp_path / "run", str(tmp_path / "job.out")
-    p = sh("sbatch", "--parsable", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
+    p = sh("sbatch", "--parsable", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+           f"--output={log}",
            "--job-name=stackgan-2node", "slurm/train.sbatch", CFG1, *overrides(synth_data, run, STEPS))
     jid = p.stdout.strip().split(";")[0]
     info = wait_done(jid, log)
