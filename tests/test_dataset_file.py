@@ -111,7 +111,7 @@ def test_paths_outside_the_folder_only_when_absolute(split, tmp_path):
     (lambda m: m["shards"][0].__setitem__("samples", True), ["shards[0].samples", "integer"]),
     (lambda m: m["shards"][1].pop("size"), ["shards[1].size"]),
     (lambda m: m["shards"][1].__setitem__("sha256", "zz"), ["shards[1].sha256"]),
-    (lambda m: m.__setitem__("shards", []), ["'shards'"]),
+    (lambda m: m.__setitem__("shards", []), ["'num_samples'", "shards' samples 0"]),  # an empty split says 0
     (lambda m: m.__setitem__("shards", {"a": 1}), ["'shards'"]),
     (lambda m: m["shards"].__setitem__(0, "shard-000000.tar"), ["shards[0]", "object"]),
     (lambda m: m.__setitem__("num_samples", 13), ["'num_samples' 13"]),
@@ -191,3 +191,21 @@ def test_random_json_only_ever_gives_the_clear_error(split, data):
     # what passes is sane: bounded non-negative counts that add up, file paths only
     assert n == sum(s.samples for s in shards) and all(0 <= s.samples <= s.size // 1024 for s in shards)
     assert all(not s.url.startswith("pipe:") and "://" not in s.url for s in shards) and 1 <= dim <= 65536
+
+
+def test_an_empty_split_is_valid_and_says_so(tmp_path):
+    """A held-out split may be empty (a small own-data set): it resolves with no samples, and a loader over it
+    is refused with a line saying so (evaluation is skipped, training cannot start on it)."""
+    from stackgan_dist.data.index import resolve_dataset
+    from stackgan_dist.data.loader import make_loader
+    from stackgan_dist.errors import DataError
+
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "dataset.json").write_text(json.dumps({
+        "format": "stackgan_dist.webdataset", "version": 1, "num_samples": 0, "text_dim": 8,
+        "text_encoder": {"name": "hashing", "dim": 8}, "shards": []}))
+    info = resolve_dataset(str(d))
+    assert info.num_samples == 0 and info.shards == []
+    with pytest.raises(DataError, match="holds no samples"):
+        make_loader(info, 1, 4, 0)

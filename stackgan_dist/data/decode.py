@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -9,13 +10,76 @@ from PIL import Image
 from ..errors import DataError
 
 REQUIRED = ("jpg", "emb.npy")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # what an indexed shard's image member may be called
+CAPTION_KEYS = ("txt", "json")  # a text file (one caption a line) or img2dataset's JSON with "caption"
+
+
+@dataclass(frozen=True)
+class OnTheFly:
+    """Shards indexed in place (``stackgan prepare index``): image-text samples as img2dataset writes them
+    (``KEY.jpg``, ``KEY.txt``, ``KEY.json``), whose captions are embedded here, in the loader worker, with the
+    hashing encoder that the dataset file names."""
+
+    image_keys: tuple[str, ...]
+    caption_key: str
+    dim: int
+    _enc: list = field(default_factory=list, compare=False, repr=False)
+
+    def encode(self, captions: list[str]) -> np.ndarray:
+        if not self._enc:  # one encoder per process (workers are forked)
+            from .text_encoders import HashingEncoder
+
+            self._enc.append(HashingEncoder(self.dim))
+        return self._enc[0].encode(captions)
+
+    def captions(self, sample: dict) -> list[str]:
+        raw = sample.get(self.caption_key)
+        if raw is None:
+            raise BadSample(f"no .{self.caption_key} caption")
+        if self.caption_key == "json":
+            import json
+
+            try:
+                cap = json.loads(raw.decode("utf-8")).get("caption")
+            except (ValueError, AttributeError):
+                raise BadSample("unreadable .json caption") from None
+            caps = [cap] if isinstance(cap, str) else []
+        else:
+            try:
+                caps = raw.decode("utf-8-sig").splitlines()
+            except UnicodeDecodeError:
+                raise BadSample("caption is not UTF-8") from None
+        caps = [c.strip() for c in caps if c.strip()]
+        if not caps:
+            raise BadSample("empty caption")
+        return caps
+
+    def image(self, sample: dict) -> bytes:
+        for k in self.image_keys:
+            if k in sample:
+                return sample[k]
+        raise BadSample(f"no image member (looked for {', '.join(self.image_keys)})")
+
+
+def sample_format(manifest: dict) -> OnTheFly | None:
+    """The on-the-fly format a (validated) dataset file describes, or None for shards with stored embeddings."""
+    idx = manifest.get("index") if isinstance(manifest, dict) else None
+    if not idx:
+        return None
+    return OnTheFly(tuple(idx["image_keys"]), idx["caption_key"], int(manifest["text_dim"]))
 
 
 class BadSample(Exception):
     """A sample that does not decode: the loader fills its place and counts it."""
 
 
-def check_sample(sample: dict, text_dim: int) -> None:
+def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> None:
+    if fmt is not None:
+        if not any(k in sample for k in fmt.image_keys) or fmt.caption_key not in sample:
+            raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' lacks an image "
+                            f"({'/'.join(fmt.image_keys)}) or its .{fmt.caption_key} caption; found "
+                            f"{sorted(k for k in sample if not k.startswith('__'))}")
+        return
     missing = [k for k in REQUIRED if k not in sample]
     if missing:
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' lacks {missing} "
@@ -27,21 +91,32 @@ def check_sample(sample: dict, text_dim: int) -> None:
 
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
-           train: bool = True):
+           train: bool = True, fmt: OnTheFly | None = None):
     """-> image uint8 (3, crop, crop), text embedding float32 (text_dim,), class id, caption index.
 
     ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption."""
     try:
-        img = Image.open(io.BytesIO(sample["jpg"]))
+        img = Image.open(io.BytesIO(sample["jpg"] if fmt is None else fmt.image(sample)))
         if img.format == "JPEG":
             img.draft("RGB", (load_size, load_size))  # decode at 1/2, 1/4 ... scale: no full-size decode
+        if fmt is not None:  # images as they come: upright, 8-bit RGB, the short side to load_size, centre crop
+            from .writer import fit_square, to_rgb8
+
+            img = fit_square(to_rgb8(img), load_size, "crop")
         if img.mode != "RGB":  # convert() copies even when there is nothing to convert
             img = img.convert("RGB")
         if img.size != (load_size, load_size):
             img = img.resize((load_size, load_size), Image.BICUBIC)
         a = np.asarray(img, dtype=np.uint8)
-        emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
+        if fmt is None:
+            emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
+        else:
+            caps = fmt.captions(sample)
+            pick = int(rng.integers(0, len(caps))) if train else 0
+            emb = fmt.encode([caps[pick]])  # only the caption used is embedded
         cls = int(sample["cls"]) if "cls" in sample else -1
+    except BadSample:
+        raise
     except Exception as e:  # noqa: BLE001 - any decode failure makes a bad sample
         raise BadSample(f"{type(e).__name__}: {e}") from None
     if emb.ndim == 1:

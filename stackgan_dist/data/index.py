@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from .decode import REQUIRED, check_sample
+from .decode import CAPTION_KEYS, IMAGE_KEYS, REQUIRED, check_sample
 from .samples import iter_samples
 from .writer import FORMAT_VERSION, MANIFEST, sha256_file
 
@@ -142,9 +142,22 @@ def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
     for k in ("source", "created"):
         if k in m:
             _str(m[k], f"'{k}'")
+    idx = m.get("index")
+    if idx is not None:  # shards indexed in place, captions embedded on the fly (stackgan prepare index)
+        if not isinstance(idx, dict):
+            raise ValueError(f"'index' must be an object, got {_short(idx)}")
+        keys = idx.get("image_keys")
+        if not isinstance(keys, list) or not keys or not all(k in IMAGE_KEYS for k in keys):
+            raise ValueError(f"'index.image_keys' must be a non-empty list of {list(IMAGE_KEYS)}, got {_short(keys)}")
+        if idx.get("caption_key") not in CAPTION_KEYS:
+            raise ValueError(f"'index.caption_key' must be one of {list(CAPTION_KEYS)}, got "
+                             f"{_short(idx.get('caption_key'))}")
+        if enc.get("name") != "hashing":
+            raise ValueError("an indexed dataset embeds captions on the fly with the hashing encoder; "
+                             f"'text_encoder.name' is {_short(enc.get('name'))}")
     entries = m.get("shards")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"'shards' must be a non-empty list, got {_short(entries)}")
+    if not isinstance(entries, list):
+        raise ValueError(f"'shards' must be a list, got {_short(entries)}")
     shards = []
     for i, s in enumerate(entries):
         where = f"'shards[{i}]"

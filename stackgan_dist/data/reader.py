@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .decode import BadSample, decode
+from .decode import BadSample, decode, sample_format
 from .index import DatasetInfo
 from .samples import iter_samples
 from .writer import CROP_SIZES, LOAD_SIZES
@@ -28,6 +28,7 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
     if not 0 <= start < n:
         raise ValueError(f"start {start} outside the split's {n} samples")
     load, crop = LOAD_SIZES[stage], CROP_SIZES[stage]
+    fmt = sample_format(info.manifest)
     i = start
     while True:
         pos = 0
@@ -44,7 +45,7 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
                     if j >= shard.samples:
                         break
                     try:
-                        img, text, cls, _ = decode(sample, load, crop, None, info.text_dim, train=False)
+                        img, text, cls, _ = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
                     except BadSample as e:
                         raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
                                         f"({e})") from None

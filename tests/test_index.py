@@ -1,0 +1,149 @@
+"""`stackgan prepare index`: existing image-text WebDataset shards (img2dataset's layout) indexed in place
+and trained on without re-sharding, captions embedded on the fly. Once against shards we write in that
+layout, once against shards written by img2dataset itself from images served on 127.0.0.1."""
+import functools
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CFG1, run_cli, tiny_overrides
+
+I2D_VERSION = "1.47.0"
+
+
+def _img2dataset_style_shards(d, shards=3, per=8, drop_caption=(1, 2)):
+    """Shards as img2dataset writes them: KEY.jpg (not square), KEY.txt, KEY.json; one sample lacks its txt."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    for s in range(shards):
+        with wds.TarWriter(str(d / f"{s:05d}.tar")) as w:
+            for i in range(per):
+                name = list(colours)[(s * per + i) % 3]
+                im = Image.new("RGB", (96, 64), colours[name])
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG")
+                key = f"{s:05d}{i:04d}"
+                sample = {"__key__": key, "jpg": buf.getvalue(),
+                          "json": json.dumps({"key": key, "caption": f"a {name} thing", "status": "success",
+                                              "width": 96, "height": 64}).encode()}
+                if (s, i) != drop_caption:
+                    sample["txt"] = f"a {name} thing".encode()
+                w.write(sample)
+                rng.random()
+
+
+def test_prepare_index_then_train_in_place(tmp_path):
+    shards = tmp_path / "corpus"
+    shards.mkdir()
+    _img2dataset_style_shards(shards)
+    before = sorted(os.listdir(shards))
+    idx = tmp_path / "idx"
+    p = run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--encoder", "hashing:64", "--out", idx,
+                "--test-fraction", "0.3", "--no-progress", check=True)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["samples"] == 24 and res["shards"] == 3 and res["caption_key"] == "txt"
+    assert res["image_keys"] == ["jpg"] and res["incomplete_samples"] == 1
+    assert res["train"] + res["test"] == 24 and res["test"] == 8  # one shard of three held out
+    # only the two dataset files are written; the shards stay where they are, unchanged
+    assert sorted(os.path.relpath(os.path.join(r, f), idx) for r, _, fs in os.walk(idx) for f in fs) == \
+        ["test/dataset.json", "train/dataset.json"]
+    assert sorted(os.listdir(shards)) == before
+    m = json.load(open(idx / "train" / "dataset.json"))
+    assert all(os.path.isabs(s["path"]) and len(s["sha256"]) == 64 for s in m["shards"])
+    assert m["index"] == {"image_keys": ["jpg"], "caption_key": "txt", "fit": "crop"}
+    # deterministic split: a second index holds out the same shard
+    run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--out", tmp_path / "idx2", "--encoder",
+            "hashing:64", "--test-fraction", "0.3", "--no-progress", check=True)
+    assert json.load(open(tmp_path / "idx2" / "test" / "dataset.json"))["shards"][0]["path"] == \
+        json.load(open(idx / "test" / "dataset.json"))["shards"][0]["path"]
+    # Stage-I trains on the indexed shards; the sample without a caption is skipped and counted
+    run = tmp_path / "run"
+    o = tiny_overrides(tmp_path, run, 1, steps=4, extra=["data.max_bad_fraction=0.5", "train.batch_size=4"])
+    o = [x for x in o if not x.startswith(("data.train=", "data.test="))]
+    run_cli("train", CFG1, *o, f"data.train={idx}/train", f"data.test={idx}/test", check=True, timeout=600)
+    recs = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert recs[-1]["step"] == 4 and all(np.isfinite(r["d_loss"]) for r in recs)
+
+
+def test_prepare_index_refuses_what_it_cannot_index(tmp_path):
+    shards = tmp_path / "c"
+    shards.mkdir()
+    _img2dataset_style_shards(shards, shards=1)
+    for args, words in ((["--encoder", "sentence-transformers"], "hashing encoder"),
+                        (["--encoder", "hashing:abc"], "DIM must be an integer"),
+                        (["--test-fraction", "1.5"], "--test-fraction")):
+        p = run_cli("prepare", "index", f"{shards}/00000.tar", "--out", tmp_path / "o", *args)
+        assert p.returncode == 2 and words in p.stderr.strip().splitlines()[-1], p.stderr
+    p = run_cli("prepare", "index", f"{shards}/{{00000..00004}}.tar", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "shards not found" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# -- against img2dataset itself ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def img2dataset_bin():
+    """img2dataset in a virtual environment of its own (it pins an old webdataset and pulls heavy packages),
+    cached between runs under $STACKGAN_TEST_CACHE (default ~/.cache/stackgan_dist)."""
+    cache = os.environ.get("STACKGAN_TEST_CACHE", os.path.expanduser("~/.cache/stackgan_dist"))
+    venv = os.path.join(cache, f"img2dataset-{I2D_VERSION}-venv")
+    ok = os.path.join(venv, ".installed")
+    if not os.path.isfile(ok):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True, timeout=300)
+        env = {k: v for k, v in os.environ.items() if k != "PIP_CONSTRAINT"}
+        p = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
+                            f"img2dataset=={I2D_VERSION}"], capture_output=True, text=True, timeout=1500, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        open(ok, "w").close()
+    return os.path.join(venv, "bin", "img2dataset")
+
+
+@pytest.mark.slow
+def test_shards_written_by_img2dataset_train_stage1(img2dataset_bin, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    colours = [("red", (220, 30, 30)), ("green", (30, 200, 40)), ("blue", (30, 40, 220)), ("white", (240,) * 3)]
+    rows = ["url,caption"]
+    for i in range(24):
+        name, rgb = colours[i % 4]
+        Image.new("RGB", (80 + 8 * (i % 3), 60), rgb).save(site / f"im{i}.png")
+        rows.append(f"http://127.0.0.1:{{port}}/im{i}.png,a {name} square number {i}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # loopback only
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "urls.csv").write_text("\n".join(rows).replace("{port}", str(port)) + "\n")
+        out = tmp_path / "i2d"
+        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+        env.pop("PIP_CONSTRAINT", None)
+        p = subprocess.run([img2dataset_bin, "--url_list", str(tmp_path / "urls.csv"), "--input_format", "csv",
+                            "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                            "--output_folder", str(out), "--processes_count", "1", "--thread_count", "4",
+                            "--image_size", "96", "--resize_mode", "keep_ratio", "--number_sample_per_shard", "8",
+                            "--distributor", "multiprocessing", "--enable_wandb", "False", "--retries", "0"],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    finally:
+        server.shutdown()
+    tars = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
+    assert len(tars) == 3, os.listdir(out)
+    idx = tmp_path / "idx"
+    res = json.loads(run_cli("prepare", "index", f"{out}/{{00000..00002}}.tar", "--encoder", "hashing:64",
+                             "--out", idx, "--test-fraction", "0.34", "--no-progress", check=True).stdout.strip()
+                     .splitlines()[-1])
+    assert res["samples"] == 24 and res["incomplete_samples"] == 0 and res["caption_key"] == "txt"
+    run = tmp_path / "run"
+    o = [x for x in tiny_overrides(tmp_path, run, 1, steps=4) if not x.startswith(("data.train=", "data.test="))]
+    run_cli("train", CFG1, *o, f"data.train={idx}/train", f"data.test={idx}/test", check=True, timeout=600)
+    assert [json.loads(x) for x in open(run / "metrics.jsonl")][-1]["step"] == 4
