@@ -151,16 +151,16 @@ def _guard_worker(out: str) -> None:
             loss = o["cond"].float().mean()
             if bad and env.rank == 1:
                 loss = loss * float("nan")
-            s.backward("d", loss)
-            s.step("d")
+            s.d.backward(loss)
+            s.d.step()
             after = torch.cat([p.detach().flatten() for p in s.D_module.parameters()])
-            opt = s.engine["d"].optimizer
+            opt = s.d.engine.optimizer
             inner = getattr(opt, "optimizer", opt)
             finite_state = all(bool(torch.isfinite(v).all()) for st in inner.state.values()
                                for v in st.values() if torch.is_tensor(v))
             rows.append({"bad": bad, "changed": not torch.equal(before, after),
                          "finite_params": bool(torch.isfinite(after).all()), "finite_adam": finite_state})
-        res[zero] = {"rows": rows, "skipped": s.skipped_steps["d"]}
+        res[zero] = {"rows": rows, "skipped": s.skipped_steps()["d"]}
     with open(f"{out}.rank{env.rank}.json", "w") as f:
         json.dump(res, f)
     teardown(env)
