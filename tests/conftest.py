@@ -118,6 +118,23 @@ def kill_tree(p: subprocess.Popen, sig=signal.SIGKILL, timeout=120) -> int:
     return p.returncode
 
 
+def finish_all(procs, limit) -> tuple[list, float]:
+    """Waits for all ``procs`` (stdout/stderr pipes) within ``limit`` seconds in total; kills them all and fails
+    if one hangs. -> ([(returncode, stderr)], seconds)."""
+    t0 = time.monotonic()
+    res = []
+    for p in procs:
+        try:
+            _out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+                q.wait()
+            raise AssertionError("a worker hung past the limit instead of failing")
+        res.append((p.returncode, err))
+    return res, time.monotonic() - t0
+
+
 def children(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):

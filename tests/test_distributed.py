@@ -14,7 +14,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import CFG1, CFG2, KEYS, PY, REPO, check, digests, run_cli, tiny_overrides, torchrun  # noqa: E402
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, finish_all, run_cli, tiny_overrides,  # noqa: E402
+                      torchrun)
 
 
 
@@ -230,27 +231,13 @@ def _spawn_rank(synth_data, run_dir, rank, world, port, addr="127.0.0.1", timeou
                             stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
 
 
-def _finish(procs, limit):
-    t0 = time.monotonic()
-    res = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("a worker hung past the limit instead of failing")
-        res.append((p.returncode, err))
-    return res, time.monotonic() - t0
-
-
 @pytest.mark.slow
 def test_wrong_master_port_fails_clearly_within_timeout(synth_data, tmp_path):
     """Rank 1 is told the wrong rendezvous address: both ranks stop with a one-line error, no hang."""
     good, bad = free_port(), free_port()
     procs = [_spawn_rank(synth_data, tmp_path / "r", 0, 2, good),
              _spawn_rank(synth_data, tmp_path / "r", 1, 2, bad)]
-    res, dt = _finish(procs, 120)
+    res, dt = finish_all(procs, 120)
     for rc, err in res:
         assert rc == 2, err[-2000:]
         assert "process group" in err and "did not form within 10s" in err, err[-2000:]
@@ -263,7 +250,7 @@ def test_world_size_mismatch_fails_clearly_within_timeout(synth_data, tmp_path):
     """WORLD_SIZE=3 but only two workers exist."""
     port = free_port()
     procs = [_spawn_rank(synth_data, tmp_path / "r", r, 3, port) for r in (0, 1)]
-    res, dt = _finish(procs, 120)
+    res, dt = finish_all(procs, 120)
     for rc, err in res:
         assert rc == 2, err[-2000:]
         assert "world size 3" in err and "did not form" in err, err[-2000:]
