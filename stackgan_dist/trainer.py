@@ -114,6 +114,15 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.hooks = testing.Hooks()
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (``state.step``)."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
     # -- build ------------------------------------------------------------------------------------
     def _check_run_dir(self) -> str | None:
         """Before anything is written: find the checkpoint to resume from, or refuse."""
