@@ -58,7 +58,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    # Length and schedules: in epochs (images seen / dataset size), which mean the same at any world size,
+    # or in optimizer steps of the global batch (batch_size x grad_accum x world size)
+    max_steps: int = 1000  # used when max_epochs is 0
+    max_epochs: float = 0.0  # > 0: train until this many epochs of images are seen (max_steps ignored)
     batch_size: int = 64  # per worker
     grad_accum: int = 1
     seed: int = 0
@@ -72,6 +75,7 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lr_decay_steps: int = 0  # halve (x lr_decay_factor) every N steps; 0: constant
+    lr_decay_epochs: float = 0.0  # or every N epochs of images seen (the paper: 100); 0: off
     lr_decay_factor: float = 0.5
     kl_coeff: float = 2.0  # lambda; the paper uses 1, the authors' code 2
     # "mean": KL averaged over the condition dimensions, as the authors' code computes it (their lambda=2
@@ -95,12 +99,16 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda
     dist_timeout_s: float = 120.0  # process-group formation and collectives
+    # collectives of the first steps (ranks compiling at different speeds wait for each other there)
+    dist_startup_timeout_s: float = 900.0
+    stop_check_every: int = 10  # steps between agreements on the stop flag and the every_minutes clock
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
-    every_minutes: float = 0.0  # 0: off
+    every_steps: int = 500  # used when every_epochs is 0
+    every_epochs: float = 0.0  # > 0: a checkpoint each time this many epochs of images are seen
+    every_minutes: float = 0.0  # 0: off (checked every train.stop_check_every steps)
     keep_last: int = 3
     max_restarts: int = 5  # restarts without progress past the resumed step before giving up
     signal: str = "USR1"  # the warning signal the scheduler sends before a time limit
@@ -110,7 +118,8 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 10
-    sample_every: int = 500
+    sample_every: int = 500  # steps; used when sample_every_epochs is 0
+    sample_every_epochs: float = 0.0
     progress: bool = True
     level: str = "INFO"
 
@@ -159,7 +168,10 @@ CHOICES = {
 }
 POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum", "model.gf_dim", "model.df_dim",
             "model.condition_dim", "model.z_dim", "model.text_dim", "checkpoint.keep_last", "log.every_steps",
-            "log.sample_every", "checkpoint.every_steps")
+            "log.sample_every", "checkpoint.every_steps", "train.stop_check_every", "train.dist_timeout_s",
+            "train.dist_startup_timeout_s")
+NON_NEGATIVE = ("train.max_epochs", "train.lr_decay_epochs", "train.lr_decay_steps", "checkpoint.every_epochs",
+                "log.sample_every_epochs", "checkpoint.every_minutes")
 
 
 def model_defining(cfg: Config) -> dict:
@@ -295,6 +307,12 @@ def validate(cfg: Config) -> None:
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    if cfg.train.lr_decay_steps and cfg.train.lr_decay_epochs:
+        raise ConfigError("config keys 'train.lr_decay_steps' and 'train.lr_decay_epochs' are both set; "
+                          "keep one (epochs mean the same at any world size)")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     for key, lo in (("prefetch_factor", 1), ("shuffle_buffer", 0), ("slots", 0)):
@@ -315,6 +333,10 @@ def validate(cfg: Config) -> None:
                           f"unsafe under autocast), got {cfg.train.precision}; use train.d_output=logits")
     if cfg.train.backend == "ddp" and cfg.train.zero_stage != 0:
         raise ConfigError("config key 'train.zero_stage' needs train.backend=deepspeed")
+    if cfg.train.backend == "deepspeed":  # before any process group forms
+        from .distributed.deepspeed_strategy import validate_settings
+
+        validate_settings(cfg)
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")

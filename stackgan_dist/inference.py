@@ -9,6 +9,7 @@ import torch
 from .checkpoint.manager import load_file, params_digest, read_manifest, resolve_checkpoint, verify
 from .config import ModelConfig
 from .models.build import build_models, build_stage1_generator
+from .train_state import saved_step
 
 
 @dataclass
@@ -36,7 +37,7 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
         G1 = build_stage1_generator(ModelConfig(**st["stage1_model_config"]))
         G1.load_state_dict(st["stage1_G"])
         G1 = G1.eval().to(device)
-    return LoadedRun(ck, int(st["step"]), mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
+    return LoadedRun(ck, saved_step(st, ck), mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
                      mc, st.get("text_encoder", {}), st)
 
 
@@ -59,6 +60,6 @@ def inspect(path: str) -> dict:
     ok, why = verify(ck)
     st = load_file(os.path.join(ck, "model.pt"))
     man = read_manifest(ck)
-    return {"path": ck, "step": int(st["step"]), "stage": int(st["model_config"]["stage"]), "valid": ok,
+    return {"path": ck, "step": saved_step(st, ck), "stage": int(st["model_config"]["stage"]), "valid": ok,
             "reason": why, "world_size": man.get("world_size"), "config_hash": st.get("config_hash"),
             "params_sha256": params_digest(st["G"], st["D"]), "text_encoder": st.get("text_encoder")}

@@ -12,7 +12,8 @@ from .trainer import Trainer
 
 def run_training(cfg: Config, fresh: bool = False, on_checkpoint=None) -> dict:
     """``on_checkpoint(path, step, env)``: called on every rank after each committed checkpoint (see Trainer)."""
-    env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    env = init_distributed(cfg.train.device, cfg.train.dist_timeout_s, cfg.train.dist_startup_timeout_s,
+                           need_group=cfg.train.backend == "deepspeed")  # DeepSpeed wants a group even for one
     setup_logging(env.rank, cfg.log.level)
     done = False
     try:

@@ -1,5 +1,18 @@
-"""One GAN iteration: d_step() then g_step(). No I/O; backend details go through the Strategy."""
+"""One GAN iteration: ``d_step()`` then ``g_step()`` over the strategy's two phases. No I/O, no host sync.
+
+Each phase (``strategy.d``, ``strategy.g``) owns its module, optimizer, scaler and gradient-sync switch;
+D's phase turns D's ``requires_grad`` on, G's phase turns it off and calls the unwrapped D (``D_eval``), so
+G's loss through D reduces only G's gradients.
+
+BatchNorm running statistics under gradient accumulation: a step over ``grad_accum`` micro-batches moves
+every running statistic exactly as one step over the same samples split across ``grad_accum`` ranks does
+(each rank updates from its own micro-batch, then the ranks average): each micro-batch updates from the
+statistics at the start of the phase and the updates are averaged. G's second forward of a micro-batch
+(in G's phase, to get gradients) does not move them at all: the first one (in D's phase) already did.
+"""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,6 +31,44 @@ def to_model_input(batch: dict, device: torch.device, channels_last: bool = Fals
     return img, batch["text"].to(device, non_blocking=nb), batch["cls"].to(device, non_blocking=nb)
 
 
+class RunningStats:
+    """The BatchNorm buffers of some modules: snapshot, restore, and the average of per-micro-batch updates."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.buffers = [b for m in modules for mod in m.modules()
+                        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for b in mod.buffers()]
+
+    def snapshot(self) -> list:
+        return [b.detach().clone() for b in self.buffers]
+
+    def restore(self, snap: list) -> None:
+        with torch.no_grad():
+            for b, s in zip(self.buffers, snap):
+                b.copy_(s)
+
+    def averaged(self, n: int):
+        """-> (begin_micro, end) callables: each micro-batch starts from the phase's starting statistics; at
+        the end the floating buffers hold the start plus the mean update (counters: one micro-batch's)."""
+        start = self.snapshot()
+        acc = [torch.zeros_like(s) if s.is_floating_point() else None for s in start]
+
+        def begin_micro(i: int) -> None:
+            if i > 0:
+                with torch.no_grad():
+                    for j, (b, s) in enumerate(zip(self.buffers, start)):
+                        if acc[j] is not None:
+                            acc[j] += b - s
+                        b.copy_(s)
+
+        def end() -> None:
+            with torch.no_grad():
+                for j, (b, s) in enumerate(zip(self.buffers, start)):
+                    if acc[j] is not None:
+                        b.copy_(s + (acc[j] + (b - s)) / n)
+
+        return begin_micro, end
+
+
 class GANStep:
     def __init__(self, strategy: Strategy, stage: int, z_dim: int, cond_dim: int, kl_coeff: float,
                  G1: torch.nn.Module | None, generator: torch.Generator, grad_accum: int = 1,
@@ -32,6 +83,8 @@ class GANStep:
         self.channels_last = channels_last
         self.color_coeff = color_coeff  # Stage-II only: the StackGAN++ colour term against the Stage-I image
         self.opt = options  # the faithfulness switches (losses.LossOptions)
+        self.g_stats = RunningStats(strategy.G_module)
+        self.d_stats = RunningStats(strategy.D_module)
 
     def _noise(self, b: int, device) -> dict:
         n = {"z": torch.randn(b, self.z_dim, generator=self.gen, device=self.gen.device).to(device),
@@ -61,59 +114,77 @@ class GANStep:
         return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"), color, self.color_coeff,
                               self.opt.d_output)
 
-    def __call__(self, micro_batches: list[dict]) -> dict:
-        """Runs one optimizer step of D then of G over ``grad_accum`` micro-batches. Returns detached losses."""
-        s, dev = self.s, self.s.device
-        inputs = [to_model_input(b, dev, self.channels_last) for b in micro_batches]
-        noises = [self._noise(x[0].shape[0], dev) for x in inputs]
-        n = len(inputs)
-        out: dict = {}
-
-        # -- D phase ------------------------------------------------------------------------------
-        set_requires_grad(s.D_module, True)
+    def d_step(self, inputs: list, noises: list, out: dict) -> list:
+        """D's optimizer step over the micro-batches. -> G's outputs when one forward serves both phases."""
+        s, phase, n = self.s, self.s.d, len(inputs)
+        set_requires_grad(phase.raw, True)
         fakes = []
+        if n > 1:
+            g_begin, g_end = self.g_stats.averaged(n)
+            d_begin, d_end = self.d_stats.averaged(n)
         for i, ((real, text, cls), noise) in enumerate(zip(inputs, noises)):
-            # DDP decides in forward whether the next backward all-reduces: no_sync covers both
-            with s.no_sync("d") if i < n - 1 else _null():
+            if n > 1:
+                g_begin(i)
+                d_begin(i)
+            with phase.no_sync() if i < n - 1 else contextlib.nullcontext():
                 with s.autocast():
                     if n == 1:  # one G forward serves both phases (the authors' schedule)
-                        fake, mu, logvar, s0 = self.generate(s.G, text, noise)
-                        fakes.append((fake, mu, logvar, s0))
+                        fakes.append(self.generate(s.G, text, noise))
+                        fake, mu = fakes[0][0], fakes[0][1]
                     else:
                         with torch.no_grad():
                             fake, mu = self.generate(s.G, text, noise)[:2]
                     cond = d_condition(text, mu, self.opt.d_condition)
                     wrong = mismatched_conditions(cond, cls, self.opt.wrong_pairs)
                     dl = self.d_losses(real, cond, wrong, fake)
-                s.backward("d", dl["d_loss"] / n)
+                phase.backward(dl["d_loss"] / n)
             _accumulate(out, dl, n)
-        s.step("d")
+        if n > 1:
+            g_end()
+            d_end()
+        phase.step()
+        return fakes
 
-        # -- G phase ------------------------------------------------------------------------------
+    def g_step(self, inputs: list, noises: list, fakes: list, out: dict) -> None:
+        """G's optimizer step; with accumulation G runs again per micro-batch (statistics frozen: see top)."""
+        s, phase, n = self.s, self.s.g, len(inputs)
         set_requires_grad(s.D_module, False)
-        for i, ((real, text, cls), noise) in enumerate(zip(inputs, noises)):
-            with s.no_sync("g") if i < n - 1 else _null():
-                with s.autocast():
-                    if n == 1:
-                        fake, mu, logvar, s0 = fakes[0]
-                    else:
-                        fake, mu, logvar, s0 = self.generate(s.G, text, noise)
-                    gl = self.g_losses(fake, text, mu, logvar, s0)
-                s.backward("g", gl["g_loss"] / n)
-            _accumulate(out, gl, n)
-        s.step("g")
-        set_requires_grad(s.D_module, True)
-        s.after_step()
+        if n > 1:
+            d_begin, d_end = self.d_stats.averaged(n)
+            g_snap = self.g_stats.snapshot()
+        try:
+            for i, ((real, text, cls), noise) in enumerate(zip(inputs, noises)):
+                if n > 1:
+                    d_begin(i)
+                with phase.no_sync() if i < n - 1 else contextlib.nullcontext():
+                    with s.autocast():
+                        if n == 1:
+                            fake, mu, logvar, s0 = fakes[0]
+                        else:
+                            fake, mu, logvar, s0 = self.generate(s.G, text, noise)
+                        gl = self.g_losses(fake, text, mu, logvar, s0)
+                    phase.backward(gl["g_loss"] / n)
+                if n > 1:  # after backward: BatchNorm's backward checks its buffers were not touched
+                    self.g_stats.restore(g_snap)
+                _accumulate(out, gl, n)
+            if n > 1:
+                d_end()
+            phase.step()
+        finally:
+            set_requires_grad(s.D_module, True)
+
+    def __call__(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step of D then of G over ``grad_accum`` micro-batches. Returns detached losses
+        (device tensors) and ``bad``, the count of samples the loader had to replace (a host int)."""
+        dev = self.s.device
+        inputs = [to_model_input(b, dev, self.channels_last) for b in micro_batches]
+        noises = [self._noise(x[0].shape[0], dev) for x in inputs]
+        out: dict = {}
+        fakes = self.d_step(inputs, noises, out)
+        self.g_step(inputs, noises, fakes, out)
+        self.s.after_step()
         out["bad"] = sum(int(b["bad"]) for b in micro_batches) if "bad" in micro_batches[0] else 0
         return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _accumulate(out: dict, losses: dict, n: int) -> None:

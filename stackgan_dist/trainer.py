@@ -1,35 +1,42 @@
 """The trainer: one visible build order, then the step loop with its ticks.
 
-Build order: process group -> seeds -> data -> models -> wrapping, optimizers, scalers ->
-checkpoint manager -> load latest -> loop. Ticks (log, samples, checkpoints, lr decay) count steps.
+Build order: (process group: train.py) -> seeds -> data -> models -> wrapping, optimizers, scalers ->
+checkpoint manager -> load latest -> loop. Ticks count images seen (or steps): log, samples, checkpoints,
+lr decay; the stop flag and the every_minutes clock are agreed every ``train.stop_check_every`` steps in
+one collective. What a checkpoint holds is ``train_state.py``'s; the sample grids are
+``observability/samples.py``'s; log statistics ``observability/stats.py``'s.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint.manager import (CheckpointManager, load_file, numpy_state_from_safe, numpy_state_to_safe,
-                                 resolve_checkpoint, to_cpu)
+from . import testing
+from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, resolve_dataset
-from .distributed.env import DistEnv, all_reduce_max
+from .distributed.collectives import any_flags
+from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all
 from .distributed.wrap import make_strategy, unwrap
 from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
-from .observability.images import make_grid, save_png, to_uint8
 from .observability.metrics import MetricsWriter
 from .losses import LossOptions
+from .observability.samples import SampleWriter
+from .observability.stats import StepStats, finite_losses
+from .train_state import Schedule, TrainState, model_state, rank_rng, rank_state, read_train_state, set_rng_state
 from .train_step import GANStep
 
 log = logging.getLogger("stackgan_dist.train")
+
+STARTUP_STEPS = 3  # collectives of the first steps run under train.dist_startup_timeout_s
 
 
 class Preempted(Exception):
@@ -44,6 +51,7 @@ def load_stage1_generator(path: str, text_dim: int):
         raise CheckpointError("Stage-II needs model.stage1_checkpoint (a Stage-I run or checkpoint directory)")
     ck = resolve_checkpoint(path)
     state = load_file(os.path.join(ck, "model.pt"))
+    read_train_state(state, ck)  # its format version is one we read
     mcfg = ModelConfig(**state["model_config"])
     if mcfg.stage != 1:
         raise CheckpointError(f"model.stage1_checkpoint {ck} is a Stage-{mcfg.stage} checkpoint, not Stage-I")
@@ -84,6 +92,19 @@ class RestartGuard:
         os.replace(self.path + ".tmp", self.path)
 
 
+def set_backend_flags(deterministic: bool, device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions and cuDNN autotuning on CUDA, unless runs must be bitwise."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None):
         self.cfg, self.env, self.fresh = cfg, env, fresh
@@ -92,12 +113,20 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.run_dir = cfg.run.dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.hooks = testing.Hooks()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (``state.step``)."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     # -- build ------------------------------------------------------------------------------------
     def _check_run_dir(self) -> str | None:
         """Before anything is written: find the checkpoint to resume from, or refuse."""
-        from .checkpoint.manager import list_checkpoints, newest_valid
-
         existing = list_checkpoints(self.ckpt_root)
         if self.fresh and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
             raise UserError(f"--fresh needs an empty run directory; {self.run_dir} is not empty "
@@ -112,136 +141,116 @@ class Trainer:
     def build(self) -> None:
         cfg, env = self.cfg, self.env
         self.resume_from = self._check_run_dir()
-        saved_model = None
+        saved = None
+        self.state = TrainState()
         if self.resume_from:
-            saved_model = load_file(os.path.join(self.resume_from, "model.pt"))
-            check_resume_compatible(saved_model["model_config"], cfg, self.resume_from)
+            saved = load_file(os.path.join(self.resume_from, "model.pt"))
+            self.state = read_train_state(saved, self.resume_from)  # refuses versions it cannot read
+            check_resume_compatible(saved["model_config"], cfg, self.resume_from)
         # data (checked before any file is written)
         self.data = resolve_dataset(cfg.data.train)
         first_sample_check(self.data, cfg.model.text_dim)
         self.test_data = resolve_dataset(cfg.data.test) if cfg.data.test else None
+        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        self.schedule = Schedule.from_config(cfg, self.data.num_samples)
         # models: same initial weights on every rank
         seed_all(cfg.train.seed)
         models = build_models(cfg.model)
-        self.G1 = None
-        self.stage1_ref = ""
+        self.G1, self.stage1_ref, self.stage1_cfg = None, "", None
         if cfg.model.stage == 2:
-            if saved_model is not None and "stage1_G" in saved_model:
-                mc = ModelConfig(**saved_model["stage1_model_config"])
+            if saved is not None and "stage1_G" in saved:
+                mc = ModelConfig(**saved["stage1_model_config"])
                 self.G1 = build_stage1_generator(mc)
-                self.G1.load_state_dict(saved_model["stage1_G"])
+                self.G1.load_state_dict(saved["stage1_G"])
                 self.G1.eval().requires_grad_(False)
-                self.stage1_ref, self.stage1_cfg = saved_model.get("stage1_ref", ""), mc
+                self.stage1_ref, self.stage1_cfg = saved.get("stage1_ref", ""), mc
             else:
                 self.G1, self.stage1_ref, self.stage1_cfg = load_stage1_generator(cfg.model.stage1_checkpoint,
                                                                                   cfg.model.text_dim)
             self.G1 = self.G1.to(env.device)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif env.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        set_backend_flags(cfg.train.deterministic, env.device)
         # wrapping, optimizers, scalers
         self.strategy = make_strategy(cfg, env)
         self.strategy.setup(models.G, models.D)
         gen_dev = env.device if env.device.type == "cuda" else torch.device("cpu")
         self.gen = torch.Generator(device=gen_dev)
         self.gen.manual_seed(rank_seed(cfg.train.seed, env.rank))
-        self.step = 0
-        self.rank_state_loaded = None
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.checkpoint.keep_last)
         if self.resume_from:
-            self._load(saved_model)
+            self._load(saved)
         # everything validated: now the run directory may be written
         if env.is_main:
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             cfg.dump(os.path.join(self.run_dir, "config.yaml"))
             if self.resume_from:
-                RestartGuard(self.run_dir, cfg.checkpoint.max_restarts).record(self.step)
-        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.step)
+                RestartGuard(self.run_dir, cfg.checkpoint.max_restarts).record(self.state.step)
+        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.state.step)
+        self.start_batches = self._resume_batches()
         self.stream, self.loader = make_loader(
             self.data, cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size,
-            cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.step * cfg.train.grad_accum,
+            cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.start_batches,
             prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda")
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
                                 cfg.train.color_coeff, LossOptions.from_config(cfg))
-        self._fixed = None
+        self._start_step, self._last_sample, self._skipped_seen = self.state.step, -1, 0
+        self.samples = SampleWriter(self.run_dir, self.test_data or self.data, cfg.model.stage, cfg.model.text_dim,
+                                    cfg.model.z_dim, cfg.model.condition_dim,
+                                    self.stage1_cfg.condition_dim if self.stage1_cfg else None, cfg.train.seed,
+                                    env.device, self.metrics) if env.is_main else None
 
     # -- checkpoint state -------------------------------------------------------------------------
-    def model_state(self) -> dict:
-        s = self.strategy
-        st = {"G": unwrap(s.G_module).state_dict(), "D": unwrap(s.D_module).state_dict(), "step": self.step,
-              "epoch": self.step * self.cfg.train.grad_accum // self.stream.batches_per_epoch,
-              "strategy": s.state_dict(), "model_config": model_defining(self.cfg) | {
-                  "stage1_checkpoint": self.cfg.model.stage1_checkpoint},
-              "config": self.cfg.to_dict(), "config_hash": self.cfg.model_hash(),
-              "text_encoder": self.data.manifest.get("text_encoder", {"name": "precomputed",
-                                                                       "dim": self.data.text_dim}),
-              "world_size": self.env.world_size}
-        if self.G1 is not None:
-            st["stage1_G"] = self.G1.state_dict()
-            st["stage1_model_config"] = {k: getattr(self.stage1_cfg, k) for k in MODEL_DEFINING_KEYS}
-            st["stage1_ref"] = self.stage1_ref
-        return to_cpu(st)
+    def _resume_batches(self) -> int:
+        """Where today's per-rank loader starts: the batches this rank consumed before the checkpoint."""
+        c = self.state.cursor
+        if not c:
+            return 0
+        if (c.get("world_size"), c.get("num_workers")) != (self.env.world_size, self.cfg.data.num_workers):
+            log.warning("world size or data.num_workers changed (%s x %s -> %d x %d): the data order after "
+                        "resume differs from an uninterrupted run", c.get("world_size"), c.get("num_workers"),
+                        self.env.world_size, self.cfg.data.num_workers)
+        return int(c.get("batches", 0))
 
-    def rank_state(self) -> dict:
-        import random
-
-        import numpy as np
-
-        st = {"rank": self.env.rank, "world_size": self.env.world_size, "step": self.step,
-              "batches_consumed": self.step * self.cfg.train.grad_accum, "num_workers": self.cfg.data.num_workers,
-              "noise_gen": self.gen.get_state().cpu(), "torch_cpu": torch.get_rng_state(),
-              "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-              "numpy": numpy_state_to_safe(np.random.get_state())}
-        if torch.cuda.is_available():
-            st["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
-        return st
+    def _cursor(self) -> dict:
+        batches = self.start_batches + (self.state.step - self._start_step) * self.cfg.train.grad_accum
+        return {"kind": "rank_batches", "batches": batches, "world_size": self.env.world_size,
+                "num_workers": self.cfg.data.num_workers}
 
     def _load(self, saved: dict) -> None:
-        import random
-
-        import numpy as np
-
         s = self.strategy
         unwrap(s.G_module).load_state_dict(saved["G"])
         unwrap(s.D_module).load_state_dict(saved["D"])
-        s.load_state_dict(saved["strategy"])
-        if hasattr(s, "load_engines"):  # DeepSpeed: optimizer partitions and fp32 masters live in engine/
-            s.load_engines(os.path.join(self.resume_from, "engine"))
-        self.step = int(saved["step"])
+        s.load_state_dict(saved["strategy"])  # refuses another backend's state
+        s.load_extra(os.path.join(self.resume_from, "engine"))
+        if self.state.schedule and self.state.schedule != self.schedule.__dict__:
+            log.info("the schedule changed since the checkpoint: %s -> %s", self.state.schedule, self.schedule.__dict__)
         rpath = os.path.join(self.resume_from, f"rank_{self.env.rank:05d}.pt")
         if saved.get("world_size") == self.env.world_size and os.path.isfile(rpath):
-            r = load_file(rpath)
-            if r["num_workers"] != self.cfg.data.num_workers:
-                log.warning("data.num_workers changed (%d -> %d): the data order after resume differs from an "
-                            "uninterrupted run", r["num_workers"], self.cfg.data.num_workers)
-            self.gen.set_state(r["noise_gen"].to(self.gen.get_state().device))
-            torch.set_rng_state(r["torch_cpu"])
-            random.setstate((r["python_version"], tuple(r["python"]), None))
-            np.random.set_state(numpy_state_from_safe(r["numpy"]))
-            if "cuda" in r and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(r["cuda"])
+            set_rng_state(rank_rng(load_file(rpath)), self.gen, self.env.device)
         else:
             log.warning("world size changed (%s -> %d): model and optimizer resume, noise streams restart",
                         saved.get("world_size"), self.env.world_size)
         self.ckpt.last_saved = self.resume_from  # so a run that is already complete does not rewrite it
         if self.env.is_main:
-            print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
+            print(f"resumed from {self.resume_from} at step {self.state.step}", flush=True)
 
     def save_checkpoint(self, background: bool = False) -> str | None:
         """Collective. In the background the state is copied to CPU here and written by a thread while
         training goes on; ``commit_checkpoint`` makes it the new ``latest`` a few steps later."""
         self.commit_checkpoint()  # an earlier background save first, with its callback
-        path = self.ckpt.save(self.step, self.model_state() if self.env.is_main else None, self.rank_state(),
-                              engine_save=getattr(self.strategy, "save_engines", None),
+        st, s = self.state, self.strategy
+        st.cursor, st.schedule = self._cursor(), dict(self.schedule.__dict__)
+        enc = self.data.manifest.get("text_encoder", {"name": "precomputed", "dim": self.data.text_dim})
+        stage1 = (self.G1, self.stage1_cfg, self.stage1_ref) if self.G1 is not None else None
+        ms = model_state(s, self.cfg, st, self.env.world_size, enc, stage1) if self.env.is_main else None
+        path = self.ckpt.save(st.step, ms, rank_state(self.env.rank, self.env.world_size, self.gen, self.env.device),
+                              engine_save=s.save_extra,
                               extra_manifest={"stage": self.cfg.model.stage, "config_hash": self.cfg.model_hash()},
-                              background=background)
+                              background=background and s.supports_background_save)
         if path:
             log.info("checkpoint %s (%.2fs)", path, self.ckpt.last_save_s)
             if self.on_checkpoint is not None:
-                self.on_checkpoint(path, self.step, self.env)
+                self.on_checkpoint(path, st.step, self.env)
         return path
 
     def commit_checkpoint(self) -> None:
@@ -252,91 +261,61 @@ class Trainer:
                 self.on_checkpoint(path, int(os.path.basename(path).split("_")[-1]), self.env)
 
     # -- ticks ------------------------------------------------------------------------------------
-    def lr_at(self, step: int, base: float) -> float:
-        d = self.cfg.train.lr_decay_steps
-        return base * (self.cfg.train.lr_decay_factor ** (step // d)) if d else base
+    def set_lrs(self) -> None:
+        f = self.cfg.train.lr_decay_factor ** self.schedule.lr_factor_exponent(self.state)
+        self.strategy.g.set_lr(self.cfg.train.lr_g * f)
+        self.strategy.d.set_lr(self.cfg.train.lr_d * f)
 
-    def _fixed_inputs(self):
-        """Fixed captions (from the test split when given) and fixed noise for the sample grids."""
-        if self._fixed is None:
-            info = self.test_data or self.data
-            ds, _ = make_loader(info, self.cfg.model.stage, 8, 0, num_workers=0, shuffle_buffer=1, train=False) \
-                if info.num_samples >= 8 else (None, None)
-            text = next(ds.slot_batches(0, 0))["text"] if ds else torch.zeros(8, self.cfg.model.text_dim)
-            g = torch.Generator().manual_seed(self.cfg.train.seed + 12345)
-            n = text.shape[0]
-            noise = {"z": torch.randn(n, self.cfg.model.z_dim, generator=g),
-                     "eps": torch.zeros(n, self.cfg.model.condition_dim),
-                     "eps1": torch.zeros(n, getattr(getattr(self, "stage1_cfg", None), "condition_dim",
-                                                    self.cfg.model.condition_dim))}
-            self._fixed = (text.to(self.env.device), {k: v.to(self.env.device) for k, v in noise.items()})
-        return self._fixed
-
-    @torch.no_grad()
     def write_samples(self) -> None:
-        text, noise = self._fixed_inputs()
-        G = unwrap(self.strategy.G_module)
-        was = G.training
-        G.eval()
-        with self.strategy.autocast():
-            if self.cfg.model.stage == 1:
-                img, _, _ = G(text, noise["z"], noise["eps"])
-                rows = [to_uint8(img)]
-            else:
-                s0, _, _ = self.G1(text, noise["z"], noise["eps1"])
-                img, _, _ = G(text, s0, noise["eps"])
-                rows = [to_uint8(s0), to_uint8(img)]
-        G.train(was)
-        grid = make_grid(rows, size=rows[-1].shape[1])
-        save_png(grid, os.path.join(self.run_dir, "samples", f"step_{self.step:08d}.png"))
-        self.metrics.image(self.step, "samples", grid)
+        self._last_sample = self.state.step
+        self.samples.write(self.state.step, unwrap(self.strategy.G_module), self.G1, self.strategy.autocast())
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg, env, s = self.cfg, self.env, self.strategy
+        cfg, env, st, sched = self.cfg, self.env, self.state, self.schedule
         flag = SignalFlag(cfg.checkpoint.signal).install()
         it = iter(self.loader)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (env.is_main and cfg.log.progress),
+        total = sched.total_steps(st, self.global_batch)
+        bar = tqdm(total=total, initial=st.step, disable=not (env.is_main and cfg.log.progress),
                    unit="step", dynamic_ncols=True, desc=f"stage{cfg.model.stage}")
-        acc: dict = {}
-        n_acc, bad_total, seen_total = 0, 0, 0
-        t_log, last_ckpt_time = time.perf_counter(), time.monotonic()
-        steps_since_log = 0
-        global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        stats = StepStats()
+        self._start_step = st.step
+        self.bad_total = 0
+        last_ckpt_time = time.monotonic()
         result = {"stopped": "max_steps"}
-        # test hook: slows every step so that a test can land a kill or a signal between two given steps
-        step_delay = float(os.environ.get("STACKGAN_TEST_STEP_DELAY_S", "0") or 0)
         # a background save is committed this many steps after it began (or at the next save, signal or end)
         commit_lag = max(1, min(10, cfg.checkpoint.every_steps // 2))
+        timeout_lowered = False
         try:
-            while self.step < cfg.train.max_steps:
-                for k in ("g", "d"):
-                    s.set_lr(k, self.lr_at(self.step, cfg.train.lr_g if k == "g" else cfg.train.lr_d))
+            while not sched.done(st):
+                self.set_lrs()
                 batches = [next(it) for _ in range(cfg.train.grad_accum)]
                 out = self.gan_step(batches)
-                self.step += 1
-                s.write_digest(self.step)  # test hook; a no-op unless STACKGAN_TEST_DIGEST_DIR is set
-                steps_since_log += 1
-                bad_total += out.pop("bad")
-                seen_total += cfg.train.batch_size * cfg.train.grad_accum
-                for k, v in out.items():
-                    acc[k] = acc[k] + v if k in acc else v
-                n_acc += 1
+                before = st.images_seen
+                st.advance(self.global_batch, sched.epoch_images)
+                self.hooks.after_step(st.step, self.strategy, env.rank)
+                self.bad_total += out.pop("bad")
+                stats.add(out)
                 bar.update(1)
-                if step_delay > 0:
-                    time.sleep(step_delay)
-                if self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                    self._log(acc, n_acc, steps_since_log, t_log, global_batch, bad_total, seen_total, bar)
-                    acc, n_acc, steps_since_log, t_log = {}, 0, 0, time.perf_counter()
-                if env.is_main and self.step % cfg.log.sample_every == 0:
+                steps_run = st.step - self._start_step
+                if not timeout_lowered and steps_run >= STARTUP_STEPS:
+                    set_collective_timeout(env, cfg.train.dist_timeout_s)
+                    timeout_lowered = True
+                last = sched.done(st)
+                if st.step % cfg.log.every_steps == 0 or last:
+                    self._log(stats, bar)
+                if env.is_main and sched.sample_due(st, before):
                     self.write_samples()
-                due = self.step % cfg.checkpoint.every_steps == 0
-                if cfg.checkpoint.every_minutes > 0:
-                    due = due or all_reduce_max(
-                        float(time.monotonic() - last_ckpt_time > 60 * cfg.checkpoint.every_minutes), env) > 0
-                stop = all_reduce_max(float(flag.received is not None), env) > 0
+                due = sched.checkpoint_due(st, before)
+                stop = False
+                if steps_run % cfg.train.stop_check_every == 0 or last:
+                    # the one collective outside the step and the ticks: signal flag and clock together
+                    late = cfg.checkpoint.every_minutes > 0 and \
+                        time.monotonic() - last_ckpt_time > 60 * cfg.checkpoint.every_minutes
+                    stop, late = any_flags([flag.received is not None, late], env)
+                    due = due or late
                 pending = self.ckpt.pending_step
-                if pending is not None and not (due or stop) and self.step >= pending + commit_lag:
+                if pending is not None and not (due or stop) and st.step >= pending + commit_lag:
                     self.commit_checkpoint()  # every rank reaches this at the same step: a collective is safe
                 if due or stop:
                     self.save_checkpoint(background=cfg.checkpoint.background and not stop)
@@ -345,48 +324,49 @@ class Trainer:
                     result = {"stopped": "signal"}
                     if env.is_main:
                         print(f"received {flag.name or 'a signal on another rank'}: checkpoint written at step "
-                              f"{self.step}; exiting with {EXIT_REQUEUE} (requeue)", flush=True)
+                              f"{st.step}; exiting with {EXIT_REQUEUE} (requeue)", flush=True)
                     raise Preempted()
             self.commit_checkpoint()
-            if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{self.step:08d}"):
+            if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{st.step:08d}"):
                 self.save_checkpoint()
-            if env.is_main and self.step % cfg.log.sample_every != 0:  # the final grid, unless just written
-                self.write_samples()
+            if env.is_main and self._last_sample != st.step:
+                self.write_samples()  # the final grid, unless just written
         finally:
             self.ckpt.abandon_pending()  # only on an error path is anything still pending here
             bar.close()
             flag.restore()
             self.metrics.close()
             del it
-        result["step"] = self.step
+        result["step"] = st.step
         return result
 
-    def _log(self, acc, n_acc, steps, t0, global_batch, bad_total, seen_total, bar) -> None:
-        env, cfg = self.env, self.cfg
-        keys = sorted(acc)
-        vec = torch.stack([acc[k].float() / n_acc for k in keys] + [torch.tensor(float(bad_total), device=acc[keys[0]].device)])
-        if env.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(vec)
-            vec[:-1] /= env.world_size
-        vals = vec.tolist()
-        rec = {k: v for k, v in zip(keys, vals[:-1])}
-        bad_all = vals[-1]
-        seen_all = seen_total * env.world_size
-        dt = time.perf_counter() - t0
-        rec.update({"img_per_s": steps * global_batch / max(dt, 1e-9), "lr_g": self.strategy.lrs()["g"],
-                    "lr_d": self.strategy.lrs()["d"], "data_skipped": int(bad_all),
-                    "epoch": self.step * cfg.train.grad_accum // self.stream.batches_per_epoch})
-        sc = self.strategy.scaler_scale()
+    def _log(self, stats: StepStats, bar) -> None:
+        env, cfg, st = self.env, self.cfg, self.state
+        steps = stats.n
+        dt = time.perf_counter() - stats.t0
+        s = self.strategy
+        extra = {"data_skipped": float(self.bad_total), "d_skipped": s.d.skipped, "g_skipped": s.g.skipped}
+        rec = stats.reduce(env, extra)
+        loss_keys = sorted(stats.sums)
+        for k in ("d_skipped", "g_skipped"):
+            rec[k] = int(rec[k] / env.world_size)  # every rank skips the same steps
+        rec["data_skipped"] = int(rec["data_skipped"])
+        seen_all = (st.step - self._start_step) * self.global_batch
+        rec.update({"img_per_s": steps * self.global_batch / max(dt, 1e-9), "lr_g": s.g.lr, "lr_d": s.d.lr,
+                    "epoch": st.epoch, "images_seen": st.images_seen})
+        sc = s.scaler_scale()
         if sc is not None:
             rec["grad_scale"] = sc
-        if not all(math.isfinite(v) for v in vals[:-1]):
+        if not finite_losses(rec, loss_keys):
             last = self.ckpt.last_saved or self.ckpt.latest_valid() or "none"
-            raise UserError(f"non-finite loss at step {self.step} ({', '.join(f'{k}={v}' for k, v in rec.items() if isinstance(v, float))}); "
-                            f"last good checkpoint: {last}")
-        if bad_all > 0 and bad_all / max(seen_all, 1) > cfg.data.max_bad_fraction:
-            raise UserError(f"{int(bad_all)} of {seen_all} samples failed to decode "
+            raise UserError(f"non-finite loss at step {st.step} "
+                            f"({', '.join(f'{k}={rec[k]}' for k in loss_keys)}); last good checkpoint: {last}")
+        if rec["data_skipped"] > 0 and rec["data_skipped"] / max(seen_all, 1) > cfg.data.max_bad_fraction:
+            raise UserError(f"{rec['data_skipped']} of {seen_all} samples failed to decode "
                             f"(> data.max_bad_fraction={cfg.data.max_bad_fraction}); stopping")
-        self.metrics.log(self.step, rec)
+        if rec["d_skipped"] + rec["g_skipped"] > self._skipped_seen:
+            self._skipped_seen = rec["d_skipped"] + rec["g_skipped"]
+            log.warning("non-finite gradients: %d D and %d G steps skipped so far", rec["d_skipped"], rec["g_skipped"])
+        self.metrics.log(st.step, rec)
+        stats.reset()
         bar.set_postfix({"D": f"{rec['d_loss']:.3f}", "G": f"{rec['g_loss']:.3f}", "img/s": f"{rec['img_per_s']:.0f}"})

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,6 +81,126 @@ def finish(p: subprocess.Popen, log_path=None, timeout=420, expect=0) -> str:
     text = open(log_path).read() if log_path else ""
     assert rc == expect, f"exit {rc}, expected {expect}\n{text[-4000:]}"
     return text
+
+
+def wait_until(pred, what: str = "condition", timeout=300, poll=0.02, alive=None, diagnose=None):
+    """Polls ``pred`` until it returns a truthy value (returned). ``alive()`` false -> fail at once (the
+    process we wait on died); ``diagnose()`` adds context to a timeout. A poll loop on an observable
+    state, never a sleep standing in for an event."""
+    t0 = time.monotonic()
+    while True:
+        v = pred()
+        if v:
+            return v
+        if alive is not None and not alive():
+            raise AssertionError(f"the process exited before {what}")
+        if time.monotonic() - t0 > timeout:
+            extra = f"\n{diagnose()}" if diagnose is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(poll)
+
+
+def wait_for(pred, p: subprocess.Popen, timeout=300, what="condition", poll=0.02):
+    """``wait_until`` while process ``p`` is alive."""
+    return wait_until(pred, what, timeout, poll, alive=lambda: p.poll() is None)
+
+
+def kill_tree(p: subprocess.Popen, sig=signal.SIGKILL, timeout=120) -> int:
+    """Waits up to ``timeout`` for ``p`` to exit by itself, then kills its whole session; reaps it."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+            p.wait()
+    return p.returncode
+
+
+def finish_all(procs, limit) -> tuple[list, float]:
+    """Waits for all ``procs`` (stdout/stderr pipes) within ``limit`` seconds in total; kills them all and fails
+    if one hangs. -> ([(returncode, stderr)], seconds)."""
+    t0 = time.monotonic()
+    res = []
+    for p in procs:
+        try:
+            _out, err = p.communicate(timeout=max(1.0, limit - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+                q.wait()
+            raise AssertionError("a worker hung past the limit instead of failing")
+        res.append((p.returncode, err))
+    return res, time.monotonic() - t0
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def worker_pid(launcher_pid: int, rank: int, timeout=120) -> int:
+    """The pid of the torchrun worker with RANK=rank (a child of the launcher)."""
+    def find():
+        for c in children(launcher_pid):
+            try:
+                env = open(f"/proc/{c}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+                return c
+        return None
+
+    return wait_until(find, f"the worker with RANK={rank} under {launcher_pid}", timeout, poll=0.1)
+
+
+class Rendezvous:
+    """The trainer's test rendezvous (stackgan_dist/testing.py): the run pauses after step ``step`` on
+    every rank until ``go()``; ``wait(p)`` returns once all ``ranks`` are there. No sleeps, no races."""
+
+    def __init__(self, d, step: int, ranks=(0,)):
+        self.dir, self.step, self.ranks = str(d), step, tuple(ranks)
+
+    @property
+    def env(self) -> dict:
+        return {"STACKGAN_TEST_PAUSE_AT_STEP": str(self.step), "STACKGAN_TEST_RENDEZVOUS_DIR": self.dir}
+
+    def arrived(self) -> bool:
+        return all(os.path.isfile(os.path.join(self.dir, f"rank{r}.step{self.step}")) for r in self.ranks)
+
+    def wait(self, p: subprocess.Popen, timeout=300) -> None:
+        wait_for(self.arrived, p, timeout, what=f"ranks {self.ranks} paused at step {self.step}")
+
+    def go(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        open(os.path.join(self.dir, "go"), "w").close()
+
+
+def single_cmd(args):
+    return [PY, "-m", "stackgan_dist", *map(str, args)]
+
+
+def torchrun_cmd(args, nproc=2, max_restarts=0):
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "stackgan_dist", *map(str, args)]
+
+
+def resume_line(text: str) -> str:
+    return next((ln for ln in text.splitlines() if ln.startswith("resumed from")), "")
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")

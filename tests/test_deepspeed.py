@@ -13,7 +13,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import CFG1, CFG2, KEYS, PY, REPO, check, digests, run_cli, tiny_overrides, torchrun  # noqa: E402
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, inspect_run, metrics, run_cli,  # noqa: E402
+                      tiny_overrides, torchrun)
 
 
 
@@ -23,15 +24,6 @@ def train2(data, run_dir, stage, steps, zero, extra=(), digest=None):
                                                     "checkpoint.every_steps=2", *extra])
     return check(torchrun(2, "train", cfg, *o,
                           env={"STACKGAN_TEST_DIGEST_DIR": str(digest)} if digest else None))
-
-
-def inspect(run_dir):
-    return json.loads(check(run_cli("inspect", run_dir, timeout=300)).stdout)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def test_deepspeed_trains_both_stages_with_finite_losses_and_identical_ranks(ds_
                 assert rec[k] == rec[k] and abs(rec[k]) < 1e6, (key, rec)
     s1 = digests(run["root"] / f"z{zero}_dg_s1", 0)
     assert len({d["G_params"] for d in s1}) == 4 and len({d["D_params"] for d in s1}) == 4  # it trains
-    info = inspect(run["dirs"]["s2"])
+    info = inspect_run(run["dirs"]["s2"])
     assert info["valid"] and info["step"] == s2_steps[-1] and info["stage"] == 2
 
 
@@ -97,7 +89,7 @@ def test_deepspeed_resume_restores_optimizer_partitions(ds_runs, zero):
     resumed = digests(run["root"] / f"z{zero}_dg_s1b", 0)[-1]
     for k in KEYS:
         assert straight[k] == resumed[k], f"ZeRO-{zero}: {k} after resume differs from the uninterrupted run"
-    assert inspect(run["dirs"]["s1"])["params_sha256"] == inspect(run["dirs"]["s1b"])["params_sha256"]
+    assert inspect_run(run["dirs"]["s1"])["params_sha256"] == inspect_run(run["dirs"]["s1b"])["params_sha256"]
 
 
 @pytest.mark.slow
@@ -118,7 +110,7 @@ def test_deepspeed_one_process_zero0_trains_and_resumes(synth_data, tmp_path):
     p = check(run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 3, o), timeout=600))
     assert "resumed from" in p.stdout
     assert [r["step"] for r in metrics(tmp_path / "r")] == [2, 3]
-    assert inspect(tmp_path / "r")["step"] == 3
+    assert inspect_run(tmp_path / "r")["step"] == 3
 
 
 # -- the non-finite guard (DeepSpeed PR #8035): 2 ranks, a NaN on one rank skips the step on both ----
@@ -151,16 +143,16 @@ def _guard_worker(out: str) -> None:
             loss = o["cond"].float().mean()
             if bad and env.rank == 1:
                 loss = loss * float("nan")
-            s.backward("d", loss)
-            s.step("d")
+            s.d.backward(loss)
+            s.d.step()
             after = torch.cat([p.detach().flatten() for p in s.D_module.parameters()])
-            opt = s.engine["d"].optimizer
+            opt = s.d.engine.optimizer
             inner = getattr(opt, "optimizer", opt)
             finite_state = all(bool(torch.isfinite(v).all()) for st in inner.state.values()
                                for v in st.values() if torch.is_tensor(v))
             rows.append({"bad": bad, "changed": not torch.equal(before, after),
                          "finite_params": bool(torch.isfinite(after).all()), "finite_adam": finite_state})
-        res[zero] = {"rows": rows, "skipped": s.skipped_steps["d"]}
+        res[zero] = {"rows": rows, "skipped": s.skipped_steps()["d"]}
     with open(f"{out}.rank{env.rank}.json", "w") as f:
         json.dump(res, f)
     teardown(env)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 
 import pytest
 
-from conftest import PY, committed, digest, finish, run_cli, start, tiny_overrides
+from conftest import (Rendezvous, committed, digest, finish, kill_tree, resume_line, run_cli, single_cmd, start,
+                      tiny_overrides, torchrun_cmd, wait_for, worker_pid)
 
 CFG = {1: "configs/demo/stage1.yaml", 2: "configs/demo/stage2.yaml"}
 # `stackgan inspect` needs only the committed checkpoint; these are the shared knobs of the runs here.
@@ -26,62 +25,11 @@ def train_args(data, run, stage, steps, extra=()):
                                                  extra=[f"checkpoint.every_steps={EVERY}", *extra])]
 
 
-def single_cmd(args):
-    return [PY, "-m", "stackgan_dist", *map(str, args)]
-
-
-def torchrun_cmd(args, nproc=2, max_restarts=0):
-    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "stackgan_dist", *map(str, args)]
-
-
-def wait_for(pred, p: subprocess.Popen, timeout=300, what="condition", poll=0.02):
-    t0 = time.monotonic()
-    while not pred():
-        if p.poll() is not None:
-            raise AssertionError(f"process exited ({p.returncode}) before {what}")
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
-
-
 def mid_save(run, step, ranks=(0,)) -> bool:
     """Every rank's file is in the temporary folder, the manifest is not: the save is in progress."""
     tmp = os.path.join(run, "checkpoints", f".tmp-step_{step:08d}")
     return all(os.path.isfile(os.path.join(tmp, f"rank_{r:05d}.pt")) for r in ranks) \
         and not os.path.exists(os.path.join(tmp, "manifest.json"))
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def worker_pid(launcher_pid: int, rank: int, timeout=120) -> int:
-    """The pid of the torchrun worker with RANK=rank (a child of the launcher)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        for c in children(launcher_pid):
-            try:
-                env = open(f"/proc/{c}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
-                return c
-        time.sleep(0.1)
-    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
-
-
-def resume_line(text: str) -> str:
-    return next((ln for ln in text.splitlines() if ln.startswith("resumed from")), "")
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
@@ -111,18 +59,19 @@ def test_stage1_single_kill_during_save_then_mid_step(synth_data, tmp_path):
     p.wait()
     assert not committed(run, 8)
     assert os.readlink(run / "checkpoints" / "latest") == "step_00000004"
-    # 2) resumed from step 4, killed again between checkpoints (after the step-8 one, before step 12)
-    p = start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "b.log",
-              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 9..12 take >= 2 s: the kill lands before 12
-    wait_for(lambda: committed(run, 8), p, what="step-8 checkpoint")
-    time.sleep(0.3)
+    # 2) resumed from step 4, killed again between checkpoints: paused after step 11 (the background step-8
+    # save was committed at step 10), killed there
+    rv = Rendezvous(tmp_path / "rv", 11)
+    p = start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "b.log", env=rv.env)
+    rv.wait(p)
+    assert committed(run, 8) and not committed(run, 12)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert resume_line(open(tmp_path / "b.log").read()).endswith("step_00000004 at step 4")
     # 3) resumed to the end
     text = finish(start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "c.log"),
                   tmp_path / "c.log")
-    assert resume_line(text).endswith("at step 8") or resume_line(text).endswith("at step 12"), text[-2000:]
+    assert resume_line(text).endswith("step_00000008 at step 8"), text[-2000:]
     finish(ref, tmp_path / "ref.log")
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp-")]
     assert digest(run) == digest(ref_run)
@@ -133,10 +82,11 @@ def test_stage2_single_kill_mid_step(synth_data, tmp_path, stage1_ckpt):
     steps = 8
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     ref = start(single_cmd(train_args(synth_data, ref_run, 2, steps, s2(stage1_ckpt))), log_path=tmp_path / "ref.log")
+    rv = Rendezvous(tmp_path / "rv", 7)  # the background step-4 save is committed at step 6
     p = start(single_cmd(train_args(synth_data, run, 2, steps, s2(stage1_ckpt))), log_path=tmp_path / "a.log",
-              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 5..8 take >= 2 s: the kill lands before 8
-    wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
-    time.sleep(0.5)
+              env=rv.env)
+    rv.wait(p)
+    assert committed(run, 4)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     text = finish(start(single_cmd(train_args(synth_data, run, 2, steps, s2(stage1_ckpt))),
@@ -161,12 +111,7 @@ def test_stage1_two_ranks_kill_worker_during_save(synth_data, tmp_path, ref2_sta
               log_path=tmp_path / "a.log")
     wait_for(lambda: mid_save(run, 4, ranks=(0, 1)), p, what="the step-4 save in progress on both ranks")
     os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
-    try:
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0
+    assert kill_tree(p) != 0
     assert not committed(run, 4)
     # the torn step-4 folder is never used: the resume starts from scratch and re-creates it
     text = finish(start(torchrun_cmd(train_args(synth_data, run, 1, 8)), log_path=tmp_path / "b.log"),
@@ -178,11 +123,13 @@ def test_stage1_two_ranks_kill_worker_during_save(synth_data, tmp_path, ref2_sta
 @pytest.mark.slow
 def test_torchrun_max_restarts_sigkilled_worker(synth_data, tmp_path, ref2_stage1):
     run = tmp_path / "run"
+    rv = Rendezvous(tmp_path / "rv", 7, ranks=(0, 1))  # the restarted group passes step 7 again: go is there
     p = start(torchrun_cmd(train_args(synth_data, run, 1, 8), max_restarts=1), log_path=tmp_path / "a.log",
-              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 5..8 take >= 2 s: the kill lands before 8
-    wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
-    time.sleep(0.3)
+              env=rv.env)
+    rv.wait(p)
+    assert committed(run, 4)
     os.kill(worker_pid(p.pid, 1), signal.SIGKILL)  # mid-run, after the step-4 commit
+    rv.go()
     text = finish(p, tmp_path / "a.log")
     assert "step_00000004 at step 4" in text, text[-3000:]
     assert digest(run) == ref2_stage1
@@ -194,15 +141,13 @@ def test_stage2_two_ranks_kill_rank0_then_resume(synth_data, tmp_path, stage1_ck
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     args = lambda r: train_args(synth_data, r, 2, steps, s2(stage1_ckpt))  # noqa: E731
     finish(start(torchrun_cmd(args(ref_run)), log_path=tmp_path / "ref.log"), tmp_path / "ref.log")
-    p = start(torchrun_cmd(args(run)), log_path=tmp_path / "a.log", env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})
-    wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
-    time.sleep(0.3)
+    rv = Rendezvous(tmp_path / "rv", 7, ranks=(0, 1))
+    p = start(torchrun_cmd(args(run)), log_path=tmp_path / "a.log", env=rv.env)
+    rv.wait(p)
+    assert committed(run, 4)
     os.kill(worker_pid(p.pid, 0), signal.SIGKILL)
-    try:
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    rv.go()  # rank 1 goes on and fails at its next collective
+    kill_tree(p)
     text = finish(start(torchrun_cmd(args(run)), log_path=tmp_path / "b.log"), tmp_path / "b.log")
     assert "step_00000004 at step 4" in text, text[-3000:]
     assert digest(run) == digest(ref_run)
@@ -216,17 +161,117 @@ def test_deepspeed_zero2_kill_then_resume(synth_data, tmp_path):
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     finish(start(torchrun_cmd(train_args(synth_data, ref_run, 1, 8, ds)), log_path=tmp_path / "ref.log"),
            tmp_path / "ref.log")
-    p = start(torchrun_cmd(train_args(synth_data, run, 1, 8, ds)), log_path=tmp_path / "a.log",
-              env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})
-    wait_for(lambda: committed(run, 4), p, what="step-4 checkpoint")
+    rv = Rendezvous(tmp_path / "rv", 5, ranks=(0, 1))  # DeepSpeed saves in the foreground: 4 is committed
+    p = start(torchrun_cmd(train_args(synth_data, run, 1, 8, ds)), log_path=tmp_path / "a.log", env=rv.env)
+    rv.wait(p)
+    assert committed(run, 4)
     os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
-    try:
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    rv.go()
+    kill_tree(p)
     assert os.path.isdir(run / "checkpoints" / "step_00000004" / "engine")
     text = finish(start(torchrun_cmd(train_args(synth_data, run, 1, 8, ds)), log_path=tmp_path / "b.log"),
                   tmp_path / "b.log")
     assert "step_00000004 at step 4" in text, text[-3000:]
     assert digest(run) == digest(ref_run)
+
+
+# -- version-1 checkpoints (written before TrainState) keep resuming ------------------------------------
+
+def rewrite_as_v1(ck) -> None:
+    """Rewrites a committed step folder into the layout the version-1 trainer wrote (its model_state and
+    rank_state, field for field), then re-seals the manifest: ``step``/``epoch`` at the top of model.pt, no
+    format_version or train_state, an untagged DDP strategy state, the RNG streams and ``batches_consumed``
+    at the top of each rank file."""
+    import torch
+
+    m = torch.load(ck / "model.pt", weights_only=True)
+    ts = m.pop("train_state")
+    m.pop("format_version")
+    m["step"] = ts["step"]
+    m["epoch"] = ts["step"] * m["config"]["train"]["grad_accum"] // 24  # the unread v1 field, any value
+    m["strategy"].pop("backend")
+    torch.save(m, ck / "model.pt")
+    for f in sorted(ck.glob("rank_*.pt")):
+        r = torch.load(f, weights_only=True)
+        v1 = {"rank": r["rank"], "world_size": r["world_size"], "step": ts["step"],
+              "batches_consumed": ts["cursor"]["batches"], "num_workers": ts["cursor"]["num_workers"], **r["rng"]}
+        torch.save(v1, f)
+    reseal(ck)
+
+
+def reseal(ck) -> None:
+    """Re-hashes every file of a step folder into its manifest (after a test rewrote them on purpose)."""
+    import json
+
+    from stackgan_dist.checkpoint.manager import sha256_file
+
+    man = json.loads((ck / "manifest.json").read_text())
+    for rel in man["files"]:
+        man["files"][rel] = {"size": os.path.getsize(ck / rel), "sha256": sha256_file(ck / rel)}
+    (ck / "manifest.json").write_text(json.dumps(man, indent=1))
+
+
+@pytest.mark.slow
+def test_version1_checkpoint_resumes_exactly(synth_data, tmp_path):
+    ref_run, run = tmp_path / "ref", tmp_path / "run"
+    run_cli(*train_args(synth_data, ref_run, 1, 8), check=True)
+    run_cli(*train_args(synth_data, run, 1, 4), check=True)
+    rewrite_as_v1(run / "checkpoints" / "step_00000004")
+    p = run_cli(*train_args(synth_data, run, 1, 8), check=True)
+    assert resume_line(p.stdout).endswith("step_00000004 at step 4"), p.stdout[-2000:]
+    assert digest(run) == digest(ref_run)
+
+
+@pytest.mark.slow
+def test_newer_checkpoint_format_is_refused_with_one_line(synth_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_cli(*train_args(synth_data, run, 1, 4), check=True)
+    ck = run / "checkpoints" / "step_00000004"
+    m = torch.load(ck / "model.pt", weights_only=True)
+    m["format_version"] = 99
+    torch.save(m, ck / "model.pt")
+    reseal(ck)
+    p = run_cli(*train_args(synth_data, run, 1, 8))
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and "state format version 99" in err[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+# -- resume with another world size ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_two_ranks_on_one_restores_model_and_optimizer(synth_data, tmp_path):
+    """DDP 2 -> 1: the weights and Adam's state come back (its step counters continue from 4); the noise
+    streams restart (a warning says so). Exact sample accounting across world sizes is the loader cursor's."""
+    import torch
+
+    run = tmp_path / "run"
+    finish(start(torchrun_cmd(train_args(synth_data, run, 1, 4)), log_path=tmp_path / "a.log"), tmp_path / "a.log")
+    before = torch.load(run / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    p = run_cli(*train_args(synth_data, run, 1, 6), check=True)
+    assert resume_line(p.stdout).endswith("step_00000004 at step 4")
+    assert "world size changed (2 -> 1)" in p.stderr
+    after = torch.load(run / "checkpoints" / "step_00000006" / "model.pt", weights_only=True)
+    for net in ("opt_g", "opt_d"):
+        steps = {float(s["step"]) for s in after["strategy"][net]["state"].values()}
+        assert steps == {6.0}, (net, steps)  # a fresh optimizer would be at 2
+    assert after["train_state"]["images_seen"] == before["train_state"]["images_seen"] + 2 * 4
+    assert after["world_size"] == 1
+
+
+# -- Stage-II leaves the frozen Stage-I generator as it was -----------------------------------------------
+
+@pytest.mark.slow
+def test_frozen_stage1_generator_unchanged_after_stage2_steps(synth_data, tmp_path, stage1_ckpt):
+    import torch
+
+    run = tmp_path / "s2"
+    run_cli(*train_args(synth_data, run, 2, 3, s2(stage1_ckpt)), check=True)
+    s1 = torch.load(stage1_ckpt / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)["G"]
+    saved = torch.load(run / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+    assert saved["stage1_G"].keys() == s1.keys()
+    for k, v in s1.items():  # weights and BatchNorm statistics, bitwise
+        assert torch.equal(saved["stage1_G"][k], v), k
+    assert saved["train_state"]["step"] == 3  # and Stage-II really took its steps

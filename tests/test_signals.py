@@ -1,6 +1,8 @@
 """Preemption signals with real processes: SIGUSR1 (the scheduler's warning signal) and SIGTERM make every
 rank finish the same step, write a checkpoint and exit with 75 (requeue me); the resumed run ends with the
-uninterrupted run's parameters. The handler only sets a flag: the save happens at a step boundary."""
+uninterrupted run's parameters. The handler only sets a flag; the ranks agree on it every
+``train.stop_check_every`` steps (one collective, with the every_minutes clock), so the stop step is known
+in advance: signals land at a rendezvous, never after a sleep."""
 from __future__ import annotations
 
 import os
@@ -9,40 +11,46 @@ import signal
 
 import pytest
 
+from conftest import (Rendezvous, committed, digest, finish, metrics, run_cli, single_cmd, start, tiny_overrides,
+                      torchrun_cmd, worker_pid)
 from stackgan_dist.checkpoint.signals import EXIT_REQUEUE
-from conftest import committed, digest, finish, start
-from test_resume import single_cmd, torchrun_cmd, train_args, wait_for, worker_pid
 
 STEPS = 12
-SLOW = {"STACKGAN_TEST_STEP_DELAY_S": "0.4"}  # the signal lands mid-run, well before the last step
+CFG = "configs/demo/stage1.yaml"
 
 
-def wait_for_step(run, step, p):
-    wait_for(lambda: committed(run, step), p, what=f"the step-{step} checkpoint")
+def train_args(data, run, steps=STEPS, extra=()):
+    return ["train", CFG, *tiny_overrides(data, run, 1, steps, ["checkpoint.every_steps=4", *extra])]
+
+
+def stopped_at(text: str) -> int:
+    line = next(ln for ln in text.splitlines() if "checkpoint written at step" in ln)
+    return int(line.split("checkpoint written at step ")[1].split(";")[0])
 
 
 @pytest.fixture(scope="module")
 def ref1(synth_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("sigref1")
-    finish(start(single_cmd(train_args(synth_data, d / "run", 1, STEPS)), log_path=d / "log"), d / "log")
+    finish(start(single_cmd(train_args(synth_data, d / "run")), log_path=d / "log"), d / "log")
     return digest(d / "run")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_signal_checkpoints_exits_75_and_resumes_exactly(synth_data, tmp_path, ref1, sig):
+    """Signalled while paused after step 5; the flag is agreed at the next check (every 3 steps: step 6)."""
     run = tmp_path / "run"
-    p = start(single_cmd(train_args(synth_data, run, 1, STEPS)), env=SLOW, log_path=tmp_path / "a.log")
-    wait_for_step(run, 4, p)
+    rv = Rendezvous(tmp_path / "rv", 5)
+    p = start(single_cmd(train_args(synth_data, run, extra=["train.stop_check_every=3"])), env=rv.env,
+              log_path=tmp_path / "a.log")
+    rv.wait(p)
     p.send_signal(sig)
+    rv.go()
     text = finish(p, tmp_path / "a.log", expect=EXIT_REQUEUE)
-    line = next(ln for ln in text.splitlines() if ln.startswith("received"))
-    stopped_at = int(line.split("checkpoint written at step ")[1].split(";")[0])
-    assert 4 < stopped_at < STEPS and committed(run, stopped_at), text[-2000:]
-    assert os.readlink(run / "checkpoints" / "latest") == f"step_{stopped_at:08d}"
-    text = finish(start(single_cmd(train_args(synth_data, run, 1, STEPS)), log_path=tmp_path / "b.log"),
-                  tmp_path / "b.log")
-    assert f"step_{stopped_at:08d} at step {stopped_at}" in text
+    assert f"received {signal.Signals(sig).name}: checkpoint written at step 6;" in text, text[-2000:]
+    assert committed(run, 6) and os.readlink(run / "checkpoints" / "latest") == "step_00000006"
+    text = finish(start(single_cmd(train_args(synth_data, run)), log_path=tmp_path / "b.log"), tmp_path / "b.log")
+    assert "step_00000006 at step 6" in text
     assert digest(run) == ref1
 
 
@@ -51,18 +59,47 @@ def test_usr1_to_one_rank_stops_both_at_the_same_step(synth_data, tmp_path):
     """srun delivers the warning to every task, but a signal that reaches only one rank must still stop
     the whole group at one agreed step (torchrun forwards no USR1: the test signals the worker itself)."""
     run = tmp_path / "run"
-    p = start(torchrun_cmd(train_args(synth_data, run, 1, STEPS)), env=SLOW, log_path=tmp_path / "a.log")
-    wait_for_step(run, 4, p)
+    rv = Rendezvous(tmp_path / "rv", 5, ranks=(0, 1))
+    p = start(torchrun_cmd(train_args(synth_data, run, extra=["train.stop_check_every=2"])), env=rv.env,
+              log_path=tmp_path / "a.log")
+    rv.wait(p)
     os.kill(worker_pid(p.pid, 1), signal.SIGUSR1)
+    rv.go()
     # torchrun itself exits 1 when a worker exits non-zero; each worker's own code is in its summary
     # (under Slurm, srun starts the workers and 75 reaches the batch script)
     text = finish(p, tmp_path / "a.log", expect=1)
     # once the first worker exits non-zero torchrun SIGTERMs the other, which may still be on its way out
     codes = set(re.findall(r"exitcode\s*: (-?\d+)", text))
     assert str(EXIT_REQUEUE) in codes and codes <= {str(EXIT_REQUEUE), "-15"}, text[-3000:]
-    assert "received a signal on another rank" in text or "received USR1" in text, text[-2000:]
-    line = next(ln for ln in text.splitlines() if "checkpoint written at step" in ln)
-    stopped_at = int(line.split("checkpoint written at step ")[1].split(";")[0])
-    assert committed(run, stopped_at)
-    assert sorted(f.name for f in (run / "checkpoints" / f"step_{stopped_at:08d}").glob("rank_*.pt")) == \
+    # rank 0 prints, and it was not the one signalled
+    assert "received a signal on another rank: checkpoint written at step 6;" in text, text[-2000:]
+    assert stopped_at(text) == 6 and committed(run, 6)
+    assert sorted(f.name for f in (run / "checkpoints" / "step_00000006").glob("rank_*.pt")) == \
         ["rank_00000.pt", "rank_00001.pt"]
+
+
+@pytest.mark.slow
+def test_every_minutes_checkpoints_at_the_stop_checks(synth_data, tmp_path):
+    """checkpoint.every_minutes is read on the same cadence as the stop flag: with a clock that is always
+    late and every_steps out of reach, a checkpoint is written at every check (steps 2, 4, 6) and no other."""
+    run = tmp_path / "run"
+    run_cli(*train_args(synth_data, run, 6, ["checkpoint.every_steps=1000", "checkpoint.every_minutes=1e-9",
+                                             "train.stop_check_every=2", "checkpoint.keep_last=10"]), check=True)
+    steps = sorted(int(n.split("_")[1]) for n in os.listdir(run / "checkpoints") if n.startswith("step_"))
+    assert steps == [2, 4, 6], steps
+
+
+@pytest.mark.slow
+def test_lr_decay_and_length_in_epochs(synth_data, tmp_path):
+    """96 training samples, global batch 4: max_epochs=0.5 is 12 steps; lr_decay_epochs=0.25 halves the
+    learning rates after 24 images (step 6); sample grids every 0.25 epochs too."""
+    run = tmp_path / "run"
+    run_cli(*train_args(synth_data, run, 1000, ["train.max_epochs=0.5", "train.lr_decay_epochs=0.25",
+                                                "train.lr_g=0.001", "train.lr_d=0.002",
+                                                "log.sample_every_epochs=0.25"]), check=True)
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [2, 4, 6, 8, 10, 12]
+    assert [r["lr_g"] for r in recs] == [0.001] * 3 + [0.0005] * 3
+    assert [r["lr_d"] for r in recs] == [0.002] * 3 + [0.001] * 3
+    assert [r["images_seen"] for r in recs] == [8, 16, 24, 32, 40, 48]
+    assert sorted(os.listdir(run / "samples")) == [f"step_{s:08d}.png" for s in (6, 12)]

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+import conftest
 from conftest import PY, REPO, TINY, committed, inspect_run, tiny_overrides
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -51,14 +52,7 @@ def diagnose(jid: str, log: str | None = None) -> str:
 
 
 def wait_until(pred, what: str, jid: str, log: str | None = None, timeout=JOB_TIMEOUT, poll=0.2):
-    t0 = time.monotonic()
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnose(jid, log)}")
-        time.sleep(poll)
+    return conftest.wait_until(pred, what, timeout, poll, diagnose=lambda: diagnose(jid, log))
 
 
 def wait_done(jid: str, log: str | None = None, want="COMPLETED", timeout=JOB_TIMEOUT) -> dict:

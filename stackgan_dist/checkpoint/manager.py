@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..distributed.collectives import all_gather_object, any_flags, barrier
 from ..errors import CheckpointError
 
 log = logging.getLogger("stackgan_dist.checkpoint")
@@ -225,16 +226,14 @@ class CheckpointManager:
             os.makedirs(self.root, exist_ok=True)
 
     def _barrier(self):
-        if self.env.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier(self.env)
 
     def save(self, step: int, model_state: dict | None, rank_state: dict, engine_save=None,
              extra_manifest: dict | None = None, background: bool = False) -> str | None:
         """Collective: every rank calls it. ``model_state`` is only needed on rank 0 and must already be
-        a CPU copy (it is written while training goes on). ``engine_save(dir)`` (DeepSpeed) writes the
-        engines' files into ``dir/engine``; it is collective, so DeepSpeed saves never go to the background.
+        a CPU copy (it is written while training goes on). ``engine_save(dir)`` (the strategy's extra files)
+        writes into ``dir/engine`` in the calling thread; it is collective. Whether the rest may be written
+        in the background is the caller's decision (``background``).
 
         With ``background=True`` the files are written by a thread and the call returns None at once;
         ``commit_pending()``, which every rank calls at the same later step, waits for the writer and
@@ -270,7 +269,6 @@ class CheckpointManager:
                 engine_save(os.path.join(tmp, "engine"))
             except Exception as e:  # noqa: BLE001 -- reaches the agreement in commit
                 job.err = e
-            background = False
         if background and job.err is None:
             job.thread = threading.Thread(target=self._write, args=(job, model_state, rank_state),
                                           name=f"ckpt-writer-{step}", daemon=True)
@@ -319,11 +317,7 @@ class CheckpointManager:
             raise CheckpointError(msg)
         files = job.files
         if self.env.distributed:  # each rank hashed its own bytes while writing: gather instead of re-reading
-            import torch.distributed as dist
-
-            gathered: list = [None] * self.env.world_size
-            dist.all_gather_object(gathered, files)
-            files = {k: v for d in gathered for k, v in d.items()}
+            files = {k: v for d in all_gather_object(files, self.env) for k, v in d.items()}
         if self.env.is_main:
             try:
                 for dirpath, _dirs, fnames in os.walk(tmp):  # files written by others (DeepSpeed engines)
@@ -378,13 +372,7 @@ class CheckpointManager:
             job.thread.join()
 
     def _agree_failure(self, failed: bool) -> bool:
-        if not self.env.distributed:
-            return failed
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if failed else 0.0], device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() > 0
+        return any_flags([failed], self.env)[0]
 
     def _prune(self, keep: str) -> None:
         cks = list_checkpoints(self.root)

@@ -5,13 +5,16 @@ Why the GAN needs care here:
   loss through D), D's gradient hooks fire during G's backward and corrupt D's partitioned
   gradient buffers ("gradient computed twice" / wrong reductions). Workaround: in G's phase D's
   parameters have ``requires_grad=False`` and the *unwrapped* D (``engine.module``) is called, so no
-  D hook ever fires outside D's own backward; D's engine only ever sees D's loss. (``GANStep``
-  already does this for DDP; ``D_eval`` below points at the engine's module.)
+  D hook ever fires outside D's own backward; D's engine only ever sees D's loss. (``GANStep``'s
+  ``g_step`` does this for every backend; ``D_eval`` below points at the engine's module.)
 - DeepSpeed PR #8035: under ZeRO-2 a non-finite gradient can reach Adam unchecked (bf16 by default
   skips the check in older releases, fp32 never checks), turning Adam's moments into NaN for good.
   Guard: ``check_grad_overflow`` is switched on for every ZeRO optimizer (fp32 included), so DeepSpeed
-  all-reduces an overflow flag and skips the step on every rank; at ZeRO-0 we check the (already
-  all-reduced) gradients ourselves and drop them so Adam skips every parameter. Skips are counted.
+  all-reduces an overflow flag and skips the step on every rank; at ZeRO-0 fp32 we check the (already
+  all-reduced) gradients ourselves and hand the flag to fused Adam's ``found_inf`` (decided on the
+  device). Skips are counted per phase.
+- The process group comes from ``env.init_distributed(need_group=True)``, also for one process;
+  ``validate_settings`` runs in config validation, before any group forms.
 - Gradient accumulation: ``GANStep`` divides each micro-batch loss by ``grad_accum`` itself, so
   ``backward(scale_wrt_gas=False)``; the boundary is set explicitly per micro-batch.
 - Mixed precision (``fp32_module_contract`` below): DeepSpeed's own ``bf16``/``fp16`` modes are never
@@ -32,17 +35,18 @@ Why the GAN needs care here:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError, UserError
-from .wrap import BufferSync, Strategy, convert_sync_batchnorm, make_adam, refuse_cpu_amp
+from .batchnorm import BufferSync, convert_sync_batchnorm
+from .wrap import Phase, Strategy, make_adam, nonfinite_flag, refuse_cpu_amp
 
 log = logging.getLogger("stackgan_dist.distributed")
 
@@ -50,17 +54,25 @@ log = logging.getLogger("stackgan_dist.distributed")
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_ds_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON config, generated from our YAML or read from ``train.deepspeed_config``."""
+def validate_settings(cfg) -> None:
+    """The DeepSpeed settings, checked by config validation before any process group forms: the package
+    is importable, the options we do not support with it are off, and a user JSON agrees with train.*
+    (everything except the world size, which only the launcher knows)."""
     t = cfg.train
-    ours = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.batch_size * t.grad_accum * world_size}
+    if t.compile:
+        raise UserError("train.compile is not supported with train.backend=deepspeed; use the ddp backend")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("train.backend=deepspeed needs the deepspeed package (pip install deepspeed)")
+    build_ds_config(cfg, None)
+
+
+def build_ds_config(cfg, world_size: int | None) -> dict:
+    """The DeepSpeed JSON config, generated from our YAML or read from ``train.deepspeed_config``.
+    ``world_size=None``: validation only (the global batch is left out)."""
+    t = cfg.train
+    ours = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum}
+    if world_size is not None:
+        ours["train_batch_size"] = t.batch_size * t.grad_accum * world_size
     if t.deepspeed_config:
         try:
             with open(t.deepspeed_config) as f:
@@ -133,25 +145,86 @@ def fp32_module_contract(module: nn.Module) -> list[str]:
     return bad
 
 
+class DSPhase(Phase):
+    """A phase over one DeepSpeed engine: the engine owns backward, gradient reduction and the step."""
+
+    def __init__(self, name, engine, device, precision: str, env):
+        super().__init__(name, engine, engine.module, engine.optimizer, device)
+        self.engine = engine
+        self.precision = precision
+        self.env = env
+        self._boundary = True
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Marks a micro-batch that is not the last one of the accumulation window."""
+        self.engine.set_gradient_accumulation_boundary(False)
+        self._boundary = False
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        eng = self.engine
+        eng.backward(loss, scale_wrt_gas=False)  # GANStep already divided by grad_accum
+        if not self._boundary:
+            eng.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+            self._boundary = True
+
+    def step(self) -> None:
+        eng = self.engine
+        scaler = getattr(eng, "torch_autocast_z0_gradscaler", None)  # fp16 (ZeRO-0): GradScaler.step skips on inf
+        if eng.zero_optimization_stage() == 0 and self.precision != "fp16":
+            # ZeRO-0 without a loss scaler (fp32, bf16 autocast): DeepSpeed checks nothing. The gradients are already all-reduced; the flag is
+            # all-reduced too (a NaN on one rank only must skip on all) and the skip decided on the device
+            params = list(eng.module.parameters())
+            found = nonfinite_flag(params)
+            if self.env.distributed:
+                dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            inner = eng.optimizer  # at ZeRO-0 fp32 the engine steps our torch Adam itself
+            if getattr(inner, "_step_supports_amp_scaling", False):
+                inner.grad_scale, inner.found_inf = None, found  # fused Adam skips on the device
+                try:
+                    eng.step()
+                finally:
+                    del inner.grad_scale, inner.found_inf
+            else:  # e.g. apex FusedAdam: decided on the host (this backend and optimizer only)
+                if bool(found):
+                    for p in params:
+                        p.grad = None  # Adam skips parameters without gradients: state untouched
+                eng.step()
+            self.skipped += found
+        else:
+            scale = scaler.get_scale() if scaler is not None else None
+            eng.step()
+            # DeepSpeed's own (host) overflow flag; with fp16 the scale falls exactly when a step was skipped
+            if bool(getattr(eng.optimizer, "overflow", False)) or (scaler is not None and scaler.get_scale() < scale):
+                self.skipped += 1
+                log.warning("rank %d: non-finite %s gradients, step skipped", self.env.rank, self.name.upper())
+        eng.zero_grad()
+
+    @property
+    def lr(self) -> float:
+        return self.engine.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    # the engines write their files with collectives of their own, in the calling thread
+    supports_background_save = False
 
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         cfg, env = self.cfg, self.env
         refuse_cpu_amp(self.precision, self.device)
-        if cfg.train.compile:
-            raise UserError("train.compile is not supported with train.backend=deepspeed; use the ddp backend")
-        try:
-            import deepspeed
-        except ImportError:
-            raise UserError("train.backend=deepspeed needs the deepspeed package (pip install deepspeed)") from None
+        import deepspeed  # validate_settings checked it is installed
+
         if not dist.is_initialized():
-            # DeepSpeed needs a process group even for one process; ours is private and torn down with the run
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
-            env.owns_group = True
-        # DeepSpeed's sanity check wants LOCAL_RANK in the environment (a plain process, Ray, srun: not set)
-        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+            raise RuntimeError("DeepSpeed needs a process group: init_distributed(need_group=True) forms it")
         G, D = G.to(self.device), D.to(self.device)
         if cfg.train.channels_last:
             # DeepSpeed broadcasts and flattens parameters as contiguous byte views ("self.stride(-1) must
@@ -161,7 +234,7 @@ class DeepSpeedStrategy(Strategy):
             G, D = convert_sync_batchnorm(G, self.device), convert_sync_batchnorm(D, self.device)
         self.ds_config = build_ds_config(cfg, env.world_size)
         betas = (cfg.train.beta1, cfg.train.beta2)
-        self.engine = {}
+        phases = {}
         for k, m, lr in (("g", G, cfg.train.lr_g), ("d", D, cfg.train.lr_d)):
             opt = make_adam(m.parameters(), lr, betas, self.device, cfg.train.optimizer, cfg.train.adam_foreach)
             eng, _opt, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=dict(self.ds_config),
@@ -176,105 +249,44 @@ class DeepSpeedStrategy(Strategy):
                 # PR #8035: skip (on every rank) instead of poisoning Adam. Not with fp16 (ZeRO-0 only): there
                 # the engine's GradScaler finds the inf, skips and lowers the scale
                 zopt.check_grad_overflow = True
-            self.engine[k] = eng
-        self.G, self.D = self.engine["g"], self.engine["d"]
-        self.G_module, self.D_module = self.engine["g"].module, self.engine["d"].module
+            phases[k] = DSPhase(k, eng, self.device, self.precision, env)
+        self.g, self.d = phases["g"], phases["d"]
         self.D_eval = self.D_module  # #4923: G's loss never goes through D's engine
         self._sync_buffers = BufferSync((self.G_module, self.D_module), env)
-        self._boundary = {"g": True, "d": True}
-
-    # -- step hooks --------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def no_sync(self, which: str):
-        """Marks a micro-batch that is not the last one of the accumulation window."""
-        eng = self.engine[which]
-        eng.set_gradient_accumulation_boundary(False)
-        self._boundary[which] = False
-        try:
-            yield
-        finally:
-            eng.set_gradient_accumulation_boundary(True)
-
-    def backward(self, which: str, loss: torch.Tensor) -> None:
-        eng = self.engine[which]
-        eng.backward(loss, scale_wrt_gas=False)  # GANStep already divided by grad_accum
-        if not self._boundary[which]:
-            eng.step()  # not a boundary: only advances DeepSpeed's micro-step counter
-            self._boundary[which] = True
-
-    def _zero0_grads_finite(self, eng) -> bool:
-        grads = [p.grad for p in eng.module.parameters() if p.grad is not None]
-        bad = torch.zeros(1, device=self.device)
-        if grads:
-            bad += (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
-        if self.env.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
-
-    def step(self, which: str) -> None:
-        eng = self.engine[which]
-        # ZeRO-0 without a loss scaler (fp32, bf16 autocast) has no overflow check of its own
-        zero0_fp32 = eng.zero_optimization_stage() == 0 and self.precision != "fp16"
-        if zero0_fp32 and not self._zero0_grads_finite(eng):
-            for p in eng.module.parameters():
-                p.grad = None  # Adam skips parameters without gradients: a clean skip, state untouched
-            skipped = True
-        else:
-            skipped = False
-        scaler = getattr(eng, "torch_autocast_z0_gradscaler", None)  # fp16: GradScaler.step skips on inf
-        scale = scaler.get_scale() if scaler is not None else None
-        eng.step()
-        skipped = skipped or bool(getattr(eng.optimizer, "overflow", False)) or (
-            scaler is not None and scaler.get_scale() < scale)  # the scale falls exactly when a step was skipped
-        if skipped:
-            self.skipped_steps[which] += 1
-            log.warning("rank %d: non-finite %s gradients, step skipped", self.env.rank, which.upper())
-        eng.zero_grad()
 
     def after_step(self) -> None:
         if not self.cfg.model.sync_bn:
             self._sync_buffers()  # DeepSpeed does not touch BN buffers: keep them identical like DDP
 
-    # -- learning rate -----------------------------------------------------------------------------
-    def lrs(self) -> dict:
-        return {k: e.optimizer.param_groups[0]["lr"] for k, e in self.engine.items()}
-
-    def set_lr(self, which: str, lr: float) -> None:
-        for g in self.engine[which].optimizer.param_groups:
-            g["lr"] = lr
-
     def scaler_scale(self) -> float | None:
         if self.precision != "fp16":
             return None
-        scaler = getattr(self.engine["g"], "torch_autocast_z0_gradscaler", None)  # fp16 runs at ZeRO-0 only
+        scaler = getattr(self.g.engine, "torch_autocast_z0_gradscaler", None)  # fp16 runs at ZeRO-0 only
         return float(scaler.get_scale()) if scaler is not None else None
 
     # -- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _state(self) -> dict:
         """Small, in model.pt; the optimizer shards live in the checkpoint's ``engine/`` folder."""
-        return {"backend": "deepspeed", "zero_stage": self.cfg.train.zero_stage, "world_size": self.env.world_size,
-                "precision": self.precision, "skipped": dict(self.skipped_steps)}
+        return {"zero_stage": self.cfg.train.zero_stage, "world_size": self.env.world_size,
+                "precision": self.precision}
 
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("backend") != "deepspeed":
-            raise CheckpointError("cannot resume a train.backend=ddp checkpoint with train.backend=deepspeed "
-                                  "(optimizer state formats differ); use the backend it was saved with")
+    def _load(self, sd: dict) -> None:
         for key, cur in (("zero_stage", self.cfg.train.zero_stage), ("world_size", self.env.world_size)):
             if sd.get(key) != cur:
                 raise CheckpointError(f"cannot resume this DeepSpeed checkpoint: {key} changed ({sd.get(key)} -> "
                                       f"{cur}); its optimizer state is partitioned for the old value")
-        self.skipped_steps.update(sd.get("skipped", {}))
 
-    def save_engines(self, path: str) -> None:
-        """Collective: every rank writes its optimizer partition. Called by CheckpointManager.save."""
-        for k, eng in self.engine.items():
-            eng.save_checkpoint(path, tag=k.upper(), save_latest=False)
+    def save_extra(self, path: str) -> None:
+        """Collective: every rank writes its optimizer partition into ``path`` (the checkpoint's engine/)."""
+        for p in self.phases:
+            p.engine.save_checkpoint(path, tag=p.name.upper(), save_latest=False)
 
-    def load_engines(self, path: str) -> None:
-        for k, eng in self.engine.items():
-            if not os.path.isdir(os.path.join(path, k.upper())):
-                raise CheckpointError(f"DeepSpeed engine state {os.path.join(path, k.upper())} missing")
-            load_path, _ = eng.load_checkpoint(path, tag=k.upper(), load_optimizer_states=True,
-                                               load_lr_scheduler_states=False, load_module_strict=True)
+    def load_extra(self, path: str) -> None:
+        for p in self.phases:
+            sub = os.path.join(path, p.name.upper())
+            if not os.path.isdir(sub):
+                raise CheckpointError(f"DeepSpeed engine state {sub} missing")
+            load_path, _ = p.engine.load_checkpoint(path, tag=p.name.upper(), load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False, load_module_strict=True)
             if load_path is None:
-                raise CheckpointError(f"DeepSpeed could not load engine state from {path}/{k.upper()}")
+                raise CheckpointError(f"DeepSpeed could not load engine state from {sub}")

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .collectives import all_reduce_max, barrier  # noqa: F401  (re-exported for callers of env)
 from .device import local_cuda_device
 
 log = logging.getLogger("stackgan_dist.distributed")
@@ -71,15 +72,32 @@ def pick_device(want: str, local_rank: int) -> torch.device:
     return local_cuda_device(local_rank)  # always cuda:N, made current
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 120.0, startup_timeout_s: float | None = None,
+                     need_group: bool = False) -> DistEnv:
+    """The one place a process group is formed, for every backend.
+
+    ``startup_timeout_s`` (default ``timeout_s``) bounds formation and every collective until
+    ``set_collective_timeout`` lowers it after the first steps (ranks that compile at different speeds
+    wait for each other there). ``need_group``: a group even for one process (DeepSpeed insists on one);
+    it is private (a free local port) and torn down with the run.
+    """
+    startup = max(timeout_s, startup_timeout_s or 0.0)
     launcher = detect_launcher()
     if launcher in ("ray", "external"):
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return DistEnv(rank, world, local, pick_device(device, local), launcher, owns_group=False)
     if launcher == "single":
-        return DistEnv(device=pick_device(device, 0))
-    if launcher == "torchrun":
+        rank, world, local = 0, 1, 0
+    elif launcher == "torchrun":
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", "0"))
     else:  # slurm: one task per GPU (or CPU slot); rendezvous on the first node of the allocation
@@ -94,12 +112,18 @@ def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
     dev = pick_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if world == 1:
-        return DistEnv(rank, world, local, dev, launcher)
+        if not need_group:
+            return DistEnv(rank, world, local, dev, launcher)
+        # a private one-process group (DeepSpeed needs one); LOCAL_RANK too, which DeepSpeed's checks read
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        dist.init_process_group(backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                timeout=datetime.timedelta(seconds=startup))
+        return DistEnv(rank, world, local, dev, launcher, owns_group=True)
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
     try:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, store=_store(addr, port, rank, world,
-                                                                                        timeout_s),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                store=_store(addr, port, rank, world, timeout_s),
+                                timeout=datetime.timedelta(seconds=startup))
         # a first collective proves the group formed (world size mismatches surface here, bounded by timeout)
         t = torch.ones(1, device=dev)
         dist.all_reduce(t)
@@ -110,6 +134,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 120.0) -> DistEnv:
         raise UserError(f"rank {rank}: process group ({backend}, {addr}:{port}, world size {world}) did not "
                         f"form within {timeout_s:.0f}s: {msg}") from None
     return DistEnv(rank, world, local, dev, launcher, owns_group=True)
+
+
+def set_collective_timeout(env: DistEnv, timeout_s: float) -> bool:
+    """Lowers the timeout of our group's collectives (after the startup steps). -> whether it was applied.
+    Groups formed by someone else (Ray Train) keep theirs; so does a backend that cannot change it."""
+    if not (env.owns_group and dist.is_initialized()):
+        return False
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        return True
+    except (ImportError, RuntimeError, ValueError, AssertionError) as e:
+        log.info("collective timeout stays at the startup value (%s)", e)
+        return False
 
 
 def _store(addr: str, port: str, rank: int, world: int, timeout_s: float):
@@ -134,16 +173,3 @@ def teardown(env: DistEnv, synchronize: bool = False) -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
-
-
-def all_reduce_max(value: float | int, env: DistEnv) -> float:
-    if not env.distributed:
-        return value
-    t = torch.tensor([float(value)], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()

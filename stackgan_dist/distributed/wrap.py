@@ -1,6 +1,8 @@
-"""How models are wrapped, how backward and optimizer steps run, how optimizer state is saved.
+"""How models are wrapped, how each phase's backward and optimizer step run, how optimizer state is saved.
 
-The one backend-aware file: the trainer and the GAN step talk to a ``Strategy``.
+The backend boundary: the trainer and the GAN step talk to a ``Strategy`` and its two ``Phase`` objects
+(``strategy.d`` and ``strategy.g``); every strategy has the same complete interface (state, extra files,
+background saving, backend tag), so nothing outside this package asks which backend runs.
 
 DDP policy for a GAN (pytorch#175024: two forwards through a DDP module with BatchNorm before one
 backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
@@ -9,25 +11,22 @@ backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
   the one backward of the summed loss.
 - In G's phase, D's parameters are frozen and the *unwrapped* D is called, so D's reducer never
   fires and G's loss through D reduces only G's gradients.
-- BatchNorm buffers (running statistics) are averaged across ranks after every step in one
-  coalesced all-reduce, so they stay identical on all ranks; ``model.sync_bn`` computes batch
-  statistics over the global batch instead (``nn.SyncBatchNorm`` on CUDA; on CPU, where
-  ``nn.SyncBatchNorm`` refuses to run, ``GlobalBatchNorm`` below does the same with one
-  differentiable all-reduce of per-channel sum, sum of squares and count).
+- BatchNorm running statistics: see ``batchnorm.py`` (averaged after every step, or global-batch BN).
 - The frozen Stage-I generator is never wrapped.
+
+The non-finite guard decides on the device: the optimizer step is skipped through fused Adam's
+``found_inf`` input (the path GradScaler uses), so a step never waits for the host to read a flag.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
+from .batchnorm import BufferSync, convert_sync_batchnorm
 from .env import DistEnv
 
 log = logging.getLogger("stackgan_dist.distributed")
@@ -41,77 +40,6 @@ def unwrap(m: nn.Module) -> nn.Module:
             m = m._orig_mod
         else:
             return m
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training-mode statistics cover the batches of all ranks (CPU/gloo SyncBatchNorm).
-
-    Forward: all-reduce (sum, sum of squares, count) per channel through the autograd-aware
-    ``torch.distributed.nn.functional.all_reduce``, so backward sums the statistics' gradients over
-    ranks exactly as ``nn.SyncBatchNorm`` does. Eval mode and world size 1 use plain batch norm.
-    """
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        count = torch.full((1,), float(xf.numel() // xf.shape[1]), device=x.device)
-        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
-        c = x.shape[1]
-        n = stats[2 * c]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as BatchNorm normalises with
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)) * m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm (CUDA) or GlobalBatchNorm (CPU), keeping weights and buffers."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        out.load_state_dict(module.state_dict())
-        out.train(module.training)
-        out.to(next(iter(module.state_dict().values())).device)
-    for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device))
-    return out
-
-
-class BufferSync:
-    """Averages floating-point buffers (BN running statistics) across ranks in one coalesced all-reduce."""
-
-    def __init__(self, modules, env: DistEnv):
-        self.env = env
-        self.buffers = [b for m in modules for _n, b in m.named_buffers() if b.dtype.is_floating_point]
-
-    def __call__(self) -> None:
-        if not (self.env.distributed and self.buffers):
-            return
-        flat = torch._utils._flatten_dense_tensors(self.buffers)
-        dist.all_reduce(flat)
-        flat /= self.env.world_size
-        for b, v in zip(self.buffers, torch._utils._unflatten_dense_tensors(flat, self.buffers)):
-            b.copy_(v)
 
 
 def refuse_cpu_amp(precision: str, device: torch.device) -> None:
@@ -138,11 +66,10 @@ def make_adam(params, lr: float, betas: tuple, device: torch.device, kind: str =
             raise UserError("train.optimizer=apex_fused_adam needs NVIDIA apex, which is not importable here; "
                             "use train.optimizer=adam (fused on CUDA)") from None
         return FusedAdam(params, lr=lr, betas=betas)
-    if not foreach:
+    if not foreach:  # torch.optim.Adam with its defaults, as the authors call it (the "authors" preset)
         return torch.optim.Adam(params, lr=lr, betas=betas)
-    if device.type == "cuda":
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+    # fused on CPU too: its found_inf input lets the non-finite guard skip a step without a host sync
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
 
 
 def _no_forward_buffer_sync() -> dict:
@@ -154,17 +81,145 @@ def _no_forward_buffer_sync() -> dict:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
+def nonfinite_flag(params) -> torch.Tensor:
+    """1.0 on the device when any gradient holds inf/nan (or its L2 norm overflows), else 0.0. One fused read
+    of all gradients (isfinite per tensor took ~40 ms a check at the paper's Stage-I widths on CPU)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else "cpu")
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+
+
+def guarded_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``opt.step()`` unless ``found_inf`` (a device tensor) is 1, decided on the device.
+
+    Fused optimizers take ``found_inf`` themselves (parameters, moments and step counters untouched when
+    set). Any other optimizer steps, then its parameters and state are put back where ``found_inf`` is set
+    (``torch.where``: no host read either, at the cost of one copy of the state)."""
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, found_inf
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+        return
+    tensors = [p for g in opt.param_groups for p in g["params"]]
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    before = [t.detach().clone() for t in tensors]
+    opt.step()
+    # state created by this step (a first step) has no "before": zero is the fresh state
+    tensors2 = [p for g in opt.param_groups for p in g["params"]]
+    tensors2 += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    before += [torch.zeros_like(t) for t in tensors2[len(before):]]
+    with torch.no_grad():
+        for t, b in zip(tensors2, before):
+            t.copy_(torch.where(found_inf.bool(), b.to(t.dtype), t))
+
+
+class Phase:
+    """One side of the GAN update: the module the step calls (maybe wrapped), the unwrapped module, its
+    optimizer and scaler, and how backward, gradient sync and the optimizer step run on this backend.
+
+    ``skipped`` counts steps dropped for non-finite gradients, on the device (read at log time)."""
+
+    def __init__(self, name: str, module: nn.Module, raw: nn.Module, optimizer, device: torch.device):
+        self.name = name
+        self.module = module
+        self.raw = raw
+        self.optimizer = optimizer
+        self.scaler = None
+        self.skipped = torch.zeros((), device=device)
+
+    def no_sync(self):
+        """Around a micro-batch that is not the last of the accumulation window."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+
+class DDPPhase(Phase):
+    def __init__(self, name, module, raw, optimizer, device, scaler=None):
+        super().__init__(name, module, raw, optimizer, device)
+        self.scaler = scaler
+        inner = getattr(module, "_orig_mod", module)  # torch.compile keeps the DDP wrapper inside
+        self._ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+    def no_sync(self):
+        # DDP decides in forward whether the next backward all-reduces: no_sync covers both
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        opt = self.optimizer
+        if self.scaler is not None:
+            self.scaler.step(opt)  # unscales and skips on inf/nan (sync-free with a fused optimizer)
+            self.skipped += sum(v.float() for v in self.scaler._found_inf_per_device(opt).values())
+            self.scaler.update()
+        else:
+            # DDP already all-reduced the gradients: a NaN on any rank is a NaN on all, so all skip
+            found = nonfinite_flag([p for g in opt.param_groups for p in g["params"]])
+            guarded_step(opt, found)
+            self.skipped += found
+        opt.zero_grad(set_to_none=True)
+
+
 class Strategy:
-    """Interface. ``G``/``D`` are what the step calls (maybe wrapped); ``G_module``/``D_module`` unwrapped."""
+    """The backend interface. ``d``/``g``: the two phases. ``G``/``D`` are what the step calls (maybe
+    wrapped); ``G_module``/``D_module`` unwrapped; ``D_eval`` is D for G's loss (its reducer never fires).
+
+    ``name`` is the backend tag saved with the state; ``supports_background_save`` tells the trainer
+    whether a checkpoint's files may be written by a thread while training goes on."""
 
     name = "base"
+    supports_background_save = True
 
     def __init__(self, cfg, env: DistEnv):
         self.cfg = cfg
         self.env = env
         self.device = env.device
         self.precision = cfg.train.precision
-        self.skipped_steps = {"g": 0, "d": 0}
+        self.d: Phase
+        self.g: Phase
+
+    def setup(self, G: nn.Module, D: nn.Module) -> None:
+        raise NotImplementedError
+
+    @property
+    def phases(self) -> tuple:
+        return self.d, self.g
+
+    @property
+    def G(self):
+        return self.g.module
+
+    @property
+    def D(self):
+        return self.d.module
+
+    @property
+    def G_module(self) -> nn.Module:
+        return self.g.raw
+
+    @property
+    def D_module(self) -> nn.Module:
+        return self.d.raw
 
     # -- precision -----------------------------------------------------------------------------
     def autocast(self):
@@ -173,56 +228,46 @@ class Strategy:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=dt)
 
-    # -- hooks for the step ----------------------------------------------------------------------
-    def no_sync(self, which: str):
-        return contextlib.nullcontext()
-
-    def backward(self, which: str, loss: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def step(self, which: str) -> None:
-        raise NotImplementedError
-
     def after_step(self) -> None:
-        pass
-
-    def write_digest(self, step: int) -> None:
-        """Test hook (``STACKGAN_TEST_DIGEST_DIR``): each rank writes digests of its own G and D
-        parameters and buffers, so a test can check that ranks stay identical."""
-        out = os.environ.get("STACKGAN_TEST_DIGEST_DIR")
-        if not out:
-            return
-        from ..checkpoint.manager import params_digest
-
-        G, D = unwrap(self.G_module), unwrap(self.D_module)
-        rec = {"step": step, "rank": self.env.rank,
-               "G_params": params_digest(dict(G.named_parameters())),
-               "D_params": params_digest(dict(D.named_parameters())),
-               "G_buffers": params_digest(dict(G.named_buffers())), "D_buffers": params_digest(dict(D.named_buffers())),
-               "G_sum": float(sum(p.detach().double().sum() for p in G.parameters())),
-               "D_sum": float(sum(p.detach().double().sum() for p in D.parameters()))}
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"rank{self.env.rank}.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def lrs(self) -> dict:
-        raise NotImplementedError
-
-    def set_lr(self, which: str, lr: float) -> None:
-        raise NotImplementedError
+        """After both phases of a step (BN buffer averaging)."""
 
     def scaler_scale(self) -> float | None:
         return None
 
+    def skipped_steps(self) -> dict:
+        """Non-finite steps skipped so far per phase (a host read: log and checkpoint time only)."""
+        return {p.name: int(p.skipped.item()) for p in self.phases}
+
+    # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Small state for model.pt, tagged with the backend; big backend files go through ``save_extra``."""
+        return {"backend": self.name, "skipped": self.skipped_steps(), **self._state()}
 
     def load_state_dict(self, sd: dict) -> None:
+        saved = sd.get("backend", "ddp")  # version-1 DDP states carry no tag
+        if saved != self.name:
+            raise CheckpointError(f"cannot resume a train.backend={saved} checkpoint with train.backend={self.name} "
+                                  "(optimizer state formats differ); use the backend it was saved with")
+        self._load(sd)
+        for p in self.phases:
+            p.skipped.fill_(float(sd.get("skipped", {}).get(p.name, 0)))
+
+    def save_extra(self, path: str) -> None:
+        """Collective: writes backend files that do not fit model.pt into ``path`` (none for DDP)."""
+
+    def load_extra(self, path: str) -> None:
+        """Reads what ``save_extra`` wrote into ``path``."""
+
+    def _state(self) -> dict:
+        raise NotImplementedError
+
+    def _load(self, sd: dict) -> None:
         raise NotImplementedError
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
+    supports_background_save = True
 
     def setup(self, G: nn.Module, D: nn.Module) -> None:
         cfg, env = self.cfg, self.env
@@ -232,19 +277,19 @@ class DDPStrategy(Strategy):
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         if cfg.model.sync_bn and env.distributed:
             G, D = convert_sync_batchnorm(G, self.device), convert_sync_batchnorm(D, self.device)
-        self.G_module, self.D_module = G, D
         betas = (cfg.train.beta1, cfg.train.beta2)
-        self.opt = {"g": make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer,
-                                   cfg.train.adam_foreach),
-                    "d": make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer,
-                                   cfg.train.adam_foreach)}
+        opt_g = make_adam(G.parameters(), cfg.train.lr_g, betas, self.device, cfg.train.optimizer,
+                          cfg.train.adam_foreach)
+        opt_d = make_adam(D.parameters(), cfg.train.lr_d, betas, self.device, cfg.train.optimizer,
+                          cfg.train.adam_foreach)
         fp16 = self.precision == "fp16"
-        self.scaler = {k: torch.amp.GradScaler(self.device.type) for k in ("g", "d")} if fp16 else None
+        scalers = [torch.amp.GradScaler(self.device.type) if fp16 else None for _ in range(2)]
         if env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             kw = _no_forward_buffer_sync()
-            Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, **kw)
-            Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, **kw)
+            # gradients live in the communication buckets: no copy between them and .grad
+            Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, gradient_as_bucket_view=True, **kw)
+            Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, gradient_as_bucket_view=True, **kw)
         else:
             Gw, Dw = G, D  # world size 1: no wrapper overhead
         if cfg.train.compile:
@@ -252,70 +297,29 @@ class DDPStrategy(Strategy):
             self.D_eval = torch.compile(D)
         else:
             self.D_eval = D
-        self.G, self.D = Gw, Dw
+        self.g = DDPPhase("g", Gw, G, opt_g, self.device, scalers[0])
+        self.d = DDPPhase("d", Dw, D, opt_d, self.device, scalers[1])
         self._sync_buffers = BufferSync((G, D), env)
-
-    def no_sync(self, which: str):
-        m = self.G if which == "g" else self.D
-        m = getattr(m, "_orig_mod", m)
-        return m.no_sync() if isinstance(m, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-
-    def backward(self, which: str, loss: torch.Tensor) -> None:
-        if self.scaler is not None:
-            self.scaler[which].scale(loss).backward()
-        else:
-            loss.backward()
-
-    def step(self, which: str) -> None:
-        opt = self.opt[which]
-        if self.scaler is not None:
-            self.scaler[which].step(opt)  # skips the step on inf/nan gradients
-            self.scaler[which].update()
-        else:
-            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            # one fused read of all gradients: isfinite per tensor took ~40 ms a check at the paper's Stage-I
-            # widths on CPU (benchmarks/throughput.py); an L2 norm that overflows counts as non-finite too
-            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else torch.tensor(True)
-            if bool(finite):
-                opt.step()
-            else:
-                self.skipped_steps[which] += 1
-                log.warning("rank %d: non-finite %s gradients, step skipped", self.env.rank, which.upper())
-        opt.zero_grad(set_to_none=True)
 
     def after_step(self) -> None:
         if not self.cfg.model.sync_bn:  # with global-batch BN every rank already holds the same statistics
             self._sync_buffers()
 
-    def lrs(self) -> dict:
-        return {k: o.param_groups[0]["lr"] for k, o in self.opt.items()}
-
-    def set_lr(self, which: str, lr: float) -> None:
-        for g in self.opt[which].param_groups:
-            g["lr"] = lr
-
     def scaler_scale(self) -> float | None:
-        return None if self.scaler is None else float(self.scaler["g"].get_scale())
+        return None if self.g.scaler is None else float(self.g.scaler.get_scale())
 
-    def state_dict(self) -> dict:
-        sd = {"opt_g": self.opt["g"].state_dict(), "opt_d": self.opt["d"].state_dict(),
-              "skipped": dict(self.skipped_steps)}
-        if self.scaler is not None:
-            sd["scaler_g"], sd["scaler_d"] = self.scaler["g"].state_dict(), self.scaler["d"].state_dict()
+    def _state(self) -> dict:
+        sd = {"opt_g": self.g.optimizer.state_dict(), "opt_d": self.d.optimizer.state_dict()}
+        if self.g.scaler is not None:
+            sd["scaler_g"], sd["scaler_d"] = self.g.scaler.state_dict(), self.d.scaler.state_dict()
         return sd
 
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("backend") == "deepspeed":
-            from ..errors import CheckpointError
-
-            raise CheckpointError("cannot resume a train.backend=deepspeed checkpoint with train.backend=ddp "
-                                  "(optimizer state formats differ); use the backend it was saved with")
-        self.opt["g"].load_state_dict(sd["opt_g"])
-        self.opt["d"].load_state_dict(sd["opt_d"])
-        self.skipped_steps.update(sd.get("skipped", {}))
-        if self.scaler is not None and "scaler_g" in sd:
-            self.scaler["g"].load_state_dict(sd["scaler_g"])
-            self.scaler["d"].load_state_dict(sd["scaler_d"])
+    def _load(self, sd: dict) -> None:
+        self.g.optimizer.load_state_dict(sd["opt_g"])
+        self.d.optimizer.load_state_dict(sd["opt_d"])
+        if self.g.scaler is not None and "scaler_g" in sd:
+            self.g.scaler.load_state_dict(sd["scaler_g"])
+            self.d.scaler.load_state_dict(sd["scaler_d"])
 
 
 def make_strategy(cfg, env: DistEnv) -> Strategy:

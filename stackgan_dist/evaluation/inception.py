@@ -195,16 +195,16 @@ class InceptionMetrics:
             self.isc.update(images)
 
     def compute(self, seed: int = 0) -> dict:
-        """Collective under torch.distributed: every rank must call it."""
+        """Collective when a process group is formed: every rank must call it."""
+        from ..distributed.collectives import all_reduce_sum_group, group_active
+
         out = {}
         if self.fid is not None:
             out["fid"] = float(self.fid.compute())
         if self.isc is not None:
             n = sum(int(f.shape[0]) for f in self.isc.features)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchmetrics syncs then
-                t = torch.tensor([n], device=self.device)
-                torch.distributed.all_reduce(t)
-                n = int(t.item())
+            if group_active():  # torchmetrics syncs its states then: count over the same group
+                n = int(all_reduce_sum_group(torch.tensor([n], device=self.device)).item())
             if n < self.splits:
                 raise UserError(f"Inception Score over {self.splits} splits needs at least {self.splits} images; "
                                 f"got {n} (raise --num-samples)")

@@ -52,11 +52,9 @@ def _share(n: int, rank: int, world: int) -> tuple[int, int]:
 def _all_sum(values: list[float], env) -> list[float]:
     if not env.distributed:
         return values
-    import torch.distributed as dist
+    from ..distributed.collectives import all_reduce_sum_
 
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum_(torch.tensor(values, dtype=torch.float64, device=env.device), env).tolist()
 
 
 def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, inception_weights: str = "",

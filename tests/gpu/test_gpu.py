@@ -138,21 +138,21 @@ def test_autocast_dtype_and_scaler_per_optimizer(precision, dtype):
     assert img.dtype == dtype, img.dtype
     assert all(p.dtype == torch.float32 for p in s.G_module.parameters())  # master weights stay fp32
     if precision == "fp16":
-        assert set(s.scaler) == {"g", "d"} and s.scaler["d"] is not s.scaler["g"]
+        assert s.d.scaler is not None and s.d.scaler is not s.g.scaler
         before = [p.detach().clone() for p in s.D_module.parameters()]
-        s.backward("d", logits.float().mean() * float("inf"))
-        s.step("d")  # overflow: the scaler skips the step and lowers the scale
+        s.d.backward(logits.float().mean() * float("inf"))
+        s.d.step()  # overflow: the scaler skips the step and lowers the scale
         assert all(torch.equal(a, b) for a, b in zip(before, s.D_module.parameters()))
-        assert s.scaler["d"].get_scale() < s.scaler["g"].get_scale()
+        assert s.d.scaler.get_scale() < s.g.scaler.get_scale()
         sd = s.state_dict()
         assert "scaler_g" in sd and "scaler_d" in sd
     else:
-        assert s.scaler is None
+        assert s.d.scaler is None and s.g.scaler is None
 
 
 def test_adam_is_fused_on_cuda():
     s, _ = _strategy("fp32")
-    for o in s.opt.values():
+    for o in (s.d.optimizer, s.g.optimizer):
         assert isinstance(o, torch.optim.Adam) and o.defaults["fused"] is True
 
 

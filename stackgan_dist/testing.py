@@ -1,0 +1,63 @@
+"""Test hooks, all in one place, driven by environment variables and no-ops when those are unset.
+
+Production code imports this module in one place (the trainer). Hooks:
+- ``STACKGAN_TEST_DIGEST_DIR=D``: after every step each rank appends digests of its own G and D
+  parameters and buffers to ``D/rank{r}.jsonl``, so a test can check that ranks stay identical.
+- ``STACKGAN_TEST_PAUSE_AT_STEP=N`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: a deterministic rendezvous. After
+  step N each rank writes ``D/rank{r}.step{N}`` and waits until ``D/go`` exists, so a test can signal or kill
+  processes at a known step without sleeping. The wait is bounded (``STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S``,
+  default 300 s): a test that never answers fails the run loudly instead of hanging it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class Hooks:
+    def __init__(self, environ=None):
+        e = os.environ if environ is None else environ
+        self.digest_dir = e.get("STACKGAN_TEST_DIGEST_DIR", "")
+        self.pause_at = int(e.get("STACKGAN_TEST_PAUSE_AT_STEP", "0") or 0)
+        self.rendezvous_dir = e.get("STACKGAN_TEST_RENDEZVOUS_DIR", "")
+        self.rendezvous_timeout_s = float(e.get("STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S", "300") or 300)
+        if self.pause_at and not self.rendezvous_dir:
+            raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP needs STACKGAN_TEST_RENDEZVOUS_DIR")
+
+    def after_step(self, step: int, strategy, rank: int) -> None:
+        if self.digest_dir:
+            write_digest(self.digest_dir, step, strategy, rank)
+        if self.pause_at and step == self.pause_at:
+            rendezvous(self.rendezvous_dir, step, rank, self.rendezvous_timeout_s)
+
+
+def write_digest(out: str, step: int, strategy, rank: int) -> None:
+    from .checkpoint.manager import params_digest
+    from .distributed.wrap import unwrap
+
+    G, D = unwrap(strategy.G_module), unwrap(strategy.D_module)
+    rec = {"step": step, "rank": rank,
+           "G_params": params_digest(dict(G.named_parameters())),
+           "D_params": params_digest(dict(D.named_parameters())),
+           "G_buffers": params_digest(dict(G.named_buffers())), "D_buffers": params_digest(dict(D.named_buffers())),
+           "G_sum": float(sum(p.detach().double().sum() for p in G.parameters())),
+           "D_sum": float(sum(p.detach().double().sum() for p in D.parameters()))}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def rendezvous(d: str, step: int, rank: int, timeout_s: float) -> None:
+    """Tell the test this rank finished ``step``; wait for its ``go``."""
+    os.makedirs(d, exist_ok=True)
+    mark = os.path.join(d, f"rank{rank}.step{step}")
+    with open(mark + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(mark + ".tmp", mark)  # the test never sees a half-written marker
+    go = os.path.join(d, "go")
+    t0 = time.monotonic()
+    while not os.path.exists(go):
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"test rendezvous: no {go} within {timeout_s:.0f}s after step {step}")
+        time.sleep(0.01)
