@@ -93,7 +93,7 @@ class TrainConfig:
     # another class (B pairs, wrapping around); "shift": the authors' image i with text i+1, B-1 pairs
     wrong_pairs: str = "other_class"
     stage1_bn: str = "eval"  # the frozen Stage-I G's BatchNorm: "eval" (fixed statistics) or "train" (authors)
-    adam_foreach: bool = True  # True: fused Adam on CUDA, foreach on CPU; False: torch's defaults (the authors')
+    adam_foreach: bool = True  # True: fused Adam (CPU and CUDA: the guard skips on the device); False: torch's defaults (the authors')
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False
