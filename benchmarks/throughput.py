@@ -138,12 +138,12 @@ def step_flops(ours: GANStep, batch: dict) -> int:
     inside compiled graphs; the arithmetic is the same): the compiled modules are swapped for their eager
     originals for this one counted step."""
     s = ours.s
-    saved = s.G, s.D, s.D_eval
-    s.G, s.D, s.D_eval = s.G_module, s.D_module, s.D_module
+    saved = s.g.module, s.d.module, s.D_eval
+    s.g.module, s.d.module, s.D_eval = s.G_module, s.D_module, s.D_module
     try:
         return count_flops(lambda: ours([batch]))
     finally:
-        s.G, s.D, s.D_eval = saved
+        s.g.module, s.d.module, s.D_eval = saved
 
 
 class Timer:

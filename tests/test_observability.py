@@ -79,12 +79,12 @@ def test_sample_inputs_are_fixed(synth_data, tmp_path):
         before = t.gen.get_state().clone()
         t.write_samples()
         first = np.asarray(Image.open(tmp_path / "r" / "samples" / "step_00000000.png"))
-        text, noise = t._fixed_inputs()
+        text, noise = t.samples._inputs()
         t.write_samples()
         second = np.asarray(Image.open(tmp_path / "r" / "samples" / "step_00000000.png"))
         assert np.array_equal(first, second)
         assert torch.equal(t.gen.get_state(), before)
-        text2, noise2 = t._fixed_inputs()
+        text2, noise2 = t.samples._inputs()
         assert torch.equal(text, text2) and torch.equal(noise["z"], noise2["z"])
         # the captions come from the test split, in file order: its first 8 samples' first captions
         from stackgan_dist.data.loader import make_loader, resolve_dataset
