@@ -93,7 +93,11 @@ class TrainConfig:
     # another class (B pairs, wrapping around); "shift": the authors' image i with text i+1, B-1 pairs
     wrong_pairs: str = "other_class"
     stage1_bn: str = "eval"  # the frozen Stage-I G's BatchNorm: "eval" (fixed statistics) or "train" (authors)
-    adam_foreach: bool = True  # True: fused Adam (CPU and CUDA: the guard skips on the device); False: torch's defaults (the authors')
+    # True: fused Adam (CPU and CUDA: the guard skips on the device); False: torch's defaults (the authors')
+    adam_foreach: bool = True
+    # resuming at another world size: "keep" the global batch (train.grad_accum adjusted; refused where it
+    # cannot be) or "free": the configured per-worker batch and accumulation as they are
+    elastic_batch: str = "keep"
     compile: bool = False
     channels_last: bool = False
     deterministic: bool = False
@@ -159,6 +163,7 @@ CHOICES = {
     "train.d_loss_weights": ("ours", "authors"),
     "train.wrong_pairs": ("other_class", "shift"),
     "train.stage1_bn": ("eval", "train"),
+    "train.elastic_batch": ("keep", "free"),
     "model.d_condition": ("text", "ca_mu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.zero_stage": (0, 1, 2),

@@ -20,15 +20,16 @@ from . import testing
 from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
-from .data.loader import first_sample_check, make_loader, resolve_dataset
-from .distributed.collectives import any_flags
+from .data.loader import first_sample_check, make_loader, make_order, resolve_dataset
+from .data.slots import cursor_after_batches, merge_cursors
+from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all
 from .distributed.wrap import make_strategy, unwrap
 from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
-from .observability.metrics import MetricsWriter
 from .losses import LossOptions
+from .observability.metrics import MetricsWriter
 from .observability.samples import SampleWriter
 from .observability.stats import StepStats, finite_losses
 from .train_state import Schedule, TrainState, model_state, rank_rng, rank_state, read_train_state, set_rng_state
@@ -105,6 +106,39 @@ def set_backend_flags(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def keep_global_batch(cfg: Config, saved: dict, world_size: int, ck: str) -> None:
+    """A resume at another world size keeps the global batch (``train.elastic_batch=keep``, the default) by
+    adjusting ``train.grad_accum`` (the per-worker batch stays), or refuses with a line naming the fix;
+    ``train.elastic_batch=free`` takes the configured batch as it is. Mutates ``cfg``."""
+    t = (saved.get("config") or {}).get("train") or {}
+    old_ws = int(saved.get("world_size") or world_size)
+    try:
+        old_global = int(t["batch_size"]) * int(t.get("grad_accum", 1)) * old_ws
+    except (KeyError, TypeError, ValueError):
+        return
+    new_global = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    if old_ws == world_size:  # the same layout: a batch changed in the config is the user's explicit choice
+        if old_global != new_global:
+            log.warning("the global batch changed in the config: %d -> %d", old_global, new_global)
+        return
+    if old_global == new_global or cfg.train.elastic_batch == "free":
+        if old_ws != world_size:
+            log.warning("world size %d -> %d: the global batch is %d (was %d)", old_ws, world_size, new_global,
+                        old_global)
+        return
+    per_step = cfg.train.batch_size * world_size
+    if old_global % per_step == 0 and cfg.train.batch_size == int(t["batch_size"]):
+        accum = old_global // per_step
+        log.warning("world size %d -> %d: train.grad_accum %d -> %d keeps the global batch of %d", old_ws,
+                    world_size, cfg.train.grad_accum, accum, old_global)
+        cfg.train.grad_accum = accum
+        return
+    raise UserError(f"cannot resume {ck} with a global batch of {new_global} (train.batch_size "
+                    f"{cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} x world size {world_size}); it was "
+                    f"trained with {old_global}: choose train.batch_size and train.grad_accum so that the product "
+                    f"with the world size is {old_global}, or set train.elastic_batch=free to change it")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None):
         self.cfg, self.env, self.fresh = cfg, env, fresh
@@ -151,6 +185,11 @@ class Trainer:
         self.data = resolve_dataset(cfg.data.train)
         first_sample_check(self.data, cfg.model.text_dim)
         self.test_data = resolve_dataset(cfg.data.test) if cfg.data.test else None
+        if self.test_data is not None and self.test_data.num_samples == 0:
+            log.info("data.test %s holds no samples: sample grids use training captions", cfg.data.test)
+            self.test_data = None
+        if saved is not None:
+            keep_global_batch(cfg, saved, env.world_size, self.resume_from)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
         self.schedule = Schedule.from_config(cfg, self.data.num_samples)
         # models: same initial weights on every rank
@@ -185,11 +224,13 @@ class Trainer:
             if self.resume_from:
                 RestartGuard(self.run_dir, cfg.checkpoint.max_restarts).record(self.state.step)
         self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.state.step)
-        self.start_batches = self._resume_batches()
+        cursor, start_batches = self._loader_start()
         self.stream, self.loader = make_loader(
             self.data, cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size,
-            cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.start_batches,
-            prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda")
+            cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=start_batches,
+            prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda", cursor=cursor,
+            slots=cfg.data.slots)
+        self.tracker = self.stream.tracker()  # this rank's share of the loader cursor
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
                                 cfg.train.color_coeff, LossOptions.from_config(cfg))
@@ -200,21 +241,27 @@ class Trainer:
                                     env.device, self.metrics) if env.is_main else None
 
     # -- checkpoint state -------------------------------------------------------------------------
-    def _resume_batches(self) -> int:
-        """Where today's per-rank loader starts: the batches this rank consumed before the checkpoint."""
-        c = self.state.cursor
+    def _loader_start(self) -> tuple[dict | None, int]:
+        """-> (cursor, start_batches) for make_loader from the checkpoint's cursor.
+
+        A cursor (samples of each slot of the epoch consumed) resumes at any world size or worker count. An
+        older checkpoint kept per-rank batches at the layout that wrote it: at that layout the loader replays
+        it exactly; at another, it is turned into a cursor first."""
+        c, cfg = self.state.cursor, self.cfg
         if not c:
-            return 0
-        if (c.get("world_size"), c.get("num_workers")) != (self.env.world_size, self.cfg.data.num_workers):
-            log.warning("world size or data.num_workers changed (%s x %s -> %d x %d): the data order after "
-                        "resume differs from an uninterrupted run", c.get("world_size"), c.get("num_workers"),
-                        self.env.world_size, self.cfg.data.num_workers)
-        return int(c.get("batches", 0))
+            return None, 0
+        if c.get("kind") != "rank_batches":
+            return c, 0
+        layout = (int(c.get("world_size", 1)), int(c.get("num_workers", 0)))
+        if layout == (self.env.world_size, cfg.data.num_workers):
+            return None, int(c.get("batches", 0))
+        order = make_order(self.data, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.slots)
+        return cursor_after_batches(order, layout[0], max(1, layout[1]), int(c.get("batch_size") or
+                                    cfg.train.batch_size), int(c.get("batches", 0))), 0
 
     def _cursor(self) -> dict:
-        batches = self.start_batches + (self.state.step - self._start_step) * self.cfg.train.grad_accum
-        return {"kind": "rank_batches", "batches": batches, "world_size": self.env.world_size,
-                "num_workers": self.cfg.data.num_workers}
+        """Collective: the global cursor, every rank's consumed samples merged."""
+        return merge_cursors(all_gather_object(self.tracker.state(), self.env))
 
     def _load(self, saved: dict) -> None:
         s = self.strategy
@@ -290,6 +337,8 @@ class Trainer:
             while not sched.done(st):
                 self.set_lrs()
                 batches = [next(it) for _ in range(cfg.train.grad_accum)]
+                for b in batches:
+                    self.tracker.update(b)
                 out = self.gan_step(batches)
                 before = st.images_seen
                 st.advance(self.global_batch, sched.epoch_images)

@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from conftest import (Rendezvous, committed, digest, finish, kill_tree, resume_line, run_cli, single_cmd, start,
-                      tiny_overrides, torchrun_cmd, wait_for, worker_pid)
+from conftest import (Rendezvous, check, committed, digest, finish, kill_tree, resume_line, run_cli, single_cmd,
+                      start, tiny_overrides, torchrun, torchrun_cmd, wait_for, worker_pid)
 
 CFG = {1: "configs/demo/stage1.yaml", 2: "configs/demo/stage2.yaml"}
 # `stackgan inspect` needs only the committed checkpoint; these are the shared knobs of the runs here.
@@ -194,7 +194,8 @@ def rewrite_as_v1(ck) -> None:
     for f in sorted(ck.glob("rank_*.pt")):
         r = torch.load(f, weights_only=True)
         v1 = {"rank": r["rank"], "world_size": r["world_size"], "step": ts["step"],
-              "batches_consumed": ts["cursor"]["batches"], "num_workers": ts["cursor"]["num_workers"], **r["rng"]}
+              "batches_consumed": ts["step"] * m["config"]["train"]["grad_accum"],
+              "num_workers": m["config"]["data"]["num_workers"], **r["rng"]}
         torch.save(v1, f)
     reseal(ck)
 
@@ -241,24 +242,47 @@ def test_newer_checkpoint_format_is_refused_with_one_line(synth_data, tmp_path):
 
 # -- resume with another world size ---------------------------------------------------------------------
 
+def _consumed(cursor: dict) -> int:
+    """Samples of the epochs in flight that the merged cursor counts as consumed (a union of runs: a sample
+    read twice would count once)."""
+    return sum(hi - lo for e in cursor["epochs"].values() for runs in e["consumed"].values() for lo, hi in runs)
+
+
 @pytest.mark.slow
-def test_resume_two_ranks_on_one_restores_model_and_optimizer(synth_data, tmp_path):
-    """DDP 2 -> 1: the weights and Adam's state come back (its step counters continue from 4); the noise
-    streams restart (a warning says so). Exact sample accounting across world sizes is the loader cursor's."""
+def test_resume_two_ranks_on_one_keeps_global_batch_and_samples(synth_data, tmp_path):
+    """DDP 2 -> 1: the weights and Adam's state come back (its step counters continue from 4); the global
+    batch is kept (train.grad_accum 1 -> 2); the merged loader cursor goes on where two ranks stopped: no
+    sample of the epoch read twice (the union of consumed runs grows by exactly the images seen)."""
     import torch
 
     run = tmp_path / "run"
     finish(start(torchrun_cmd(train_args(synth_data, run, 1, 4)), log_path=tmp_path / "a.log"), tmp_path / "a.log")
     before = torch.load(run / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    assert _consumed(before["train_state"]["cursor"]) == before["train_state"]["images_seen"] == 32
     p = run_cli(*train_args(synth_data, run, 1, 6), check=True)
     assert resume_line(p.stdout).endswith("step_00000004 at step 4")
-    assert "world size changed (2 -> 1)" in p.stderr
+    assert "train.grad_accum 1 -> 2 keeps the global batch of 8" in p.stderr, p.stderr[-2000:]
     after = torch.load(run / "checkpoints" / "step_00000006" / "model.pt", weights_only=True)
     for net in ("opt_g", "opt_d"):
         steps = {float(s["step"]) for s in after["strategy"][net]["state"].values()}
         assert steps == {6.0}, (net, steps)  # a fresh optimizer would be at 2
-    assert after["train_state"]["images_seen"] == before["train_state"]["images_seen"] + 2 * 4
+    assert after["train_state"]["images_seen"] == before["train_state"]["images_seen"] + 2 * 8
+    assert _consumed(after["train_state"]["cursor"]) == 48
     assert after["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_refuses_a_changed_global_batch(synth_data, tmp_path):
+    """One rank -> two with a per-worker batch that cannot keep the global batch: one line naming the fix,
+    exit 2, the run directory as it was; train.elastic_batch=free accepts the new batch."""
+    run = tmp_path / "run"
+    run_cli(*train_args(synth_data, run, 1, 2), "train.batch_size=6", check=True)
+    p = torchrun(2, *train_args(synth_data, run, 1, 4), "train.batch_size=4")
+    assert p.returncode != 0
+    line = [ln for ln in p.stderr.splitlines() if "error" in ln][0]
+    assert "global batch of 8" in line and "it was trained with 6" in line and "train.elastic_batch=free" in line
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000002"]
+    check(torchrun(2, *train_args(synth_data, run, 1, 4), "train.batch_size=4", "train.elastic_batch=free"))
 
 
 # -- Stage-II leaves the frozen Stage-I generator as it was -----------------------------------------------

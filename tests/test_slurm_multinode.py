@@ -27,8 +27,15 @@ def two_nodes(monkeypatch):
     if not os.path.isfile(TWO_NODE_CONF):
         pytest.fail(f"{TWO_NODE_CONF} missing: run `bash tests/cluster/start_slurm2.sh` as root")
     monkeypatch.setenv("SLURM_CONF", TWO_NODE_CONF)  # every sbatch/scontrol of this test talks to that cluster
-    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=60)
-    up = re.findall(r"^(n[12]) (idle|mix|alloc)", p.stdout, re.M)
+    import time
+
+    t0 = time.monotonic()
+    while True:  # nodes still completing an earlier test's job come back within seconds
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=60)
+        up = re.findall(r"^(n[12]) (idle|mix|alloc)", p.stdout, re.M)
+        if (p.returncode == 0 and len(up) >= 2) or time.monotonic() - t0 > 90:
+            break
+        time.sleep(1)
     if p.returncode != 0 or len(up) < 2:
         pytest.fail(f"two-node Slurm cluster not ready (sinfo: {p.stdout.strip() or p.stderr.strip()}): "
                     "run `bash tests/cluster/start_slurm2.sh` as root")
@@ -54,3 +61,4 @@ def test_sbatch_two_nodes_matches_torchrun(two_nodes, synth_data, reference, tmp
     d = inspect_run(run)
     assert d["step"] == STEPS and d["world_size"] == 2
     assert d["params_sha256"] == reference
+
