@@ -11,7 +11,12 @@ Protocol: rank 0 makes ``.tmp-step_X/``; barrier; every rank writes and fsyncs i
 rank 0 hashes them, writes the manifest, fsyncs, renames the folder into place, then repoints
 ``latest`` (a symlink replaced by an atomic rename) and only then prunes old checkpoints; barrier.
 A crash at any moment leaves the previous checkpoint complete and ``latest`` pointing at one.
-All files load with ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code.
+
+Every file of a checkpoint is untrusted when read. ``model.pt`` and ``rank_*.pt`` load through
+``load_file`` (``torch.load(weights_only=True)``); DeepSpeed's ``engine/`` files load through
+``engine_files.SafeLoadingEngine`` (``weights_only=True`` with exactly the DeepSpeed metadata classes its
+ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
+from elsewhere, even one whose manifest hashes were recomputed after tampering, cannot run code.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .engine_files import first_line
 
 log = logging.getLogger("stackgan_dist.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -80,7 +86,14 @@ def save_file(obj, path: str) -> dict:
 
 
 def load_file(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file of ours, loaded with ``weights_only=True`` (tensors and plain containers only: a
+    file cannot run code). Anything it refuses, or a damaged file, is a CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {path}") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged or hostile file is one clear line
+        raise CheckpointError(f"refused to load checkpoint file {path}: {first_line(e)}") from None
 
 
 def to_cpu(obj):

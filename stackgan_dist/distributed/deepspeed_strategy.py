@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.engine_files import SafeLoadingEngine
 from ..errors import CheckpointError, UserError
 from .wrap import BufferSync, Strategy, convert_sync_batchnorm, make_adam, refuse_cpu_amp
 
@@ -221,6 +222,7 @@ class DeepSpeedStrategy(Strategy):
         for k, eng in self.engine.items():
             if not os.path.isdir(os.path.join(path, k.upper())):
                 raise CheckpointError(f"DeepSpeed engine state {os.path.join(path, k.upper())} missing")
+            SafeLoadingEngine.wrap(eng)  # DeepSpeed's own engine loads with weights_only=False
             load_path, _ = eng.load_checkpoint(path, tag=k.upper(), load_optimizer_states=True,
                                                load_lr_scheduler_states=False, load_module_strict=True)
             if load_path is None:
