@@ -119,6 +119,12 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
 
+    def full_hash(self) -> str:
+        """Digest of the whole config (restart accounting: a changed command starts the count afresh)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode("utf-8",
+                                                                                            "surrogatepass")
+                              ).hexdigest()[:16]
+
     def model_hash(self) -> str:
         """Digest of the keys that define parameter shapes: resuming across a change is refused."""
         return hashlib.sha256(json.dumps(model_defining(self), sort_keys=True).encode()).hexdigest()[:16]

@@ -5,7 +5,6 @@ checkpoint manager -> load latest -> loop. Ticks (log, samples, checkpoints, lr 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,6 +15,8 @@ from tqdm import tqdm
 
 from .checkpoint.manager import (CheckpointManager, load_file, numpy_state_from_safe, numpy_state_to_safe,
                                  resolve_checkpoint, to_cpu)
+from .checkpoint.lock import RunLock, on_main_agreed
+from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, resolve_dataset
@@ -62,27 +63,6 @@ def check_resume_compatible(saved: dict, cfg: Config, ck: str) -> None:
                                   "this changes the model's shape. Use a new run.dir")
 
 
-class RestartGuard:
-    """Stops a crash loop: more than ``max_restarts`` resumes from the same step -> clear error."""
-
-    def __init__(self, run_dir: str, max_restarts: int):
-        self.path = os.path.join(run_dir, "restarts.json")
-        self.max = max_restarts
-
-    def record(self, step: int) -> None:
-        data = {"step": -1, "count": 0}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                data = json.load(f)
-        data = {"step": step, "count": data["count"] + 1 if data["step"] == step else 1}
-        if data["count"] > self.max:
-            raise UserError(f"run restarted {data['count'] - 1} times from step {step} without progress "
-                            f"(checkpoint.max_restarts={self.max}); stopping instead of burning the allocation")
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(data, f)
-        os.replace(self.path + ".tmp", self.path)
-
-
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None):
         self.cfg, self.env, self.fresh = cfg, env, fresh
@@ -110,11 +90,17 @@ class Trainer:
 
     def build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.lock = RunLock(self.run_dir)
+        on_main_agreed(env, self.lock.check)  # another live run on this run.dir: refused before reading it
+        self.finished_at = None
         self.resume_from = self._check_run_dir()
         saved_model = None
         if self.resume_from:
             saved_model = load_file(os.path.join(self.resume_from, "model.pt"))
             check_resume_compatible(saved_model["model_config"], cfg, self.resume_from)
+            if int(saved_model["step"]) >= cfg.train.max_steps:  # nothing to do, and nothing is written
+                self.finished_at = int(saved_model["step"])
+                return
         # data (checked before any file is written)
         self.data = resolve_dataset(cfg.data.train)
         first_sample_check(self.data, cfg.model.text_dim)
@@ -151,13 +137,6 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.checkpoint.keep_last)
         if self.resume_from:
             self._load(saved_model)
-        # everything validated: now the run directory may be written
-        if env.is_main:
-            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-            cfg.dump(os.path.join(self.run_dir, "config.yaml"))
-            if self.resume_from:
-                RestartGuard(self.run_dir, cfg.checkpoint.max_restarts).record(self.step)
-        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.step)
         self.stream, self.loader = make_loader(
             self.data, cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size,
             cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=self.step * cfg.train.grad_accum,
@@ -166,6 +145,20 @@ class Trainer:
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
                                 cfg.train.color_coeff)
         self._fixed = None
+        # every check passed: now, and only now, the run directory is written (lock first)
+        on_main_agreed(env, self._claim_run_dir)
+        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.step)
+
+    def _claim_run_dir(self) -> None:
+        guard = RestartGuard(self.run_dir, self.cfg.checkpoint.max_restarts, self.cfg.full_hash()) \
+            if self.resume_from else None
+        if guard is not None:
+            guard.check(self.step)  # a crash loop is refused before anything is written
+        self.lock.acquire()
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        self.cfg.dump(os.path.join(self.run_dir, "config.yaml"))
+        if guard is not None:
+            guard.record(self.step)
 
     # -- checkpoint state -------------------------------------------------------------------------
     def model_state(self) -> dict:
@@ -292,6 +285,13 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict:
+        if self.finished_at is not None:
+            self.lock.release()
+            if self.env.is_main:
+                print(f"run {self.run_dir} is finished: its checkpoint {self.resume_from} is at step "
+                      f"{self.finished_at} (train.max_steps={self.cfg.train.max_steps}); nothing to do. Raise "
+                      "train.max_steps to train further", flush=True)
+            return {"stopped": "finished", "step": self.finished_at}
         cfg, env, s = self.cfg, self.env, self.strategy
         flag = SignalFlag(cfg.checkpoint.signal).install()
         it = iter(self.loader)
@@ -356,6 +356,7 @@ class Trainer:
             bar.close()
             flag.restore()
             self.metrics.close()
+            self.lock.release()
             del it
         result["step"] = self.step
         return result

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from stackgan_dist.checkpoint.manager import read_latest
 from conftest import PY, committed, digest, finish, run_cli, start, tiny_overrides
 
 CFG = {1: "configs/demo/stage1.yaml", 2: "configs/demo/stage2.yaml"}
@@ -110,7 +111,7 @@ def test_stage1_single_kill_during_save_then_mid_step(synth_data, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not committed(run, 8)
-    assert os.readlink(run / "checkpoints" / "latest") == "step_00000004"
+    assert read_latest(str(run / "checkpoints")) == "step_00000004"
     # 2) resumed from step 4, killed again between checkpoints (after the step-8 one, before step 12)
     p = start(single_cmd(train_args(synth_data, run, 1, steps)), log_path=tmp_path / "b.log",
               env={"STACKGAN_TEST_STEP_DELAY_S": "0.5"})  # steps 9..12 take >= 2 s: the kill lands before 12
