@@ -1,6 +1,8 @@
 """``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
 
-Problems the user can fix (UserError) print one line and exit non-zero, without a traceback.
+Exit codes (stackgan_dist/errors.py, README "Exit codes"): 0 done; 2 the user must act (UserError: one line
+on stderr, no traceback); 75 requeue me (checkpointed on a scheduler signal, or a transient failure such as
+a checkpoint write on a full disk); 130 Ctrl-C; anything else a crash.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import UserError
+from .errors import EXIT_INTERRUPTED, TransientError, UserError
 
 
 def _cmd_prepare(a) -> int:
@@ -28,6 +30,9 @@ def _cmd_prepare(a) -> int:
 
 
 def _cmd_train(a) -> int:
+    from .checkpoint.signals import install_early
+
+    install_early()  # a scheduler signal while the run starts is not fatal: it checkpoints at its first step
     from .config import load_config
     from .train import run_training
 
@@ -170,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
+    where = f" (rank {rank})" if rank else ""
     try:
         return COMMANDS[args.cmd](args)
-    except UserError as e:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
-        print(f"stackgan {args.cmd}: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+    except (UserError, TransientError) as e:
+        kind = "error" if isinstance(e, UserError) else "transient error, exiting 75 (requeue)"
+        print(f"stackgan {args.cmd}: {kind}{where}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001
         from .trainer import Preempted
 

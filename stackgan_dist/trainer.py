@@ -33,9 +33,12 @@ log = logging.getLogger("stackgan_dist.train")
 
 
 class Preempted(Exception):
-    """Raised after the requeue checkpoint is written; the CLI exits with EXIT_REQUEUE."""
+    """Raised after the checkpoint a signal asked for is written; the CLI exits with ``exit_code`` (75 requeue
+    me; 130 after Ctrl-C)."""
 
-    exit_code = EXIT_REQUEUE
+    def __init__(self, exit_code: int = EXIT_REQUEUE):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 def load_stage1_generator(path: str, text_dim: int):
@@ -344,8 +347,9 @@ class Trainer:
                     result = {"stopped": "signal"}
                     if env.is_main:
                         print(f"received {flag.name or 'a signal on another rank'}: checkpoint written at step "
-                              f"{self.step}; exiting with {EXIT_REQUEUE} (requeue)", flush=True)
-                    raise Preempted()
+                              f"{self.step}; exiting with {flag.exit_code} "
+                              f"({'requeue' if flag.exit_code == EXIT_REQUEUE else 'interrupted'})", flush=True)
+                    raise Preempted(flag.exit_code)
             self.commit_checkpoint()
             if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{self.step:08d}"):
                 self.save_checkpoint()

@@ -16,7 +16,8 @@ from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoint
                                               params_digest, read_latest, resolve_checkpoint, verify)
 from stackgan_dist.checkpoint.restarts import RestartGuard
 from stackgan_dist.distributed.env import DistEnv
-from stackgan_dist.errors import CheckpointError, UserError
+from stackgan_dist.errors import (EXIT_INTERRUPTED, EXIT_REQUEUE, CheckpointError, CheckpointWriteError,
+                                  UserError)
 
 
 def env1() -> DistEnv:
@@ -106,7 +107,7 @@ def test_failing_write_keeps_previous_checkpoint(tmp_path):
     old = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old[1]))
     try:
-        with pytest.raises(CheckpointError, match=r"write for step 2 failed.*File too large.*step_00000001 kept"):
+        with pytest.raises(CheckpointWriteError, match=r"write for step 2 failed.*File too large.*step_00000001 kept"):
             save(mgr, 2)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
@@ -203,8 +204,8 @@ def test_bitflipped_newest_resume_uses_previous(synth_data, base_run, tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_during_training_reports_and_keeps_previous(synth_data, base_run, tmp_path):
-    """The run resumes, trains, and its next save hits a real EFBIG; it stops with the error, the old
-    checkpoint untouched."""
+    """The run resumes, trains, and its next save hits a real EFBIG; it stops with the error and exit 75 (a
+    transient failure: requeue me, not "the user must act"), the old checkpoint untouched."""
     run = _copy(base_run, tmp_path / "run")
     good = run / "checkpoints" / "step_00000004"
 
@@ -216,8 +217,9 @@ def test_disk_full_during_training_reports_and_keeps_previous(synth_data, base_r
     p = subprocess.run([PY, "-m", "stackgan_dist", "train", "configs/demo/stage1.yaml",
                         *tiny_overrides(synth_data, run, 1, steps=6, extra=["checkpoint.every_steps=2"])],
                        cwd=REPO, env=e, capture_output=True, text=True, timeout=600, preexec_fn=limit)
-    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.returncode == EXIT_REQUEUE, p.stderr[-3000:]
     assert "checkpoint write for step 6 failed" in p.stderr and "File too large" in p.stderr, p.stderr[-3000:]
+    assert "transient error, exiting 75" in p.stderr and "Traceback" not in p.stderr
     assert f"{good} kept" in p.stderr
     assert verify(str(good)) == (True, "ok")
     assert read_latest(str(run / "checkpoints")) == "step_00000004"
@@ -504,3 +506,71 @@ def test_resume_repairs_a_torn_metrics_tail_and_an_empty_restart_record(synth_da
     assert "dropped 1 unreadable line" in p.stderr and "restarts.json is unreadable" in p.stderr
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     assert json.loads((run / "restarts.json").read_text())["count"] == 1
+
+
+# -- signals: Ctrl-C checkpoints like SIGTERM; a warning signal while starting is not fatal ----------------------
+def _train_proc(data, run, steps, log, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [PY, "-m", "stackgan_dist", "train", "configs/demo/stage1.yaml",
+           *tiny_overrides(data, run, 1, steps=steps, extra=["checkpoint.every_steps=2"])]
+    return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (the kernel's SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
+def _torch_loaded(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "/torch/lib/" in f.read()
+    except OSError:
+        return False
+
+
+def _wait(pred, p, what, timeout=300):
+    import time
+
+    t0 = time.monotonic()
+    while not pred():
+        assert p.poll() is None, f"process ended (exit {p.returncode}) before {what}"
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_warning_signal_while_starting_checkpoints_at_the_first_step_and_exits_75(synth_data, tmp_path):
+    """USR1 lands as soon as the command catches it, seconds before training starts (torch is still being
+    imported): the run is not killed (138); it checkpoints at its first step boundary and exits 75."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    p = _train_proc(synth_data, run, 8, log)
+    _wait(lambda: _catches(p.pid, signal.SIGUSR1) or _torch_loaded(p.pid), p, "the early signal handler")
+    assert not _torch_loaded(p.pid), "USR1 was first caught after torch had loaded: no early handler"
+    p.send_signal(signal.SIGUSR1)
+    rc = p.wait(timeout=600)
+    text = log.read_text()
+    assert rc == EXIT_REQUEUE, text[-3000:]
+    assert "received SIGUSR1: checkpoint written at step 1; exiting with 75 (requeue)" in text, text[-3000:]
+    assert read_latest(str(run / "checkpoints")) == "step_00000001"
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_130_then_resumes(synth_data, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    p = _train_proc(synth_data, run, 12, log, env={"STACKGAN_TEST_STEP_DELAY_S": "0.4"})
+    _wait(lambda: os.path.isfile(run / "checkpoints" / "step_00000002" / "manifest.json"), p, "step 2")
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=600)
+    text = log.read_text()
+    assert rc == EXIT_INTERRUPTED, text[-3000:]
+    line = next(ln for ln in text.splitlines() if ln.startswith("received SIGINT"))
+    stopped = int(line.split("checkpoint written at step ")[1].split(";")[0])
+    assert 2 <= stopped < 12 and "exiting with 130 (interrupted)" in line
+    assert verify(str(run / "checkpoints" / f"step_{stopped:08d}")) == (True, "ok")
+    p = _train(synth_data, run, 12)
+    assert p.returncode == 0 and f"step_{stopped:08d} at step {stopped}" in p.stdout, p.stderr[-2000:]

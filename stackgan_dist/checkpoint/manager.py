@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError
 from .engine_files import first_line
 
 log = logging.getLogger("stackgan_dist.checkpoint")
@@ -398,7 +398,7 @@ class CheckpointManager:
         if self._agree_failure(err is not None):
             if isinstance(err, CheckpointError):
                 raise err
-            raise CheckpointError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
+            raise CheckpointWriteError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
                                   f"previous checkpoint {prev} kept")
         # the agreement above is an all-reduce: rank 0 had made the folder before anyone writes into it
         job = _WriteJob(step, tmp, prev, t0, extra_manifest or {})
@@ -453,7 +453,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             msg = f"checkpoint write for step {step} failed ({err or 'on another rank'}); previous checkpoint " \
                   f"{prev} kept"
-            raise CheckpointError(msg)
+            raise CheckpointWriteError(msg)
         files = job.files
         if self.env.distributed:  # each rank hashed its own bytes while writing: gather instead of re-reading
             import torch.distributed as dist
@@ -494,7 +494,7 @@ class CheckpointManager:
         if failed:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint commit for step {step} failed ({err or 'on rank 0'}); previous "
+            raise CheckpointWriteError(f"checkpoint commit for step {step} failed ({err or 'on rank 0'}); previous "
                                   f"checkpoint {prev} kept")
         if self.env.is_main:
             self._prune(keep=final)
