@@ -56,8 +56,16 @@ def _cmd_sample(a) -> int:
     from .inference import generate, load_run
     from .observability.images import make_grid, save_png, to_uint8
 
+    from .inference import check_output_path
+
     if not a.text:
-        raise UserError("give at least one --text")
+        raise UserError("give at least one --text \"a caption\"")
+    empty = [i for i, t in enumerate(a.text) if not t.strip()]
+    if empty:
+        raise UserError(f"--text number {empty[0] + 1} is empty; give each --text a caption")
+    if not 1 <= a.num <= 64:
+        raise UserError(f"--num {a.num}: images per caption must be between 1 and 64")
+    check_output_path(a.out, "--out", (".png",))
     run = load_run(a.run)
     enc = make_encoder(run.text_encoder) if run.text_encoder else None
     if enc is None:

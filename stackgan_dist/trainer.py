@@ -41,17 +41,26 @@ class Preempted(Exception):
         self.exit_code = exit_code
 
 
-def load_stage1_generator(path: str, text_dim: int):
-    """Stage-II's frozen Stage-I generator from a Stage-I run or checkpoint. Fails early and clearly."""
+def load_stage1_generator(path: str, text_dim: int, z_dim: int | None = None):
+    """Stage-II's frozen Stage-I generator from a Stage-I run or checkpoint. Fails early and clearly.
+    Its widths and condition_dim may differ from Stage-II's; its text_dim and z_dim (Stage-II draws the
+    noise Stage-I consumes) may not."""
     if not path:
         raise CheckpointError("Stage-II needs model.stage1_checkpoint (a Stage-I run or checkpoint directory)")
-    ck = resolve_checkpoint(path)
+    try:
+        ck = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.stage1_checkpoint: {e}; set model.stage1_checkpoint to a Stage-I run "
+                              "directory or checkpoint") from None
     state = load_file(os.path.join(ck, "model.pt"))
     mcfg = ModelConfig(**state["model_config"])
     if mcfg.stage != 1:
         raise CheckpointError(f"model.stage1_checkpoint {ck} is a Stage-{mcfg.stage} checkpoint, not Stage-I")
     if mcfg.text_dim != text_dim:
         raise CheckpointError(f"Stage-I checkpoint {ck} has text_dim {mcfg.text_dim}, model.text_dim is {text_dim}")
+    if z_dim is not None and mcfg.z_dim != z_dim:
+        raise CheckpointError(f"Stage-I checkpoint {ck} draws z of {mcfg.z_dim} dims, model.z_dim is {z_dim}: "
+                              f"set model.z_dim={mcfg.z_dim} (Stage-II feeds its noise to the Stage-I generator)")
     G1 = build_stage1_generator(mcfg)
     G1.load_state_dict(state["G"])
     G1.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, out of every optimizer
@@ -122,7 +131,8 @@ class Trainer:
                 self.stage1_ref, self.stage1_cfg = saved_model.get("stage1_ref", ""), mc
             else:
                 self.G1, self.stage1_ref, self.stage1_cfg = load_stage1_generator(cfg.model.stage1_checkpoint,
-                                                                                  cfg.model.text_dim)
+                                                                                  cfg.model.text_dim,
+                                                                                  cfg.model.z_dim)
             self.G1 = self.G1.to(env.device)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
