@@ -5,7 +5,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from contextlib import contextmanager
 
 import numpy as np
