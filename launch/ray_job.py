@@ -13,7 +13,8 @@ of the repository.
 
 Prints the job id, follows the job's logs unless ``--no-wait``, and exits with the job's status:
 0 SUCCEEDED, 1 FAILED or STOPPED, 2 a problem found before or while waiting (bad config, unreachable address,
-a job stuck PENDING past ``--pending-timeout``).
+a job stuck PENDING past ``--pending-timeout``), 130 interrupted by Ctrl-C (one line saying whether the job was
+submitted and how to check or stop it).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from stackgan_dist.errors import UserError  # noqa: E402
 EXCLUDES = [".venv", "runs", "data", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".whl", "build"]
 # config keys holding local paths: made absolute, since the job's working directory is a copy of the repo
 PATH_KEYS = ("run.dir", "data.train", "data.test", "model.stage1_checkpoint", "train.deepspeed_config")
-EXIT_OK, EXIT_FAILED, EXIT_USER = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parse_args(argv):
@@ -172,6 +173,7 @@ def _last_error_line(client, job_id: str) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    job_id = None
     try:
         client, job_id, run_dir = submit(a)
         print(f"submitted Ray job {job_id} (run dir {run_dir}); logs: ray job logs {job_id} --address {a.address}",
@@ -184,9 +186,14 @@ def main(argv=None) -> int:
         print(f"ray_job: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER
     except KeyboardInterrupt:
-        print(f"ray_job: interrupted; the job keeps running (stop it with: ray job stop {job_id} "
-              f"--address {a.address})", file=sys.stderr, flush=True)
-        return 130
+        if job_id is None:  # interrupted while validating or submitting: the request may or may not have landed
+            which = f"ray job status {a.submission_id}" if a.submission_id else "ray job list"
+            print(f"ray_job: interrupted before the submission was confirmed; check with `{which} --address "
+                  f"{a.address}` whether the job exists, then run this command again", file=sys.stderr, flush=True)
+        else:
+            print(f"ray_job: interrupted; the job keeps running (stop it with: ray job stop {job_id} "
+                  f"--address {a.address})", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if status == "SUCCEEDED":
         print(f"ray_job: job {job_id} SUCCEEDED; checkpoints in {run_dir}/checkpoints", flush=True)
         return EXIT_OK

@@ -109,6 +109,10 @@ def read_site_env(path: str) -> dict:
 
 def parse_minutes(text: str) -> int:
     """Slurm time formats (MIN, MIN:SEC, H:MM:SS, D-H[:MM[:SS]]) -> whole minutes (at least 1)."""
+    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", text.strip()) or ("-" not in text and text.count(":") > 2):
+        raise UserError(f"--time {text!r} is not a Slurm time limit; use MIN, MIN:SEC, H:MM:SS or D-H[:MM[:SS]] "
+                        "(e.g. --time 90 or --time 1:30:00)")
+    text = text.strip()
     days = 0
     if "-" in text:
         d, text = text.split("-", 1)
@@ -268,9 +272,22 @@ def wait(job, local: bool, timeout_s: float = 0) -> int:
         time.sleep(1)
 
 
+def check_args(a) -> None:
+    """The command line, checked before anything is submitted or created (submitit makes its folder at once)."""
+    if a.time is not None:
+        parse_minutes(a.time)
+    for name, low in (("nodes", 1), ("tasks_per_node", 0), ("gpus_per_node", 0), ("cpus_per_task", 1),
+                      ("signal_delay_s", 0), ("max_timeouts", 0)):
+        if getattr(a, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= {low}")
+    if a.wait_timeout_s < 0:
+        raise UserError(f"--wait-timeout-s {a.wait_timeout_s}: must be >= 0 (0: wait without a limit)")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        check_args(a)
         from stackgan_dist.config import load_config
 
         cfg = load_config(a.config, a.overrides)  # bad configs fail here, before anything is submitted

@@ -5,6 +5,9 @@
 #   stage1.run.dir=DIR and stage2.run.dir=DIR (defaults: the configs' run.dir). Stage-II's
 # model.stage1_checkpoint is set to Stage-I's run directory. Extra sbatch options (after --) go to both jobs.
 # Prints the two job ids. Site settings: slurm/site.env (or $STACKGAN_SITE_ENV).
+# Exit codes: 0 both jobs submitted; 1 sbatch refused a job (Stage-I is cancelled if Stage-II was refused);
+# 2 bad usage or config (one line, nothing submitted). Stage-II starts only if Stage-I's job succeeds
+# (afterok): train.sbatch fails the job whenever the run is unfinished (a crash, exit 2, a failed requeue).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"

@@ -1,6 +1,8 @@
 """``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
 
-Problems the user can fix (UserError) print one line and exit non-zero, without a traceback.
+Exit codes (stackgan_dist/errors.py, README "Exit codes"): 0 done; 2 the user must act (UserError: one line
+on stderr, no traceback); 75 requeue me (checkpointed on a scheduler signal, or a transient failure such as
+a checkpoint write on a full disk); 130 Ctrl-C; anything else a crash.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import UserError
+from .errors import EXIT_INTERRUPTED, TransientError, UserError
 
 
 def _cmd_prepare(a) -> int:
@@ -28,6 +30,9 @@ def _cmd_prepare(a) -> int:
 
 
 def _cmd_train(a) -> int:
+    from .checkpoint.signals import install_early
+
+    install_early()  # a scheduler signal while the run starts is not fatal: it checkpoints at its first step
     from .config import load_config, preset_overrides
     from .train import run_training
 
@@ -66,11 +71,17 @@ def _cmd_sample(a) -> int:
     import torch
 
     from .data.text_encoders import make_encoder
-    from .inference import generate, load_run
+    from .inference import check_output_path, generate, load_run
     from .observability.images import labelled_grid, save_png, to_uint8
 
     if bool(a.text) == bool(a.embeddings):
         raise UserError("give captions with --text (repeatable) or precomputed embeddings with --embeddings FILE.npy")
+    empty = [i for i, t in enumerate(a.text) if not t.strip()]
+    if empty:
+        raise UserError(f"--text number {empty[0] + 1} is empty; give each --text a caption")
+    if not 1 <= a.num <= 64:
+        raise UserError(f"--num {a.num}: images per caption must be between 1 and 64")
+    check_output_path(a.out, "--out", (".png",))
     run = load_run(a.run)
     if a.embeddings:
         emb = torch.from_numpy(_load_embeddings(a.embeddings, run.model_config.text_dim))
@@ -243,14 +254,17 @@ def main(argv: list[str] | None = None) -> int:
             sub = _subparser(parser, args)
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
+    where = f" (rank {rank})" if rank else ""
     try:
         return COMMANDS[args.cmd](args)
-    except UserError as e:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
-        print(f"stackgan {args.cmd}: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
+    except (UserError, TransientError) as e:
+        kind = "error" if isinstance(e, UserError) else "transient error, exiting 75 (requeue)"
+        print(f"stackgan {args.cmd}: {kind}{where}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001
         from .trainer import Preempted
 

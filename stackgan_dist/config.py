@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -146,6 +147,12 @@ class Config:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
 
+    def full_hash(self) -> str:
+        """Digest of the whole config (restart accounting: a changed command starts the count afresh)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode("utf-8",
+                                                                                            "surrogatepass")
+                              ).hexdigest()[:16]
+
     def model_hash(self) -> str:
         """Digest of the keys that define parameter shapes: resuming across a change is refused."""
         return hashlib.sha256(json.dumps(model_defining(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -258,7 +265,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             return str(value)
         if value is None:
             return ""
-    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} {reprlib.repr(value)}")
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -288,12 +295,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that an alias may only repeat a scalar: aliases of lists or mappings nested in each
+    other ("billion laughs") expand exponentially as soon as anything walks or prints the value."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            node = self.anchors.get(anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise ConfigError(f"YAML alias *{anchor} repeats a list or mapping; only single values may be "
+                                  "aliased in a config (write the list or mapping out)")
+        return super().compose_node(parent, index)
+
+
+def _yaml_load(stream):
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -338,10 +363,44 @@ def validate(cfg: Config) -> None:
                           f"unsafe under autocast), got {cfg.train.precision}; use train.d_output=logits")
     if cfg.train.backend == "ddp" and cfg.train.zero_stage != 0:
         raise ConfigError("config key 'train.zero_stage' needs train.backend=deepspeed")
+    _validate_numbers(cfg, flat)
     if cfg.train.backend == "deepspeed":  # before any process group forms
         from .distributed.deepspeed_strategy import validate_settings
 
         validate_settings(cfg)
+
+
+# (key, lowest, highest, lowest allowed itself, highest allowed itself): one line naming key, value and range
+RANGES = (
+    ("train.lr_g", 0.0, None, False, True), ("train.lr_d", 0.0, None, False, True),
+    ("train.beta1", 0.0, 1.0, True, False), ("train.beta2", 0.0, 1.0, True, False),
+    ("train.lr_decay_factor", 0.0, 1.0, False, True), ("train.kl_coeff", 0.0, None, True, True),
+    ("train.lr_decay_steps", 0, None, True, True), ("train.dist_timeout_s", 0.0, None, False, True),
+    ("data.prefetch_factor", 1, None, True, True), ("data.shuffle_buffer", 1, None, True, True),
+    ("data.pipe_timeout_s", 0.0, None, False, True), ("checkpoint.every_minutes", 0.0, None, True, True),
+    ("checkpoint.max_restarts", 1, None, True, True), ("model.res_blocks", 0, None, True, True),
+)
+
+
+def _validate_numbers(cfg: Config, flat: dict) -> None:
+    import math
+
+    for key, lo, hi, lo_ok, hi_ok in RANGES:
+        v = flat[key]
+        bad = isinstance(v, float) and not math.isfinite(v)
+        bad = bad or (v < lo if lo_ok else v <= lo) or (hi is not None and (v > hi if hi_ok else v >= hi))
+        if bad:
+            rng = f"{'[' if lo_ok else '('}{lo}, {hi if hi is not None else 'inf'}{']' if hi_ok else ')'}"
+            raise ConfigError(f"config key '{key}' must lie in {rng}, got {v!r}")
+    if not cfg.run.dir.strip():
+        raise ConfigError("config key 'run.dir' is empty; give the run a directory (e.g. run.dir=runs/x)")
+    for key, v in flat.items():  # paths from a shell may hold bytes that are not UTF-8 (config.yaml is UTF-8)
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"config key '{key}' is not valid UTF-8 ({v.encode('utf-8', 'replace')!r}); "
+                                  "use a path whose name is UTF-8") from None
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
@@ -382,10 +441,14 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, "rb") as f:
+                data = _yaml_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror})") from None
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for key, value in _flatten(data).items():

@@ -1,10 +1,25 @@
-"""One exception type for problems the user can fix: the CLI prints it as one line and exits non-zero."""
+"""Exit codes, and the exception types the CLI turns into them (one line on stderr, no traceback).
+
+    0    done (trained to train.max_steps, or the run was already finished)
+    2    the user must act: bad config, command line, data or checkpoint (UserError); relaunching as is
+         fails the same way, so launchers must not requeue
+    75   requeue me (EX_TEMPFAIL): checkpointed on a scheduler signal (SIGTERM, the warning signal), or a
+         transient failure such as a checkpoint that could not be written (a full disk); the run resumes
+         from its last checkpoint, and checkpoint.max_restarts bounds resumes that make no progress
+    130  interrupted by Ctrl-C (SIGINT): checkpointed at the next step boundary, not requeued
+    other a crash (a bug, a dead peer rank): the traceback says where
+"""
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint, command line). Printed without a traceback."""
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
 
 
 class DataError(UserError):
@@ -13,3 +28,13 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or incompatible with the config."""
+
+
+class TransientError(Exception):
+    """A failure that a later attempt may not meet (the environment, not the input): exit 75, requeue me."""
+
+    exit_code = EXIT_REQUEUE
+
+
+class CheckpointWriteError(TransientError):
+    """A checkpoint could not be written or committed (ENOSPC, EFBIG, EIO...); the previous one is kept."""

@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint.manager import load_file, params_digest, read_manifest, resolve_checkpoint, verify
 from .config import ModelConfig
+from .errors import UserError
 from .models.build import build_models, build_stage1_generator
 from .train_state import saved_step
 
@@ -63,3 +64,31 @@ def inspect(path: str) -> dict:
     return {"path": ck, "step": saved_step(st, ck), "stage": int(st["model_config"]["stage"]), "valid": ok,
             "reason": why, "world_size": man.get("world_size"), "config_hash": st.get("config_hash"),
             "params_sha256": params_digest(st["G"], st["D"]), "text_encoder": st.get("text_encoder")}
+
+
+def run_dir_of(ck: str) -> str | None:
+    """The run directory a checkpoint folder belongs to (RUN for RUN/checkpoints/step_X), or None for a step
+    folder kept on its own: nothing is then written two levels above it."""
+    parent = os.path.dirname(os.path.abspath(ck))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def check_output_path(path: str, what: str, suffixes: tuple[str, ...] = ()) -> str:
+    """Refuses, before any work is done, an output path that cannot be written: an existing directory, a
+    name without one of ``suffixes``, or a place under a file or a directory this user cannot write. Creates
+    nothing."""
+    if not path or not path.strip():
+        raise UserError(f"{what}: empty output path; give a file path")
+    if os.path.isdir(path):
+        example = os.path.join(path, "out" + (suffixes[0] if suffixes else ".json"))
+        raise UserError(f"{what} {path} is a directory; give a file path (e.g. {example})")
+    if suffixes and not path.lower().endswith(suffixes):
+        raise UserError(f"{what} {path} must end with {' or '.join(suffixes)}")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{what} {path} is not writable (read-only {probe}); give a writable path")
+    return path

@@ -8,7 +8,6 @@ one collective. What a checkpoint holds is ``train_state.py``'s; the sample grid
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,6 +17,8 @@ from tqdm import tqdm
 
 from . import testing
 from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
+from .checkpoint.lock import RunLock, on_main_agreed
+from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.loader import first_sample_check, make_loader, make_order, resolve_dataset
@@ -41,16 +42,25 @@ STARTUP_STEPS = 3  # collectives of the first steps run under train.dist_startup
 
 
 class Preempted(Exception):
-    """Raised after the requeue checkpoint is written; the CLI exits with EXIT_REQUEUE."""
+    """Raised after the checkpoint a signal asked for is written; the CLI exits with ``exit_code`` (75 requeue
+    me; 130 after Ctrl-C)."""
 
-    exit_code = EXIT_REQUEUE
+    def __init__(self, exit_code: int = EXIT_REQUEUE):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
-def load_stage1_generator(path: str, text_dim: int):
-    """Stage-II's frozen Stage-I generator from a Stage-I run or checkpoint. Fails early and clearly."""
+def load_stage1_generator(path: str, text_dim: int, z_dim: int | None = None):
+    """Stage-II's frozen Stage-I generator from a Stage-I run or checkpoint. Fails early and clearly.
+    Its widths and condition_dim may differ from Stage-II's; its text_dim and z_dim (Stage-II draws the
+    noise Stage-I consumes) may not."""
     if not path:
         raise CheckpointError("Stage-II needs model.stage1_checkpoint (a Stage-I run or checkpoint directory)")
-    ck = resolve_checkpoint(path)
+    try:
+        ck = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.stage1_checkpoint: {e}; set model.stage1_checkpoint to a Stage-I run "
+                              "directory or checkpoint") from None
     state = load_file(os.path.join(ck, "model.pt"))
     read_train_state(state, ck)  # its format version is one we read
     mcfg = ModelConfig(**state["model_config"])
@@ -58,6 +68,9 @@ def load_stage1_generator(path: str, text_dim: int):
         raise CheckpointError(f"model.stage1_checkpoint {ck} is a Stage-{mcfg.stage} checkpoint, not Stage-I")
     if mcfg.text_dim != text_dim:
         raise CheckpointError(f"Stage-I checkpoint {ck} has text_dim {mcfg.text_dim}, model.text_dim is {text_dim}")
+    if z_dim is not None and mcfg.z_dim != z_dim:
+        raise CheckpointError(f"Stage-I checkpoint {ck} draws z of {mcfg.z_dim} dims, model.z_dim is {z_dim}: "
+                              f"set model.z_dim={mcfg.z_dim} (Stage-II feeds its noise to the Stage-I generator)")
     G1 = build_stage1_generator(mcfg)
     G1.load_state_dict(state["G"])
     G1.eval().requires_grad_(False)  # frozen: eval-mode BatchNorm, out of every optimizer
@@ -70,27 +83,6 @@ def check_resume_compatible(saved: dict, cfg: Config, ck: str) -> None:
         if saved.get(k) != cur[k]:
             raise CheckpointError(f"cannot resume from {ck}: model.{k} changed ({saved.get(k)!r} -> {cur[k]!r}); "
                                   "this changes the model's shape. Use a new run.dir")
-
-
-class RestartGuard:
-    """Stops a crash loop: more than ``max_restarts`` resumes from the same step -> clear error."""
-
-    def __init__(self, run_dir: str, max_restarts: int):
-        self.path = os.path.join(run_dir, "restarts.json")
-        self.max = max_restarts
-
-    def record(self, step: int) -> None:
-        data = {"step": -1, "count": 0}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                data = json.load(f)
-        data = {"step": step, "count": data["count"] + 1 if data["step"] == step else 1}
-        if data["count"] > self.max:
-            raise UserError(f"run restarted {data['count'] - 1} times from step {step} without progress "
-                            f"(checkpoint.max_restarts={self.max}); stopping instead of burning the allocation")
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(data, f)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def set_backend_flags(deterministic: bool, device: torch.device) -> None:
@@ -174,6 +166,9 @@ class Trainer:
 
     def build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.lock = RunLock(self.run_dir)
+        on_main_agreed(env, self.lock.check)  # another live run on this run.dir: refused before reading it
+        self.finished_at = None
         self.resume_from = self._check_run_dir()
         saved = None
         self.state = TrainState()
@@ -192,6 +187,9 @@ class Trainer:
             keep_global_batch(cfg, saved, env.world_size, self.resume_from)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
         self.schedule = Schedule.from_config(cfg, self.data.num_samples)
+        if saved is not None and self.schedule.done(self.state):  # nothing to do, and nothing is written
+            self.finished_at = self.state.step
+            return
         # models: same initial weights on every rank
         seed_all(cfg.train.seed)
         models = build_models(cfg.model)
@@ -205,7 +203,8 @@ class Trainer:
                 self.stage1_ref, self.stage1_cfg = saved.get("stage1_ref", ""), mc
             else:
                 self.G1, self.stage1_ref, self.stage1_cfg = load_stage1_generator(cfg.model.stage1_checkpoint,
-                                                                                  cfg.model.text_dim)
+                                                                                  cfg.model.text_dim,
+                                                                                  cfg.model.z_dim)
             self.G1 = self.G1.to(env.device)
         set_backend_flags(cfg.train.deterministic, env.device)
         # wrapping, optimizers, scalers
@@ -217,13 +216,6 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.checkpoint.keep_last)
         if self.resume_from:
             self._load(saved)
-        # everything validated: now the run directory may be written
-        if env.is_main:
-            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-            cfg.dump(os.path.join(self.run_dir, "config.yaml"))
-            if self.resume_from:
-                RestartGuard(self.run_dir, cfg.checkpoint.max_restarts).record(self.state.step)
-        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.state.step)
         cursor, start_batches = self._loader_start()
         self.stream, self.loader = make_loader(
             self.data, cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size,
@@ -235,10 +227,24 @@ class Trainer:
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
                                 cfg.train.color_coeff, LossOptions.from_config(cfg))
         self._start_step, self._last_sample, self._skipped_seen = self.state.step, -1, 0
+        # every check passed: now, and only now, the run directory is written (lock first)
+        on_main_agreed(env, self._claim_run_dir)
+        self.metrics = MetricsWriter(self.run_dir, env.is_main, resume_step=self.state.step)
         self.samples = SampleWriter(self.run_dir, self.test_data or self.data, cfg.model.stage, cfg.model.text_dim,
                                     cfg.model.z_dim, cfg.model.condition_dim,
                                     self.stage1_cfg.condition_dim if self.stage1_cfg else None, cfg.train.seed,
                                     env.device, self.metrics) if env.is_main else None
+
+    def _claim_run_dir(self) -> None:
+        guard = RestartGuard(self.run_dir, self.cfg.checkpoint.max_restarts, self.cfg.full_hash()) \
+            if self.resume_from else None
+        if guard is not None:
+            guard.check(self.step)  # a crash loop is refused before anything is written
+        self.lock.acquire()
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        self.cfg.dump(os.path.join(self.run_dir, "config.yaml"))
+        if guard is not None:
+            guard.record(self.step)
 
     # -- checkpoint state -------------------------------------------------------------------------
     def _loader_start(self) -> tuple[dict | None, int]:
@@ -319,6 +325,13 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict:
+        if self.finished_at is not None:
+            self.lock.release()
+            if self.env.is_main:
+                print(f"run {self.run_dir} is finished: its checkpoint {self.resume_from} is at step "
+                      f"{self.finished_at} ({self.state.images_seen} images seen); nothing to do. Raise "
+                      "train.max_steps or train.max_epochs to train further", flush=True)
+            return {"stopped": "finished", "step": self.finished_at}
         cfg, env, st, sched = self.cfg, self.env, self.state, self.schedule
         flag = SignalFlag(cfg.checkpoint.signal).install()
         it = iter(self.loader)
@@ -373,8 +386,9 @@ class Trainer:
                     result = {"stopped": "signal"}
                     if env.is_main:
                         print(f"received {flag.name or 'a signal on another rank'}: checkpoint written at step "
-                              f"{st.step}; exiting with {EXIT_REQUEUE} (requeue)", flush=True)
-                    raise Preempted()
+                              f"{st.step}; exiting with {flag.exit_code} "
+                              f"({'requeue' if flag.exit_code == EXIT_REQUEUE else 'interrupted'})", flush=True)
+                    raise Preempted(flag.exit_code)
             self.commit_checkpoint()
             if self.ckpt.last_saved is None or not self.ckpt.last_saved.endswith(f"step_{st.step:08d}"):
                 self.save_checkpoint()
@@ -385,6 +399,7 @@ class Trainer:
             bar.close()
             flag.restore()
             self.metrics.close()
+            self.lock.release()
             del it
         result["step"] = st.step
         return result

@@ -1,11 +1,16 @@
 """End-to-end CLI: train, sample, inspect, eval round trips and bad input (one line, non-zero, nothing changed)."""
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from conftest import PY, REPO, run_cli, tiny_overrides
 
 
 def snapshot(d):
@@ -116,8 +121,20 @@ def test_stage2_without_stage1_is_refused(synth_data, tmp_path):
     one_line_error(p, "stage1_checkpoint")
     p = run_cli("train", "configs/demo/stage2.yaml",
                 *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={tmp_path}/none"]))
-    one_line_error(p, "not found")
+    one_line_error(p, "not found", "model.stage1_checkpoint")
     assert not run.exists() or not os.listdir(run)
+
+
+def test_stage1_checkpoint_z_dim_must_match_but_widths_may_differ(stage1_run, synth_data, tmp_path):
+    run = tmp_path / "s2"
+    p = run_cli("train", "configs/demo/stage2.yaml", *tiny_overrides(
+        synth_data, run, 2, steps=1, extra=[f"model.stage1_checkpoint={stage1_run}", "model.z_dim=8"]))
+    one_line_error(p, "z of 16 dims", "model.z_dim is 8", "model.z_dim=16")
+    assert p.returncode == 2 and not run.exists()
+    # Stage-I's widths and condition_dim are its own: a Stage-II of other widths trains on it
+    run_cli("train", "configs/demo/stage2.yaml", *tiny_overrides(
+        synth_data, run, 2, steps=1, extra=[f"model.stage1_checkpoint={stage1_run}", "model.gf_dim=32",
+                                             "model.condition_dim=8"]), check=True)
 
 
 def test_dry_run_prints_batch_sizes(synth_data, tmp_path):
@@ -160,3 +177,149 @@ def test_sample_from_precomputed_embeddings(stage1_run, tmp_path):
 
 def inspect_text_dim(run) -> int:
     return json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"]["dim"]
+
+
+# -- bad input: one line on stderr naming the problem and the fix, exit 2, nothing changed on disk ------------
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "train:\n  max_steps: *i\n"
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.lr_g=-0.001", ("train.lr_g", "(0.0, inf]", "-0.001")),
+    ("train.lr_d=0", ("train.lr_d",)),
+    ("train.beta1=1", ("train.beta1", "[0.0, 1.0)")),
+    ("train.beta1=1.5", ("train.beta1",)),
+    ("train.beta2=-0.1", ("train.beta2",)),
+    ("data.prefetch_factor=0", ("data.prefetch_factor",)),
+    ("train.lr_g=nan", ("train.lr_g", "nan")),
+    ("run.dir=", ("run.dir", "empty")),
+    ("run.dir=  ", ("run.dir", "empty")),
+])
+def test_bad_numbers_and_run_dir_are_refused_in_one_line(tmp_path, override, words):
+    p = run_cli("train", "configs/demo/stage1.yaml", "--dry-run", override, timeout=120)
+    one_line_error(p, *words)
+    assert p.returncode == 2
+
+
+def test_non_utf8_run_dir_and_billion_laughs_are_refused(tmp_path):
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY.encode(), b"-m", b"stackgan_dist", b"train", b"configs/demo/stage1.yaml", b"--dry-run",
+                        b"run.dir=" + str(tmp_path).encode() + b"/r\xff\xfe"], capture_output=True, cwd=REPO, env=e,
+                       timeout=120)
+    p.stderr = p.stderr.decode("utf-8", "replace")
+    one_line_error(p, "run.dir", "not valid UTF-8")
+    assert p.returncode == 2 and os.listdir(tmp_path) == []
+    cfg = tmp_path / "laughs.yaml"
+    cfg.write_text(LAUGHS)
+    p = run_cli("train", cfg, "--dry-run", timeout=60)  # expanded, this is 9**9 strings: it must not hang
+    one_line_error(p, str(cfg), "alias", "write the list or mapping out")
+    assert p.returncode == 2
+
+
+@contextmanager
+def read_only(path):
+    """A directory no one can write, root included (the tests run as root, for whom mode bits do not count)."""
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_run_dir_that_is_a_file_or_read_only_is_refused_before_anything(synth_data, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    p = run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, f, 1, steps=2))
+    one_line_error(p, "is a file", "run.dir")
+    assert p.returncode == 2 and f.read_text() == "x"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        for run in (ro, ro / "sub"):
+            p = run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=2))
+            one_line_error(p, "read-only", "writable")
+            assert p.returncode == 2
+    assert os.listdir(ro) == []
+
+
+def test_sample_bad_arguments(stage1_run, tmp_path):
+    before = snapshot(tmp_path)
+    cases = [(["--text", ""], ("--text number 1 is empty",)),
+             (["--text", "a red circle", "--text", "   "], ("--text number 2 is empty",)),
+             (["--text", "a red circle", "--num", "0"], ("--num 0",)),
+             (["--text", "a red circle", "--num", "-3"], ("--num -3",)),
+             (["--text", "a red circle", "--out", str(tmp_path)], ("is a directory",)),
+             (["--text", "a red circle", "--out", str(tmp_path / "x.jpg")], ("must end with .png",)),
+             (["--text", "a red circle", "--out", str(tmp_path / "afile" / "x.png")], ("is a file",))]
+    (tmp_path / "afile").write_text("")
+    before = snapshot(tmp_path)
+    for args, words in cases:
+        p = run_cli("sample", stage1_run, *args)
+        one_line_error(p, *words)
+        assert p.returncode == 2
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    before = snapshot(tmp_path)
+    with read_only(ro):
+        p = run_cli("sample", stage1_run, "--text", "a red circle", "--out", ro / "new" / "g.png")
+        one_line_error(p, "not writable")
+    assert snapshot(tmp_path) == before and os.listdir(ro) == []
+
+
+def test_eval_on_a_read_only_run_fails_before_computing(stage1_run, synth_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run, run, symlinks=True)
+    before = snapshot(run)
+    with read_only(run):
+        p = run_cli("eval", run, "--data", f"{synth_data}/test", "--metrics", "caption")
+        one_line_error(p, "eval.json", "not writable")
+        assert p.returncode == 2 and "eval rank0" not in p.stderr  # refused before the first image
+    assert snapshot(run) == before
+
+
+def test_eval_on_a_step_folder_outside_its_run_writes_nothing_above_it(stage1_run, synth_data, tmp_path):
+    solo = tmp_path / "kept" / "step_00000004"
+    shutil.copytree(stage1_run / "checkpoints" / "step_00000004", solo)
+    out = tmp_path / "res.json"
+    p = run_cli("eval", solo, "--data", f"{synth_data}/test", "--metrics", "caption", "--out", out, check=True)
+    assert json.loads(p.stdout)["step"] == 4 and json.loads(out.read_text())["step"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["kept", "res.json"] and os.listdir(tmp_path / "kept") == ["step_00000004"]
+
+
+def test_submitit_bad_time_is_refused_before_anything(tmp_path):
+    run = tmp_path / "run"
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    for t in ("abc", "1:2:3:4", "-5"):
+        p = subprocess.run([PY, "launch/submitit_job.py", "--local", "--time", t, "configs/demo/stage1.yaml",
+                            f"run.dir={run}"], capture_output=True, text=True, cwd=REPO, env=e, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "--time" in lines[0] and "Slurm time limit" in lines[0], p.stderr
+    assert not run.exists()
+
+
+def test_ctrl_c_while_ray_job_submits_is_one_line(tmp_path):
+    """The Jobs API 'server' accepts the connection and never answers; once ray_job.py has connected (the
+    accept is the rendezvous), Ctrl-C arrives while it waits inside the submission."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([PY, "launch/ray_job.py", "--address", f"http://127.0.0.1:{port}", "--num-workers", "1",
+                          "configs/demo/stage1.yaml", f"run.dir={tmp_path / 'run'}"], cwd=REPO, env=e,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        srv.settimeout(120)
+        conn, _ = srv.accept()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        conn.close()
+    finally:
+        srv.close()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "interrupted before the submission was confirmed" in lines[0], err
+    assert "ray job list" in lines[0] and not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import signal
 
 import pytest
 
+from stackgan_dist.checkpoint.manager import read_latest
 from conftest import (Rendezvous, check, committed, digest, finish, kill_tree, resume_line, run_cli, single_cmd,
                       start, tiny_overrides, torchrun, torchrun_cmd, wait_for, worker_pid)
 
@@ -58,7 +59,7 @@ def test_stage1_single_kill_during_save_then_mid_step(synth_data, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not committed(run, 8)
-    assert os.readlink(run / "checkpoints" / "latest") == "step_00000004"
+    assert read_latest(str(run / "checkpoints")) == "step_00000004"
     # 2) resumed from step 4, killed again between checkpoints: paused after step 11 (the background step-8
     # save was committed at step 10), killed there
     rv = Rendezvous(tmp_path / "rv", 11)

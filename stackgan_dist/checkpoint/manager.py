@@ -9,9 +9,15 @@ Layout: ``RUN/checkpoints/step_XXXXXXXX/`` holding
 
 Protocol: rank 0 makes ``.tmp-step_X/``; barrier; every rank writes and fsyncs its files; barrier;
 rank 0 hashes them, writes the manifest, fsyncs, renames the folder into place, then repoints
-``latest`` (a symlink replaced by an atomic rename) and only then prunes old checkpoints; barrier.
+``latest`` (a small file naming the step, replaced by an atomic rename; a symlink in older runs) and only
+then prunes old checkpoints, keeping the ``keep_last`` newest valid ones; barrier.
 A crash at any moment leaves the previous checkpoint complete and ``latest`` pointing at one.
-All files load with ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot run code.
+
+Every file of a checkpoint is untrusted when read. ``model.pt`` and ``rank_*.pt`` load through
+``load_file`` (``torch.load(weights_only=True)``); DeepSpeed's ``engine/`` files load through
+``engine_files.SafeLoadingEngine`` (``weights_only=True`` with exactly the DeepSpeed metadata classes its
+ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
+from elsewhere, even one whose manifest hashes were recomputed after tampering, cannot run code.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +37,8 @@ import numpy as np
 import torch
 
 from ..distributed.collectives import all_gather_object, any_flags, barrier
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError
+from .engine_files import first_line
 
 log = logging.getLogger("stackgan_dist.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -81,7 +89,14 @@ def save_file(obj, path: str) -> dict:
 
 
 def load_file(path: str):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file of ours, loaded with ``weights_only=True`` (tensors and plain containers only: a
+    file cannot run code). Anything it refuses, or a damaged file, is a CheckpointError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {path}") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged or hostile file is one clear line
+        raise CheckpointError(f"refused to load checkpoint file {path}: {first_line(e)}") from None
 
 
 def to_cpu(obj):
@@ -135,39 +150,160 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
+MAX_MANIFEST_BYTES = 16 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+LATEST = "latest"
+
+
+def _safe_rel(rel) -> bool:
+    """A manifest path: relative, inside the checkpoint folder, no '..', no empty parts."""
+    return isinstance(rel, str) and 0 < len(rel) < 512 and not rel.startswith("/") and "\\" not in rel \
+        and "\0" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def _loaded_on_disk(path: str) -> list[str]:
+    """The files of a checkpoint folder that loading reads: model.pt, rank_*.pt and everything in engine/."""
+    out = [n for n in ("model.pt",) if os.path.lexists(os.path.join(path, n))]
+    out += [n for n in os.listdir(path) if n.startswith("rank_") and n.endswith(".pt")]
+    eng = os.path.join(path, "engine")
+    if os.path.isdir(eng) and not os.path.islink(eng):
+        for dirpath, _dirs, fnames in os.walk(eng):
+            out += [os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/") for f in fnames]
+    elif os.path.lexists(eng):
+        out.append("engine")
+    return out
+
+
+def check_manifest(man, folder: str = "") -> str | None:
+    """What is wrong with a parsed manifest's shape, or None. Every file loading needs (model.pt and one
+    rank file per rank of the world size it records) must be listed with an int size and a sha256."""
+    if not isinstance(man, dict):
+        return f"manifest is a JSON {type(man).__name__}, not an object"
+    for key, low in (("version", 1), ("step", 0), ("world_size", 1)):
+        v = man.get(key)
+        if type(v) is not int or v < low:
+            return f"manifest field '{key}' is missing or not an integer >= {low}"
+    files = man.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest lists no files"
+    for rel, meta in files.items():
+        if not _safe_rel(rel):
+            return f"manifest names a path outside the checkpoint ({str(rel)[:80]!r})"
+        if not isinstance(meta, dict) or type(meta.get("size")) is not int or meta["size"] < 0 \
+                or not isinstance(meta.get("sha256"), str) or not _SHA256.match(meta["sha256"]):
+            return f"manifest entry {rel!r} has no valid size and sha256"
+    if man["world_size"] > len(files):
+        return f"manifest records world size {man['world_size']} but lists only {len(files)} files"
+    for rel in ["model.pt"] + [f"rank_{r:05d}.pt" for r in range(man["world_size"])]:
+        if rel not in files:
+            return f"manifest does not list {rel}, which loading needs"
+    m = STEP_RE.match(os.path.basename(folder)) if folder else None
+    if m and int(m.group(1)) != man["step"]:
+        return f"manifest is for step {man['step']}, the folder is {os.path.basename(folder)}"
+    return None
+
+
 def verify(path: str) -> tuple[bool, str]:
-    """-> (ok, reason). Checks the manifest exists and every file matches its size and sha256."""
+    """-> (ok, reason); never raises. The manifest must be a regular file of bounded size holding a manifest
+    of the right shape (``check_manifest``); every file it lists must be a regular file of its size and
+    sha256; and every file that loading reads must be listed (an unlisted file would load unverified)."""
     mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        return False, f"{mpath} missing (incomplete checkpoint)"
     try:
-        with open(mpath) as f:
-            man = json.load(f)
-    except (OSError, ValueError) as e:
-        return False, f"{mpath} corrupt ({e})"
-    for rel, meta in man.get("files", {}).items():
-        fp = os.path.join(path, rel)
-        if not os.path.isfile(fp):
-            return False, f"{fp} missing"
-        size = os.path.getsize(fp)
-        if size != meta["size"]:
-            return False, f"{fp} size mismatch (manifest {meta['size']}, found {size}): corrupt"
-        if sha256_file(fp) != meta["sha256"]:
-            return False, f"{fp} sha256 mismatch: corrupt"
+        st = os.lstat(mpath)
+        if not stat.S_ISREG(st.st_mode):
+            return False, f"{mpath} is not a regular file"
+        if st.st_size > MAX_MANIFEST_BYTES:
+            return False, f"{mpath} is {st.st_size} bytes, larger than any manifest (corrupt)"
+        with open(mpath, "rb") as f:
+            man = json.loads(f.read())
+    except FileNotFoundError:
+        return False, f"{mpath} missing (incomplete checkpoint)"
+    except (OSError, ValueError, RecursionError) as e:
+        return False, f"{mpath} corrupt ({type(e).__name__}: {str(e)[:200]})"
+    problem = check_manifest(man, path)
+    if problem:
+        return False, f"{mpath}: {problem} (corrupt)"
+    files = man["files"]
+    try:
+        for rel, meta in files.items():
+            fp = os.path.join(path, rel)
+            try:
+                fst = os.lstat(fp)
+            except FileNotFoundError:
+                return False, f"{fp} missing"
+            if not stat.S_ISREG(fst.st_mode):
+                return False, f"{fp} is not a regular file"
+            if fst.st_size != meta["size"]:
+                return False, f"{fp} size mismatch (manifest {meta['size']}, found {fst.st_size}): corrupt"
+            if sha256_file(fp) != meta["sha256"]:
+                return False, f"{fp} sha256 mismatch: corrupt"
+        unlisted = [rel for rel in _loaded_on_disk(path) if rel not in files]
+    except OSError as e:
+        return False, f"{path} unreadable ({e.strerror or e})"
+    if unlisted:
+        return False, f"{os.path.join(path, unlisted[0])} is not in the manifest (added after the commit)"
     return True, "ok"
 
 
 def read_manifest(path: str) -> dict:
-    with open(os.path.join(path, MANIFEST)) as f:
-        return json.load(f)
+    """The manifest of a folder ``verify`` accepted (call that first)."""
+    with open(os.path.join(path, MANIFEST), "rb") as f:
+        return json.loads(f.read())
+
+
+def read_latest(ckpt_root: str) -> str | None:
+    """The step folder name ``checkpoints/latest`` names: a small file holding it (current runs) or a symlink
+    to it (runs written before); None when absent, a directory (a copy made with cp -rL or scp -r) or junk."""
+    p = os.path.join(ckpt_root, LATEST)
+    try:
+        if os.path.islink(p):
+            name = os.path.basename(os.readlink(p).rstrip("/"))
+        elif os.path.isfile(p):
+            with open(p, "rb") as f:
+                name = f.read(64).decode("ascii", "replace").strip()
+        else:
+            return None
+    except OSError:
+        return None
+    return name if STEP_RE.match(name) else None
+
+
+def write_latest(ckpt_root: str, name: str) -> None:
+    """Points ``latest`` at ``name``: a small file written and fsynced aside, then renamed into place (a file
+    survives copies and filesystems without symlinks). A ``latest`` that is a directory (a run copied with
+    cp -rL) is a stale copy of a checkpoint: it is removed first, or no rename could replace it."""
+    tmp = os.path.join(ckpt_root, ".latest.tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    dst = os.path.join(ckpt_root, LATEST)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    fsync_dir(ckpt_root)
 
 
 def resolve_checkpoint(path: str) -> str:
     """A run directory, a checkpoints/ folder, ``latest`` or a step folder -> the newest *valid* step folder."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint or run directory not found: {path}")
+    if os.path.basename(os.path.normpath(path)) == LATEST and not os.path.isdir(path):
+        root = os.path.dirname(os.path.abspath(path))
+        name = read_latest(root)
+        if name is None:
+            raise CheckpointError(f"{path} does not name a checkpoint (expected a line like step_00000042); pass "
+                                  f"the run directory {os.path.dirname(root)} instead")
+        path = os.path.join(root, name)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{os.path.join(root, LATEST)} names {name}, which is not there; pass the run "
+                                  f"directory {os.path.dirname(root)} to use its newest valid checkpoint")
     path = os.path.realpath(path)
-    if os.path.isfile(os.path.join(path, MANIFEST)) or STEP_RE.match(os.path.basename(path)):
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a checkpoint or run directory")
+    if os.path.lexists(os.path.join(path, MANIFEST)) or STEP_RE.match(os.path.basename(path)):
         ok, why = verify(path)
         if not ok:
             raise CheckpointError(f"checkpoint {path} is not usable: {why}")
@@ -222,8 +358,9 @@ class CheckpointManager:
         self.last_saved: str | None = None
         self.last_save_s = 0.0
         self._pending: _WriteJob | None = None
-        if env.is_main:
-            os.makedirs(self.root, exist_ok=True)
+        self._valid: set[tuple] = set()  # signatures of checkpoints verified or written here
+        # nothing is created here: checkpoints/ appears with the first save (a start that fails its checks
+        # leaves the run directory as it was)
 
     def _barrier(self):
         barrier(self.env)
@@ -254,13 +391,13 @@ class CheckpointManager:
         if err is None and self.env.is_main:
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)
+                os.makedirs(tmp)  # and checkpoints/ itself on the first save
             except OSError as e:
                 err = e
         if self._agree_failure(err is not None):
             if isinstance(err, CheckpointError):
                 raise err
-            raise CheckpointError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
+            raise CheckpointWriteError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
                                   f"previous checkpoint {prev} kept")
         # the agreement above is an all-reduce: rank 0 had made the folder before anyone writes into it
         job = _WriteJob(step, tmp, prev, t0, extra_manifest or {})
@@ -314,7 +451,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             msg = f"checkpoint write for step {step} failed ({err or 'on another rank'}); previous checkpoint " \
                   f"{prev} kept"
-            raise CheckpointError(msg)
+            raise CheckpointWriteError(msg)
         files = job.files
         if self.env.distributed:  # each rank hashed its own bytes while writing: gather instead of re-reading
             files = {k: v for d in all_gather_object(files, self.env) for k, v in d.items()}
@@ -342,12 +479,7 @@ class CheckpointManager:
                     os.replace(final, old)
                 os.replace(tmp, final)
                 fsync_dir(self.root)
-                link_tmp = os.path.join(self.root, ".latest.tmp")
-                if os.path.lexists(link_tmp):
-                    os.remove(link_tmp)
-                os.symlink(name, link_tmp)
-                os.replace(link_tmp, os.path.join(self.root, "latest"))
-                fsync_dir(self.root)
+                write_latest(self.root, name)
                 if old:
                     shutil.rmtree(old, ignore_errors=True)
             except OSError as e:
@@ -356,7 +488,7 @@ class CheckpointManager:
         if failed:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint commit for step {step} failed ({err or 'on rank 0'}); previous "
+            raise CheckpointWriteError(f"checkpoint commit for step {step} failed ({err or 'on rank 0'}); previous "
                                   f"checkpoint {prev} kept")
         if self.env.is_main:
             self._prune(keep=final)
@@ -374,11 +506,45 @@ class CheckpointManager:
     def _agree_failure(self, failed: bool) -> bool:
         return any_flags([failed], self.env)[0]
 
+    @staticmethod
+    def _signature(path: str) -> tuple | None:
+        """(folder, (file, size, mtime) of every file): a checkpoint verified or written here is not re-hashed
+        at every prune while none of its files changed."""
+        try:
+            sig = []
+            for dirpath, _dirs, fnames in os.walk(path):
+                for fn in fnames:
+                    st = os.lstat(os.path.join(dirpath, fn))
+                    sig.append((os.path.relpath(os.path.join(dirpath, fn), path), st.st_size, st.st_mtime_ns))
+            return (os.path.realpath(path), tuple(sorted(sig)))
+        except OSError:
+            return None
+
+    def _is_valid(self, path: str) -> bool:
+        """verify(), remembered per signature (see ``_signature``)."""
+        sig = self._signature(path)
+        if sig is not None and sig in self._valid:
+            return True
+        ok, why = verify(path)
+        if ok and sig is not None:
+            self._valid.add(sig)
+        elif not ok:
+            log.warning("checkpoint %s is not valid (%s): it does not count towards checkpoint.keep_last", path, why)
+        return ok
+
     def _prune(self, keep: str) -> None:
-        cks = list_checkpoints(self.root)
-        for _step, p in cks[self.keep_last:]:
-            if os.path.realpath(p) != os.path.realpath(keep):
-                shutil.rmtree(p, ignore_errors=True)
+        """Keeps the ``keep_last`` newest *valid* checkpoints (``keep``, just committed, among them); removes
+        everything older than the oldest of those. A corrupt checkpoint never pushes a valid one out."""
+        sig = self._signature(keep)
+        if sig is not None:
+            self._valid.add(sig)  # just written and hashed while writing
+        valid = 0
+        for _step, p in list_checkpoints(self.root):
+            if valid >= self.keep_last:
+                if os.path.realpath(p) != os.path.realpath(keep):
+                    shutil.rmtree(p, ignore_errors=True)
+            elif self._is_valid(p):
+                valid += 1
         for name in os.listdir(self.root):  # stale temporaries of crashed saves
             if name.startswith((".tmp-", ".old-")) and os.path.join(self.root, name) != keep:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)

@@ -2,17 +2,23 @@
 
 Saving inside a signal handler is a known source of hangs and torn files (Lightning #21406), so the
 handler does nothing else. At the next step boundary the ranks agree on the flag with one collective
-(any rank signalled -> all stop after the same step), write a checkpoint and exit with
-``EXIT_REQUEUE``, which the launchers treat as "requeue me".
+(any rank signalled -> all stop after the same step), write a checkpoint and exit: ``EXIT_REQUEUE`` (75)
+after SIGTERM or the scheduler's warning signal, which the launchers treat as "requeue me", and
+``EXIT_INTERRUPTED`` (130) after Ctrl-C (SIGINT), which they do not requeue. A second Ctrl-C interrupts at
+once, without a checkpoint.
+
+``install_early`` catches the same signals from the moment the command starts, so a warning signal that
+arrives while the run is still starting (imports, data checks, process group) is not fatal (exit 138): the
+trainer's flag picks it up, and the run checkpoints and exits 75 at its first step boundary.
 """
 from __future__ import annotations
 
 import signal
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; resubmit/requeue to continue
-EXIT_USER_ERROR = 2
+from ..errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_USER_ERROR  # noqa: F401 -- re-exported
 
 _last_received: int | None = None  # kept after restore(): a launcher asks which signal stopped the run
+_early: "SignalFlag | None" = None
 
 
 def last_received() -> str:
@@ -21,18 +27,24 @@ def last_received() -> str:
 
 
 class SignalFlag:
-    def __init__(self, warning_signal: str = "USR1"):
+    def __init__(self, warning_signal: str = "USR1", interrupt: bool = True):
         self.received: int | None = None
-        names = {"TERM", "USR1", "USR2", warning_signal}
+        names = {"TERM", "USR1", "USR2", warning_signal} | ({"INT"} if interrupt else set())
         self.signals = [getattr(signal, f"SIG{n}") for n in sorted(names)]
         self._old: dict = {}
 
     def _handler(self, signum, _frame):
         global _last_received
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.received = signum
         _last_received = signum
 
     def install(self) -> "SignalFlag":
+        global _early
+        if _early is not None and _early is not self:  # a signal caught while the run was starting counts
+            self.received = self.received or _early.received
+            _early = None
         for s in self.signals:
             try:
                 self._old[s] = signal.signal(s, self._handler)
@@ -51,3 +63,22 @@ class SignalFlag:
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C, else 75 (requeue me)."""
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_REQUEUE
+
+
+def install_early() -> SignalFlag:
+    """Catches TERM, USR1 and USR2 (every warning signal the config may name) from process start (see the
+    module docstring); the trainer's flag takes over. Ctrl-C while starting still stops at once (130)."""
+    global _early
+    _early = None
+    _early = SignalFlag("USR1", interrupt=False).install()
+    return _early
+
+
+def pending_early() -> str:
+    """The signal caught before training began, if any ("" otherwise)."""
+    return _early.name if _early is not None else ""

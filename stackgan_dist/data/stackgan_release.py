@@ -76,22 +76,53 @@ def load_split(root: str, split: str) -> tuple[list[str], np.ndarray, list | Non
     d = os.path.join(root, split)
     if not os.path.isdir(d):
         raise DataError(f"{d} not found (expected ROOT/{split}/filenames.pickle, ROOT/{split}/{EMB_FILE})")
-    names = safe_load(os.path.join(d, "filenames.pickle"))
+    npath = os.path.join(d, "filenames.pickle")
+    names = _names(safe_load(npath), npath)
     emb = safe_load(os.path.join(d, EMB_FILE))
+    if isinstance(emb, np.ndarray) and emb.dtype.kind not in "biuf" or \
+            not isinstance(emb, (np.ndarray, list, tuple)):
+        raise DataError(f"{os.path.join(d, EMB_FILE)}: expected a numeric array (or a list of them), "
+                        f"found {type(emb).__name__}")
     try:
         emb = np.asarray(emb, dtype=np.float32)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise DataError(f"{os.path.join(d, EMB_FILE)}: embeddings are not a regular array ({e})") from None
     if emb.ndim == 2:
         emb = emb[:, None]
     if emb.ndim != 3 or emb.shape[0] != len(names):
         raise DataError(f"{os.path.join(d, EMB_FILE)}: shape {emb.shape}, expected ({len(names)}, captions, dim)")
     cpath = os.path.join(d, "class_info.pickle")
-    classes = list(safe_load(cpath)) if os.path.isfile(cpath) else None
+    classes = _classes(safe_load(cpath), cpath) if os.path.isfile(cpath) else None
     if classes is not None and len(classes) != len(names):
         raise DataError(f"{cpath}: {len(classes)} entries for {len(names)} filenames")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return names, emb, classes
+
+
+def _names(obj, path: str) -> list[str]:
+    """filenames.pickle: a list of relative image names. Anything else (a name that is not text, an
+    absolute path, a '..' that would read images from outside the release) is refused."""
+    if isinstance(obj, np.ndarray) and obj.ndim == 1 and obj.dtype.kind in "SU":
+        obj = obj.tolist()
+    if not isinstance(obj, (list, tuple)):
+        raise DataError(f"{path}: expected a list of image names, found {type(obj).__name__}")
+    out = []
+    for i, n in enumerate(obj):
+        if isinstance(n, (bytes, np.bytes_)):
+            n = bytes(n).decode("latin1")
+        if not isinstance(n, str) or not n or "\0" in n or os.path.isabs(n) or \
+                ".." in n.replace("\\", "/").split("/"):
+            raise DataError(f"{path}: entry {i} ({str(n)[:60]!r}) is not a relative image name inside the release")
+        out.append(n)
+    return out
+
+
+def _classes(obj, path: str) -> list[int]:
+    if isinstance(obj, np.ndarray) and obj.ndim == 1 and obj.dtype.kind in "iu":
+        obj = obj.tolist()
+    if not isinstance(obj, (list, tuple)) or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                                                     for c in obj):
+        raise DataError(f"{path}: expected a list of integer class ids")
+    return [int(c) for c in obj]
 
 
 def image_path(root: str, dataset: str, name: str) -> str:

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.engine_files import SafeLoadingEngine
 from ..errors import CheckpointError, UserError
 from .batchnorm import BufferSync, convert_sync_batchnorm
 from .wrap import Phase, Strategy, make_adam, nonfinite_flag, refuse_cpu_amp
@@ -286,6 +287,7 @@ class DeepSpeedStrategy(Strategy):
             sub = os.path.join(path, p.name.upper())
             if not os.path.isdir(sub):
                 raise CheckpointError(f"DeepSpeed engine state {sub} missing")
+            SafeLoadingEngine.wrap(p.engine)  # DeepSpeed's own engine loads with weights_only=False
             load_path, _ = p.engine.load_checkpoint(path, tag=p.name.upper(), load_optimizer_states=True,
                                                     load_lr_scheduler_states=False, load_module_strict=True)
             if load_path is None:

@@ -13,8 +13,10 @@ IS uses, converted to this layout): its IS is then computed on its K-way logits.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import sys
+import tempfile
 import types
 import warnings
 
@@ -51,15 +53,18 @@ def _inception_class():
 
 
 def _read_weights(path: str) -> dict:
-    """Checks the file before torch-fidelity's own ``torch.load(weights_only=False)`` reads it: a file that
-    loads here under ``weights_only=True`` holds only tensors, so the second, unrestricted load is safe."""
+    """Reads the file once, with ``weights_only=True`` (tensors only: it cannot run code), and checks it.
+    torch-fidelity never opens the user's file (it would with ``weights_only=False``, and a file swapped
+    between a check and a second read would run code): ``build_inception`` hands it these tensors."""
     if not path:
         raise UserError("IS/FID need --inception-weights PATH: a local Inception-v3 weights file, e.g. "
                         "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
     if not os.path.isfile(path):
         raise UserError(f"Inception weights file not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            data = f.read()  # once: what is checked here is what the network gets
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path} is not a readable Inception-v3 weights file (a state dict): {msg[:200]}") from None
@@ -79,20 +84,27 @@ def build_inception(path: str, device: str | torch.device = "cpu") -> nn.Module:
     sd = _read_weights(path)
     base = _inception_class()
     classes = int(sd["fc.weight"].shape[0])
-    del sd
     features = [FID_FEATURE, "logits_unbiased" if classes == STANDARD_CLASSES else "logits"]
+    checked = [sd]
+    del sd
 
     class Inception(base):
         def load_state_dict(self, state_dict, strict=True, assign=False):
+            # torch-fidelity passes what it read from the placeholder file; the checked tensors go in instead
             if classes != STANDARD_CLASSES:  # a fine-tuned K-way classifier
                 self.fc = nn.Linear(2048, classes)
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            return super().load_state_dict(checked.pop(), strict=strict, assign=assign)
 
-    try:
-        net = Inception("inception-v3-compat", features, feature_extractor_weights_path=path)
-    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
-        first = str(e).splitlines()
-        raise UserError(f"{path}: these weights do not fit Inception-v3: {' '.join(first[:2])[:300]}") from None
+    # torch-fidelity's constructor insists on torch.load-ing a path (weights_only=False): give it an empty
+    # state dict of our own, in a private temporary folder, never the user's file
+    with tempfile.TemporaryDirectory(prefix="stackgan-inception-") as tmp:
+        placeholder = os.path.join(tmp, "placeholder.pth")
+        torch.save({}, placeholder)
+        try:
+            net = Inception("inception-v3-compat", features, feature_extractor_weights_path=placeholder)
+        except RuntimeError as e:  # missing / unexpected keys, wrong shapes
+            first = str(e).splitlines()
+            raise UserError(f"{path}: these weights do not fit Inception-v3: {' '.join(first[:2])[:300]}") from None
     net.num_classes = classes
     return net.to(device)
 

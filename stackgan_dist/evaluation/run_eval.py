@@ -70,6 +70,7 @@ def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, incep
     inception_weights = inception_weights or os.environ.get("STACKGAN_INCEPTION_WEIGHTS", "")
     info = resolve_dataset(data)
     run = load_run(run_path)
+    targets = eval_targets(run.path, out)  # unwritable targets are refused before anything is computed
     if stage and run.stage != stage:
         raise UserError(f"{run.path} is a Stage-{run.stage} checkpoint, not Stage-{stage} "
                         f"(--stage {stage}); pass the Stage-{stage} run")
@@ -93,12 +94,24 @@ def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, incep
 
     env = init_distributed("auto")
     try:
-        return _evaluate(env, run, info, names, n, inception_weights, out, batch_size, seed, data)
+        return _evaluate(env, run, info, names, n, inception_weights, targets, batch_size, seed, data)
     finally:
         teardown(env)
 
 
-def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) -> dict | None:
+def eval_targets(ck: str, out: str) -> list[str]:
+    """Where the JSON goes: ``--out`` and RUN/eval.json when the checkpoint lives in RUN/checkpoints (a step
+    folder kept on its own gets only ``--out``). Each is checked writable now, before any image is made."""
+    from ..inference import check_output_path, run_dir_of
+
+    targets = [check_output_path(out, "--out")] if out else []
+    run_dir = run_dir_of(ck)
+    if run_dir is not None:
+        targets.append(check_output_path(os.path.join(run_dir, "eval.json"), "the run's eval.json"))
+    return targets
+
+
+def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data) -> dict | None:
     dev = env.device
     run.G.to(dev)
     if run.G1 is not None:
@@ -154,8 +167,6 @@ def _evaluate(env, run, info, names, n, weights, out, batch_size, seed, data) ->
         res["inception_classes"] = scorer.classes
     if not env.is_main:
         return None
-    targets = [out] if out else []
-    targets.append(os.path.join(os.path.dirname(os.path.dirname(run.path)), "eval.json"))
     for t in targets:
         os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
         with open(t + ".tmp", "w") as f:

@@ -2,9 +2,34 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
+
+log = logging.getLogger("stackgan_dist.metrics")
+
+
+def read_records(path: str, up_to_step: float = float("inf")) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl with step <= ``up_to_step``, and how many lines were unreadable: a
+    last line cut short, NUL padding a crashed filesystem left, or anything else that is not a JSON object
+    with an integer step. Never raises on the file's content."""
+    keep, torn = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            text = raw.strip()
+            if not text:
+                continue
+            try:
+                rec = json.loads(text.decode("utf-8")) if b"\0" not in text else None
+            except (ValueError, RecursionError):
+                rec = None
+            if not isinstance(rec, dict) or type(rec.get("step")) is not int:
+                torn += 1
+                continue
+            if rec["step"] <= up_to_step:
+                keep.append(rec)
+    return keep, torn
 
 
 class MetricsWriter:
@@ -15,10 +40,12 @@ class MetricsWriter:
         if not enabled:
             return
         if os.path.isfile(self.path):  # drop records past the step we resume from: they will be redone
-            with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep, torn = read_records(self.path, resume_step)
+            if torn:
+                log.warning("%s: dropped %d unreadable line(s) (a record cut short or NUL-padded by a crash "
+                            "mid-write); the records before and after are kept", self.path, torn)
             with open(self.path + ".tmp", "w") as f:
-                f.writelines(keep)
+                f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(self.path + ".tmp", self.path)
         self.f = open(self.path, "a", buffering=1)
         if tensorboard:
