@@ -345,9 +345,8 @@ def validate(cfg: Config) -> None:
                           "keep one (epochs mean the same at any world size)")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
-    for key, lo in (("prefetch_factor", 1), ("shuffle_buffer", 0), ("slots", 0)):
-        if getattr(cfg.data, key) < lo:
-            raise ConfigError(f"config key 'data.{key}' must be >= {lo}, got {getattr(cfg.data, key)}")
+    if cfg.data.slots < 0:
+        raise ConfigError(f"config key 'data.slots' must be >= 0, got {cfg.data.slots}")
     if cfg.model.gf_dim % 16 and cfg.model.stage == 1:
         raise ConfigError(f"config key 'model.gf_dim' must be a multiple of 16 at Stage-I, got {cfg.model.gf_dim}")
     if cfg.model.gf_dim % 4:
@@ -376,7 +375,7 @@ RANGES = (
     ("train.beta1", 0.0, 1.0, True, False), ("train.beta2", 0.0, 1.0, True, False),
     ("train.lr_decay_factor", 0.0, 1.0, False, True), ("train.kl_coeff", 0.0, None, True, True),
     ("train.lr_decay_steps", 0, None, True, True), ("train.dist_timeout_s", 0.0, None, False, True),
-    ("data.prefetch_factor", 1, None, True, True), ("data.shuffle_buffer", 1, None, True, True),
+    ("data.prefetch_factor", 1, None, True, True), ("data.shuffle_buffer", 0, None, True, True),
     ("data.pipe_timeout_s", 0.0, None, False, True), ("checkpoint.every_minutes", 0.0, None, True, True),
     ("checkpoint.max_restarts", 1, None, True, True), ("model.res_blocks", 0, None, True, True),
 )

@@ -50,7 +50,7 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
                         raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
                                         f"({e})") from None
                     yield {"image": torch.from_numpy(img), "text": torch.from_numpy(text), "cls": cls,
-                           "key": sample["__key__"], "index": pos + j}
+                           "key": sample["__key__"], "index": pos + j, "caption": first_caption(sample, fmt)}
                     i += 1
             except DataError:
                 raise
@@ -62,6 +62,19 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
         if not cycle:
             return
         i = 0
+
+
+def first_caption(sample: dict, fmt=None) -> str:
+    """The caption the embedding ``text`` belongs to (the first one), as text; "" where the sample has none."""
+    import json
+
+    try:
+        if fmt is not None:
+            return fmt.captions(sample)[0]
+        caps = json.loads(sample["txt.json"].decode("utf-8")) if "txt.json" in sample else []
+        return str(caps[0]) if isinstance(caps, list) and caps else ""
+    except (BadSample, ValueError, UnicodeDecodeError, KeyError):
+        return ""
 
 
 def read_batches(info: DatasetInfo, stage: int, batch_size: int, start: int = 0, cycle: bool = False):
@@ -79,4 +92,5 @@ def read_batches(info: DatasetInfo, stage: int, batch_size: int, start: int = 0,
 def _stack(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples]),
             "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.int64),
-            "key": [s["key"] for s in samples], "index": np.array([s["index"] for s in samples])}
+            "key": [s["key"] for s in samples], "index": np.array([s["index"] for s in samples]),
+            "caption": [s["caption"] for s in samples]}

@@ -1,12 +1,16 @@
-"""Sample grids: fixed captions and fixed noise through the current generator, as PNG and TensorBoard image."""
+"""Sample grids: fixed captions and fixed noise through the current generator, as PNG and TensorBoard image.
+
+Each grid is labelled: a caption line above each caption's images (Stage-I, then Stage-II at Stage-II) and
+the stage at the left; the captions go beside the grids once, as ``samples/captions.json``."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-from ..data.loader import make_loader
-from .images import make_grid, save_png, to_uint8
+from ..data.reader import read_batches
+from .images import labelled_grid, save_png, to_uint8
 
 
 class SampleWriter:
@@ -24,9 +28,11 @@ class SampleWriter:
         """Fixed captions (from the test split when given) and fixed noise."""
         if self._fixed is None:
             info = self.info
-            ds, _ = make_loader(info, self.stage, 8, 0, num_workers=0, shuffle_buffer=1, train=False) \
-                if info.num_samples >= 8 else (None, None)
-            text = next(ds.slot_batches(0, 0))["text"] if ds else torch.zeros(8, self.text_dim)
+            if info.num_samples >= 1:  # the split's first samples in file order, their first captions
+                b = next(read_batches(info, self.stage, 8))
+                text, self.captions = b["text"], [c or f"sample {k}" for c, k in zip(b["caption"], b["key"])]
+            else:
+                text, self.captions = torch.zeros(8, self.text_dim), ["(no caption)"] * 8
             g = torch.Generator().manual_seed(self.seed + 12345)
             n = text.shape[0]
             noise = {"z": torch.randn(n, self.z_dim, generator=g), "eps": torch.zeros(n, self.cond_dim),
@@ -50,7 +56,17 @@ class SampleWriter:
                     rows = [to_uint8(s0), to_uint8(img)]
         finally:
             G.train(was)
-        grid = make_grid(rows, size=rows[-1].shape[1])
+        size = rows[-1].shape[1]
+        # caption-major: each caption's Stage-I (upscaled) and Stage-II images side by side under it
+        per_caption = [torch.stack([torch.from_numpy(r[i]) for r in rows]).numpy() for i in range(len(self.captions))]
+        label = "Stage-I | II" if self.stage == 2 else "Stage-I"
+        grid = labelled_grid(per_caption, self.captions, [label], size=size)
+        cap_file = os.path.join(self.dir, "captions.json")
+        if not os.path.isfile(cap_file):
+            with open(cap_file, "w", encoding="utf-8") as f:
+                json.dump({"captions": self.captions, "layout": "one caption per line of the grid, "
+                           + ("its Stage-I image (upscaled) then its Stage-II image" if self.stage == 2
+                              else "its Stage-I image")}, f, indent=1)
         path = os.path.join(self.dir, f"step_{step:08d}.png")
         save_png(grid, path)
         self.metrics.image(step, "samples", grid)
