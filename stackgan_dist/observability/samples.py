@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..data.reader import read_batches
 from .images import labelled_grid, save_png, to_uint8
@@ -58,7 +60,7 @@ class SampleWriter:
             G.train(was)
         size = rows[-1].shape[1]
         # caption-major: each caption's Stage-I (upscaled) and Stage-II images side by side under it
-        per_caption = [torch.stack([torch.from_numpy(r[i]) for r in rows]).numpy() for i in range(len(self.captions))]
+        per_caption = [np.stack([_resized(r[i], size) for r in rows]) for i in range(len(self.captions))]
         label = "Stage-I | II" if self.stage == 2 else "Stage-I"
         grid = labelled_grid(per_caption, self.captions, [label], size=size)
         cap_file = os.path.join(self.dir, "captions.json")
@@ -71,3 +73,10 @@ class SampleWriter:
         save_png(grid, path)
         self.metrics.image(step, "samples", grid)
         return path
+
+
+def _resized(img: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3), nearest (a Stage-I image shown beside its Stage-II one)."""
+    if img.shape[0] == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST))
