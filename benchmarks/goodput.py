@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
         subprocess.run([sys.executable, "-c", "import stackgan_dist.trainer"], check=True, cwd=common.REPO)
         import_s = time.perf_counter() - t
         t = time.perf_counter()
+        cfg.train.max_steps = tr.step + 1000  # the run is not finished: the restart trains on
         tr2 = Trainer(cfg, env)
         tr2.build()
         build_s = time.perf_counter() - t

@@ -329,8 +329,9 @@ class Trainer:
             self.lock.release()
             if self.env.is_main:
                 print(f"run {self.run_dir} is finished: its checkpoint {self.resume_from} is at step "
-                      f"{self.finished_at} ({self.state.images_seen} images seen); nothing to do. Raise "
-                      "train.max_steps or train.max_epochs to train further", flush=True)
+                      f"{self.finished_at} ({self.state.images_seen} images seen; train.max_steps={self.cfg.train.max_steps}, "
+                      f"train.max_epochs={self.cfg.train.max_epochs}); nothing to do. Raise train.max_steps or "
+                      "train.max_epochs to train further", flush=True)
             return {"stopped": "finished", "step": self.finished_at}
         cfg, env, st, sched = self.cfg, self.env, self.state, self.schedule
         flag = SignalFlag(cfg.checkpoint.signal).install()
@@ -370,7 +371,8 @@ class Trainer:
                     self.write_samples()
                 due = sched.checkpoint_due(st, before)
                 stop = False
-                if steps_run % cfg.train.stop_check_every == 0 or last:
+                # also after the first step: a warning signal that came while the run started stops it there
+                if steps_run % cfg.train.stop_check_every == 0 or steps_run == 1 or last:
                     # the one collective outside the step and the ticks: signal flag and clock together
                     late = cfg.checkpoint.every_minutes > 0 and \
                         time.monotonic() - last_ckpt_time > 60 * cfg.checkpoint.every_minutes

@@ -213,9 +213,12 @@ def test_gpu_check_usage_errors():
 def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
     """The Makefile exports PIP_CONSTRAINT (the CPU torch) to every recipe: test-gpu and gpu-wheels unset it
     first; test-gpu installs nothing from a registry and runs the GPU check with the system python."""
+    # as from a shell, also when this test runs under `make test` (a nested make prints "Entering directory")
+    clean = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     for target in ("test-gpu", "gpu-wheels"):
-        p = subprocess.run(["make", "-n", "-o", ".venv/bin/.full", "-o", ".venv/bin/.core", target, f"GPU_OUT={tmp_path}"],
-                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        p = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/bin/.full", "-o", ".venv/bin/.core",
+                            target, f"GPU_OUT={tmp_path}"], capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env=clean)
         assert p.returncode == 0, p.stderr
         recipe = p.stdout
         assert recipe.startswith("unset PIP_CONSTRAINT;"), recipe
@@ -226,5 +229,5 @@ def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
             assert "DS_BUILD_OPS=0" in recipe and "--no-build-isolation" in recipe, recipe
     # and for real: on this machine the GPU check stops at once, with its one line, through make
     p = subprocess.run(["make", "test-gpu", f"GPU_OUT={tmp_path / 'gc'}"], capture_output=True, text=True,
-                       timeout=120, cwd=REPO, env=dict(os.environ, PATH="/usr/bin:/bin"))
+                       timeout=120, cwd=REPO, env=dict(clean, PATH="/usr/bin:/bin"))
     assert p.returncode != 0 and "gpu_check: no CUDA device" in p.stderr, p.stderr
