@@ -78,10 +78,13 @@ def load_stage1_generator(path: str, text_dim: int, z_dim: int | None = None):
 
 
 def check_resume_compatible(saved: dict, cfg: Config, ck: str) -> None:
-    cur = model_defining(cfg)
+    """The model-defining keys must match; a key the checkpoint predates counts as its default then (e.g.
+    model.d_condition, added after version-1 checkpoints were written, was "text" for all of them)."""
+    cur, default = model_defining(cfg), ModelConfig()
     for k in MODEL_DEFINING_KEYS:
-        if saved.get(k) != cur[k]:
-            raise CheckpointError(f"cannot resume from {ck}: model.{k} changed ({saved.get(k)!r} -> {cur[k]!r}); "
+        was = saved.get(k, getattr(default, k))
+        if was != cur[k]:
+            raise CheckpointError(f"cannot resume from {ck}: model.{k} changed ({was!r} -> {cur[k]!r}); "
                                   "this changes the model's shape. Use a new run.dir")
 
 
