@@ -7,6 +7,16 @@ import time
 
 import pytest
 
+# property tests draw the same examples on every run (a suite that passes only on a retry is red); the
+# examples are still many and varied, and a failure names the one to reproduce
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("stackgan", derandomize=True, database=None, print_blob=True)
+    _hyp_settings.load_profile("stackgan")
+except ImportError:  # the dev extra is not installed: no property tests to configure
+    pass
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")

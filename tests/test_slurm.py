@@ -200,8 +200,8 @@ def test_bad_partition_is_a_clear_error(slurm, synth_data, tmp_path):
     assert p.stderr.splitlines()[0] == "sbatch: error: invalid partition specified: no_such_partition", p.stderr
     # the pipeline: one line, and nothing submitted
     before = sh("squeue", "-h", "-n", "stackgan-s1,stackgan-s2", "-o", "%i").stdout.split()
-    p = sh("bash", "slurm/pipeline.sh", CFG1, CFG2, *overrides(synth_data, tmp_path / "run"),
-           "--", "--partition=no_such_partition", check=False)
+    common = [o for o in overrides(synth_data, tmp_path / "run") if not o.startswith("model.stage=")]  # per stage
+    p = sh("bash", "slurm/pipeline.sh", CFG1, CFG2, *common, "--", "--partition=no_such_partition", check=False)
     assert p.returncode != 0 and p.stdout == "", p.stdout + p.stderr
     assert p.stderr.strip() == ("pipeline.sh: Stage-I refused by sbatch: invalid partition specified: "
                                 "no_such_partition"), p.stderr

@@ -371,12 +371,38 @@ class RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 -- the pure-Python
     del _op, _fn
 
 
+_DATA = (str, bytes, bytearray, int, float, complex, bool, type(None), np.generic)
+
+
+def _only_data(out) -> None:
+    """The result holds data only: a damaged pickle can leave one of the checking functions (a GLOBAL
+    without its REDUCE) or a bare dtype on the stack; those are refused, not handed to the caller."""
+    todo, seen = [out], set()
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (list, tuple, set, frozenset)):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, np.ndarray):
+            if x.dtype.hasobject or x.dtype.fields is not None:
+                raise UnsafePickle(f"refused array of dtype {x.dtype.str!r} in the result")
+        elif not isinstance(x, _DATA):
+            raise UnsafePickle(f"refused {type(x).__name__} in the result: only plain data may come out")
+
+
 def safe_loads(data: bytes, encoding: str = "latin1"):
     """Unpickles ``data`` with the restricted unpickler; any refusal or damage raises ``UnsafePickle``.
     MemoryError is not caught: with the checks above it means a legitimately large file, not a small
     hostile one."""
     try:
-        return RestrictedUnpickler(io.BytesIO(bytes(data)), encoding=encoding).load()
+        out = RestrictedUnpickler(io.BytesIO(bytes(data)), encoding=encoding).load()
+        _only_data(out)
+        return out
     except UnsafePickle:
         raise
     except MemoryError:
