@@ -24,6 +24,16 @@ CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
 KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")  # the per-rank digests the trainer's test hook writes
 
 
+def snapshot(d) -> dict:
+    """Every file under ``d`` with its size and mtime: equal snapshots mean nothing on disk changed."""
+    out = {}
+    for root, _dirs, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[p] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
 def run_cli(*args, timeout=600, env=None, check=False, cwd=REPO):
     """Runs `python -m stackgan_dist ARGS` in a real process; returns CompletedProcess."""
     e = dict(os.environ)

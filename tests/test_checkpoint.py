@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PY, REPO, run_cli, tiny_overrides
+from conftest import PY, REPO, run_cli, snapshot, tiny_overrides
 from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoints, load_file, newest_valid,
                                               params_digest, read_latest, resolve_checkpoint, verify)
 from stackgan_dist.checkpoint.restarts import RestartGuard
@@ -424,15 +424,6 @@ def test_metrics_torn_tail_is_dropped_with_a_message(tmp_path, caplog):
 
 
 # -- one run per run directory; failed or finished starts change nothing ------------------------------------
-def _snapshot(d):
-    out = {}
-    for root, _dirs, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[p] = (os.path.getsize(p), os.path.getmtime(p))
-    return out
-
-
 HOLDER = r"""
 import sys
 from stackgan_dist.checkpoint.lock import RunLock
@@ -458,13 +449,13 @@ def test_second_run_on_a_run_dir_is_refused_and_a_dead_holder_does_not_block(syn
     run = _copy(base_run, tmp_path / "run")
     holder = _holder(run)
     try:
-        before = _snapshot(run)
+        before = snapshot(run)
         p = _train(synth_data, run, 6)
         assert p.returncode == 2, p.stderr[-2000:]
         line = [ln for ln in p.stderr.splitlines() if "error" in ln]
         assert len(line) == 1 and "is in use by another run" in line[0], p.stderr[-2000:]
         assert f"host {socket.gethostname()}, pid {holder.pid}" in line[0]
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     finally:
         holder.kill()  # SIGKILL: the holder dies without releasing anything
         holder.wait()
@@ -476,22 +467,22 @@ def test_second_run_on_a_run_dir_is_refused_and_a_dead_holder_does_not_block(syn
 
 def test_finished_run_says_so_and_writes_nothing(synth_data, base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     p = _train(synth_data, run, 4)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "is finished" in p.stdout and "step 4" in p.stdout and "train.max_steps=4" in p.stdout
-    assert _snapshot(run) == before and not (run / "restarts.json").exists()
+    assert snapshot(run) == before and not (run / "restarts.json").exists()
 
 
 def test_failed_start_writes_nothing_and_does_not_count_as_a_restart(synth_data, base_run, tmp_path):
     """A batch size the data cannot fill is found late (by the loader), after the checkpoint was loaded: the
     start fails with one line, and config.yaml, tb/, metrics.jsonl and restarts.json are untouched."""
     run = _copy(base_run, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     for _ in range(3):  # more than checkpoint.max_restarts=1 failed starts
         p = _train(synth_data, run, 6, extra=["train.batch_size=200", "checkpoint.max_restarts=1"])
         assert p.returncode == 2 and "too small" in p.stderr, p.stderr[-2000:]
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     assert not (run / "restarts.json").exists()
 
 

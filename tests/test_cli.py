@@ -10,16 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from conftest import PY, REPO, run_cli, tiny_overrides
-
-
-def snapshot(d):
-    out = {}
-    for root, _dirs, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[p] = (os.path.getsize(p), os.path.getmtime(p))
-    return out
+from conftest import PY, REPO, run_cli, snapshot, tiny_overrides
 
 
 @pytest.fixture(scope="module")

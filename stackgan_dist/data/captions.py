@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .index import utf8_text
 from .text_encoders import make_encoder
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
@@ -42,12 +43,7 @@ def read_text(path: str) -> str:
         raw = f.read()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}; latin-1 or another code page?); "
-                        "save it as UTF-8") from None
+    text = utf8_text(raw, path, "; latin-1 or another code page?); save it as UTF-8")
     if "\0" in text:
         line = text[:text.index("\0")].count("\n") + 1
         raise DataError(f"{path}:{line}: holds NUL characters (UTF-16 without a byte-order mark?); save it as UTF-8")

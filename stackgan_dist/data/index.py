@@ -177,6 +177,16 @@ def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
     return shards, n, text_dim
 
 
+def utf8_text(raw: bytes, path: str, advice: str) -> str:
+    """``raw`` as UTF-8 (a BOM allowed), else one DataError line naming the file, the line and the byte;
+    ``advice`` ends the byte's parenthesis and says what to do."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}{advice}") from None
+
+
 def read_manifest(path: str) -> dict:
     """A dataset file's JSON (UTF-8, a BOM allowed); DataError naming the file (and line) otherwise."""
     try:
@@ -186,12 +196,7 @@ def read_manifest(path: str) -> dict:
                 raise DataError(f"{path}: larger than 64 MiB; not a dataset file")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); "
-                        "a dataset file is UTF-8 JSON (write it again with `stackgan prepare`)") from None
+    text = utf8_text(raw, path, "); a dataset file is UTF-8 JSON (write it again with `stackgan prepare`)")
     try:
         return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
