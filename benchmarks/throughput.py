@@ -31,7 +31,7 @@ from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.losses import LossOptions
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.observability.flops import compute_precision, count_flops, measure_matmul_peak, mfu, stated_peak
-from stackgan_dist.train_step import GANStep, to_model_input
+from stackgan_dist.train_step import GANStep
 
 MIN_CUDA_STEPS = 30  # timed steps on CUDA, at least (events; the default everywhere)
 PAPER = {"gf_dim": 128, "df_dim": 64, "condition_dim": 128, "z_dim": 100, "text_dim": 1024}

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from .errors import UserError
 
@@ -42,20 +41,6 @@ def _report_checkpoint(path: str | None, step: int, env) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     else:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-    _test_stall(env.rank)
-
-
-def _test_stall(rank: int) -> None:
-    """Test hook: after the first reported checkpoint of the first attempt, every worker pauses (mid-run, with the
-    group formed) so that a test can SIGKILL one of them; restarted workers do not pause again."""
-    seconds = float(os.environ.get("STACKGAN_TEST_RAY_STALL_S", "0") or 0)
-    pid_dir = os.environ.get("STACKGAN_TEST_RAY_PID_DIR")
-    if seconds <= 0 or not pid_dir:
-        return
-    mark = os.path.join(pid_dir, f"stalled_rank{rank}")
-    if not os.path.exists(mark):
-        open(mark, "w").close()
-        time.sleep(seconds)
 
 
 def train_func(loop_config: dict) -> None:
@@ -67,12 +52,6 @@ def train_func(loop_config: dict) -> None:
 
     os.environ["STACKGAN_LAUNCHER"] = "ray"  # distributed/env.py: the group exists and belongs to Ray Train
     ctx = ray.train.get_context()
-    # test hook: a worker's pid, so that a test can kill a real worker process mid-run
-    pid_dir = os.environ.get("STACKGAN_TEST_RAY_PID_DIR")
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        with open(os.path.join(pid_dir, f"rank{ctx.get_world_rank()}.pid"), "a") as f:
-            f.write(f"{os.getpid()}\n")
     cfg = config_from_dict(loop_config["config"])
     import ray
 

@@ -7,6 +7,9 @@ Production code imports this module in one place (the trainer). Hooks:
   step N each rank writes ``D/rank{r}.step{N}`` and waits until ``D/go`` exists, so a test can signal or kill
   processes at a known step without sleeping. The wait is bounded (``STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S``,
   default 300 s): a test that never answers fails the run loudly instead of hanging it.
+- ``STACKGAN_TEST_PAUSE_IN_SAVE=N`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: the same rendezvous inside the
+  step-N checkpoint save, after this rank's files are written and before the save is committed (marker
+  ``D/rank{r}.save{N}``), so a test can kill a process with a save provably half done.
 """
 from __future__ import annotations
 
@@ -20,16 +23,23 @@ class Hooks:
         e = os.environ if environ is None else environ
         self.digest_dir = e.get("STACKGAN_TEST_DIGEST_DIR", "")
         self.pause_at = int(e.get("STACKGAN_TEST_PAUSE_AT_STEP", "0") or 0)
+        self.pause_in_save = int(e.get("STACKGAN_TEST_PAUSE_IN_SAVE", "0") or 0)
         self.rendezvous_dir = e.get("STACKGAN_TEST_RENDEZVOUS_DIR", "")
         self.rendezvous_timeout_s = float(e.get("STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S", "300") or 300)
-        if self.pause_at and not self.rendezvous_dir:
-            raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP needs STACKGAN_TEST_RENDEZVOUS_DIR")
+        if (self.pause_at or self.pause_in_save) and not self.rendezvous_dir:
+            raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP / _IN_SAVE need STACKGAN_TEST_RENDEZVOUS_DIR")
 
     def after_step(self, step: int, strategy, rank: int) -> None:
         if self.digest_dir:
             write_digest(self.digest_dir, step, strategy, rank)
         if self.pause_at and step == self.pause_at:
             rendezvous(self.rendezvous_dir, step, rank, self.rendezvous_timeout_s)
+
+    def after_save_written(self, step: int, rank: int) -> None:
+        """Called by the checkpoint writer (possibly its background thread) once this rank's files of the
+        step-``step`` save are on disk and before the save is committed."""
+        if self.pause_in_save and step == self.pause_in_save:
+            rendezvous(self.rendezvous_dir, step, rank, self.rendezvous_timeout_s, what="save")
 
 
 def write_digest(out: str, step: int, strategy, rank: int) -> None:
@@ -48,10 +58,11 @@ def write_digest(out: str, step: int, strategy, rank: int) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def rendezvous(d: str, step: int, rank: int, timeout_s: float) -> None:
-    """Tell the test this rank finished ``step``; wait for its ``go``."""
+def rendezvous(d: str, step: int, rank: int, timeout_s: float, what: str = "step") -> None:
+    """Tell the test this rank reached ``what`` ``step`` (finished the step, or wrote its save); wait for
+    the test's ``go``."""
     os.makedirs(d, exist_ok=True)
-    mark = os.path.join(d, f"rank{rank}.step{step}")
+    mark = os.path.join(d, f"rank{rank}.{what}{step}")
     with open(mark + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.replace(mark + ".tmp", mark)  # the test never sees a half-written marker
@@ -59,5 +70,5 @@ def rendezvous(d: str, step: int, rank: int, timeout_s: float) -> None:
     t0 = time.monotonic()
     while not os.path.exists(go):
         if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"test rendezvous: no {go} within {timeout_s:.0f}s after step {step}")
+            raise RuntimeError(f"test rendezvous: no {go} within {timeout_s:.0f}s at {what} {step}")
         time.sleep(0.01)

@@ -217,6 +217,7 @@ class Trainer:
         self.gen = torch.Generator(device=gen_dev)
         self.gen.manual_seed(rank_seed(cfg.train.seed, env.rank))
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.checkpoint.keep_last)
+        self.ckpt.after_write = self.hooks.after_save_written
         if self.resume_from:
             self._load(saved)
         cursor, start_batches = self._loader_start()

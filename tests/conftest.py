@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,13 @@ PY = sys.executable
 CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
 CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
 KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")  # the per-rank digests the trainer's test hook writes
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def snapshot(d) -> dict:
@@ -184,21 +192,32 @@ def worker_pid(launcher_pid: int, rank: int, timeout=120) -> int:
 
 
 class Rendezvous:
-    """The trainer's test rendezvous (stackgan_dist/testing.py): the run pauses after step ``step`` on
-    every rank until ``go()``; ``wait(p)`` returns once all ``ranks`` are there. No sleeps, no races."""
+    """The trainer's test rendezvous (stackgan_dist/testing.py): the run pauses after step ``step`` (or, with
+    ``at="save"``, inside the step-``step`` save once its files are written, before its commit) on every rank
+    until ``go()``; ``wait(p)`` returns once all ``ranks`` are there. No sleeps, no races."""
 
-    def __init__(self, d, step: int, ranks=(0,)):
-        self.dir, self.step, self.ranks = str(d), step, tuple(ranks)
+    def __init__(self, d, step: int, ranks=(0,), at: str = "step"):
+        assert at in ("step", "save")
+        self.dir, self.step, self.ranks, self.at = str(d), step, tuple(ranks), at
 
     @property
     def env(self) -> dict:
-        return {"STACKGAN_TEST_PAUSE_AT_STEP": str(self.step), "STACKGAN_TEST_RENDEZVOUS_DIR": self.dir}
+        key = "STACKGAN_TEST_PAUSE_AT_STEP" if self.at == "step" else "STACKGAN_TEST_PAUSE_IN_SAVE"
+        return {key: str(self.step), "STACKGAN_TEST_RENDEZVOUS_DIR": self.dir}
+
+    def marker(self, rank: int) -> str:
+        return os.path.join(self.dir, f"rank{rank}.{self.at}{self.step}")
+
+    def pid(self, rank: int) -> int:
+        """The pid of the process that wrote rank ``rank``'s marker (the last one to arrive there)."""
+        with open(self.marker(rank)) as f:
+            return int(f.read())
 
     def arrived(self) -> bool:
-        return all(os.path.isfile(os.path.join(self.dir, f"rank{r}.step{self.step}")) for r in self.ranks)
+        return all(os.path.isfile(self.marker(r)) for r in self.ranks)
 
     def wait(self, p: subprocess.Popen, timeout=300) -> None:
-        wait_for(self.arrived, p, timeout, what=f"ranks {self.ranks} paused at step {self.step}")
+        wait_for(self.arrived, p, timeout, what=f"ranks {self.ranks} paused at {self.at} {self.step}")
 
     def go(self) -> None:
         os.makedirs(self.dir, exist_ok=True)

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PY, REPO, run_cli, snapshot, tiny_overrides
+from conftest import PY, REPO, Rendezvous, run_cli, snapshot, tiny_overrides, wait_for
 from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoints, load_file, newest_valid,
                                               params_digest, read_latest, resolve_checkpoint, verify)
 from stackgan_dist.checkpoint.restarts import RestartGuard
@@ -525,22 +525,14 @@ def _torch_loaded(pid: int) -> bool:
         return False
 
 
-def _wait(pred, p, what, timeout=300):
-    import time
-
-    t0 = time.monotonic()
-    while not pred():
-        assert p.poll() is None, f"process ended (exit {p.returncode}) before {what}"
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
 
 def test_warning_signal_while_starting_checkpoints_at_the_first_step_and_exits_75(synth_data, tmp_path):
     """USR1 lands as soon as the command catches it, seconds before training starts (torch is still being
     imported): the run is not killed (138); it checkpoints at its first step boundary and exits 75."""
     run, log = tmp_path / "run", tmp_path / "log"
     p = _train_proc(synth_data, run, 8, log)
-    _wait(lambda: _catches(p.pid, signal.SIGUSR1) or _torch_loaded(p.pid), p, "the early signal handler")
+    wait_for(lambda: _catches(p.pid, signal.SIGUSR1) or _torch_loaded(p.pid), p, what="the early signal handler",
+             poll=0.005)
     assert not _torch_loaded(p.pid), "USR1 was first caught after torch had loaded: no early handler"
     p.send_signal(signal.SIGUSR1)
     rc = p.wait(timeout=600)
@@ -553,15 +545,41 @@ def test_warning_signal_while_starting_checkpoints_at_the_first_step_and_exits_7
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_exits_130_then_resumes(synth_data, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log"
-    p = _train_proc(synth_data, run, 12, log, env={"STACKGAN_TEST_STEP_DELAY_S": "0.4"})
-    _wait(lambda: os.path.isfile(run / "checkpoints" / "step_00000002" / "manifest.json"), p, "step 2")
+    rv = Rendezvous(tmp_path / "rv", 3)
+    p = _train_proc(synth_data, run, 12, log, env=rv.env)
+    rv.wait(p)  # paused after step 3: Ctrl-C lands mid-run, whatever the machine's speed
     p.send_signal(signal.SIGINT)
+    rv.go()
     rc = p.wait(timeout=600)
     text = log.read_text()
     assert rc == EXIT_INTERRUPTED, text[-3000:]
     line = next(ln for ln in text.splitlines() if ln.startswith("received SIGINT"))
     stopped = int(line.split("checkpoint written at step ")[1].split(";")[0])
-    assert 2 <= stopped < 12 and "exiting with 130 (interrupted)" in line
+    assert 3 <= stopped < 12 and "exiting with 130 (interrupted)" in line
     assert verify(str(run / "checkpoints" / f"step_{stopped:08d}")) == (True, "ok")
     p = _train(synth_data, run, 12)
     assert p.returncode == 0 and f"step_{stopped:08d} at step {stopped}" in p.stdout, p.stderr[-2000:]
+
+
+def test_save_rendezvous_holds_a_written_uncommitted_save(tmp_path):
+    """The test hook inside a save (testing.Hooks.after_save_written, wired as the manager's after_write):
+    the background writer pauses with this rank's files on disk and no manifest until the test says go."""
+    from stackgan_dist.testing import Hooks
+
+    rv = tmp_path / "rv"
+    mgr = CheckpointManager(str(tmp_path / "run"), env1())
+    mgr.after_write = Hooks({"STACKGAN_TEST_PAUSE_IN_SAVE": "2", "STACKGAN_TEST_RENDEZVOUS_DIR": str(rv),
+                             "STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S": "60"}).after_save_written
+    save(mgr, 1)  # not the step: no pause
+    assert not rv.exists()
+    assert mgr.save(2, model_state(2), {"rank": 0}, background=True) is None
+    from conftest import wait_until
+
+    wait_until(lambda: (rv / "rank0.save2").exists(), "the save marker")
+    tmp = tmp_path / "run" / "checkpoints" / ".tmp-step_00000002"
+    assert (tmp / "model.pt").is_file() and (tmp / "rank_00000.pt").is_file()
+    assert not (tmp / "manifest.json").exists() and read_latest(str(tmp_path / "run" / "checkpoints")) == "step_00000001"
+    assert int((rv / "rank0.save2").read_text()) == os.getpid()
+    (rv / "go").touch()
+    assert mgr.commit_pending().endswith("step_00000002")
+    assert read_latest(str(tmp_path / "run" / "checkpoints")) == "step_00000002"

@@ -5,7 +5,6 @@ batch-equivalence tests, launched under torchrun (2 ranks) or as one plain proce
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, finish_all, run_cli, tiny_overrides,  # noqa: E402
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, finish_all, free_port, run_cli, tiny_overrides,  # noqa: E402
                       torchrun)
 
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- 2-rank consistency through the real CLI --------------------------------------------------------

@@ -6,7 +6,6 @@ image, so the image counts here are the smallest the checks allow.
 """
 import json
 import os
-import socket
 import subprocess
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PY, REPO, run_cli
+from conftest import PY, REPO, free_port, run_cli
 
 from stackgan_dist.errors import UserError
 from stackgan_dist.evaluation.inception import InceptionMetrics, build_inception, write_random_weights
@@ -245,11 +244,6 @@ def test_eval_refuses_stage2_checkpoint_as_stage1(tiny_run, evalset, tmp_path):
     _err(run_cli("eval", run2, "--data", d / "test", "--metrics", "caption", "--stage", 1), "Stage-2", "Stage-1")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_eval_two_ranks_matches_one(eval_single, tiny_run, evalset, weights, tmp_path):
@@ -259,7 +253,7 @@ def test_eval_two_ranks_matches_one(eval_single, tiny_run, evalset, weights, tmp
     out = tmp_path / "eval2.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "stackgan_dist",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "stackgan_dist",
                         "eval", str(tiny_run), "--data", str(evalset / "d64" / "test"), "--metrics",
                         "fid,is,caption", "--num-samples", "10", "--inception-weights", weights, "--batch-size", "5",
                         "--out", str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PY, REPO, committed, digest, tiny_overrides
+from conftest import PY, REPO, Rendezvous, committed, digest, tiny_overrides
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -88,22 +88,20 @@ def test_ray_and_torchrun_give_equal_weights(ray_run, torchrun_digest):
 
 
 def test_ray_worker_killed_restarts_group_and_resumes(ray_cluster, synth_data, tmp_path, torchrun_digest):
-    run, pids = tmp_path / "run", tmp_path / "pids"
-    # after their first reported checkpoint the workers of the first attempt pause (test hook), so that the kill
-    # lands mid-run: after the step-4 commit, before step 8
+    run = tmp_path / "run"
+    # both workers pause after step 7 (the trainer's test rendezvous; the step-4 save is committed by then), so
+    # that the kill lands mid-run; the restarted group passes step 7 again without waiting (go exists then)
+    rv = Rendezvous(tmp_path / "rv", STEPS - 1, ranks=(0, 1))
+    env = [x for k, v in rv.env.items() for x in ("--env", f"{k}={v}")]
     job = subprocess.Popen([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ray_cluster,
-                            "--num-workers", "2", "--max-failures", "2", "--env", "STACKGAN_TEST_RAY_STALL_S=120",
-                            "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}", CONFIG, *overrides(synth_data, run)],
+                            "--num-workers", "2", "--max-failures", "2", *env, CONFIG, *overrides(synth_data, run)],
                            cwd=REPO, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT)
     try:
-        t0 = time.monotonic()
-        while not (committed(run, EVERY) and (pids / "stalled_rank1").exists()):
-            assert job.poll() is None, (tmp_path / "job.log").read_text()[-5000:]
-            assert time.monotonic() - t0 < 300, "no step-4 checkpoint within 300 s"
-            time.sleep(0.05)
-        assert not committed(run, STEPS)
-        victim = int((pids / "rank1.pid").read_text().split()[0])
+        rv.wait(job)
+        assert committed(run, EVERY) and not committed(run, STEPS)
+        victim = rv.pid(1)
         os.kill(victim, signal.SIGKILL)  # a real Ray Train worker process, mid-run
+        rv.go()
         rc = job.wait(timeout=420)
     finally:
         if job.poll() is None:
@@ -111,8 +109,8 @@ def test_ray_worker_killed_restarts_group_and_resumes(ray_cluster, synth_data, t
             job.wait()
     log = (tmp_path / "job.log").read_text()
     assert rc == 0, log[-6000:]
-    # the group was restarted (a second rank-1 worker) and training resumed from our checkpoint
-    assert len((pids / "rank1.pid").read_text().split()) == 2, log[-4000:]
+    # the group was restarted (another rank-1 worker passed step 7) and training resumed from our checkpoint
+    assert rv.pid(1) != victim, log[-4000:]
     assert f"resumed from {run / 'checkpoints'}" in log, log[-4000:]
     assert json.loads((run / "restarts.json").read_text())["count"] == 1
     assert digest(run) == torchrun_digest

@@ -73,25 +73,21 @@ def test_second_ray_node_lost_mid_run_restarts_and_ends_equal(two_node_ray, synt
     FailureConfig restarts the group, which waits for a second node (STRICT_SPREAD), the node comes back,
     and the run resumes from run.dir and ends equal to the uninterrupted torchrun run."""
     import signal
-    import time
 
-    from conftest import committed
+    from conftest import Rendezvous, committed
     from test_ray import EVERY, STEPS
 
-    run, pids = tmp_path / "run", tmp_path / "pids"
+    run = tmp_path / "run"
+    # both workers pause after step 7 (the step-4 checkpoint is committed by then): the node dies mid-run
+    rv = Rendezvous(tmp_path / "rv", STEPS - 1, ranks=(0, 1))
+    env = [x for k, v in rv.env.items() for x in ("--env", f"{k}={v}")]
     job = subprocess.Popen([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ADDRESS,
                             "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD", "--max-failures", "2",
-                            "--env", "STACKGAN_TEST_RAY_STALL_S=300", "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}",
-                            CONFIG, *overrides(synth_data, run)],
+                            *env, CONFIG, *overrides(synth_data, run)],
                            cwd=REPO, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT)
     try:
-        t0 = time.monotonic()
-        # rendezvous: both workers have reported the step-4 checkpoint and paused (the hook's marks)
-        while not (committed(run, EVERY) and (pids / "stalled_rank0").exists() and (pids / "stalled_rank1").exists()):
-            assert job.poll() is None, (tmp_path / "job.log").read_text()[-5000:]
-            assert time.monotonic() - t0 < 300, "no step-4 checkpoint within 300 s"
-            time.sleep(0.05)
-        assert not committed(run, STEPS)
+        rv.wait(job)
+        assert committed(run, EVERY) and not committed(run, STEPS)
         victims = _node2_pids()
         assert victims, "no process of the second node found"
         for pid in victims:
@@ -99,6 +95,7 @@ def test_second_ray_node_lost_mid_run_restarts_and_ends_equal(two_node_ray, synt
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        rv.go()  # the surviving worker goes on and fails in its next collective
         # the node comes back (as a replaced machine would); the restarted group waits for it
         subprocess.run(["bash", os.path.join(REPO, "tests", "cluster", "start_ray2.sh"), "--node2-only"],
                        check=True, timeout=180)

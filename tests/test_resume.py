@@ -52,10 +52,13 @@ def test_stage1_single_kill_during_save_then_mid_step(synth_data, tmp_path):
     steps = 12
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     ref = start(single_cmd(train_args(synth_data, ref_run, 1, steps)), log_path=tmp_path / "ref.log")
-    # 1) killed while writing the step-8 checkpoint: files written, manifest not yet
-    p = start(single_cmd(train_args(synth_data, run, 1, steps)), env={"STACKGAN_TEST_SAVE_DELAY_S": "30"},
-              log_path=tmp_path / "a.log")
-    wait_for(lambda: committed(run, 4) and mid_save(run, 8), p, what="the step-8 save in progress")
+    # 1) killed while writing the step-8 checkpoint: files written, manifest not yet (the writer is paused
+    # in the save by the test rendezvous)
+    sv = Rendezvous(tmp_path / "sv", 8, at="save")
+    p = start(single_cmd(train_args(synth_data, run, 1, steps)), env=sv.env, log_path=tmp_path / "a.log")
+    sv.wait(p)
+    wait_for(lambda: committed(run, 4), p, what="the step-4 commit")
+    assert mid_save(run, 8)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not committed(run, 8)
@@ -108,10 +111,12 @@ def ref2_stage1(synth_data, tmp_path_factory):
 @pytest.mark.slow
 def test_stage1_two_ranks_kill_worker_during_save(synth_data, tmp_path, ref2_stage1):
     run = tmp_path / "run"
-    p = start(torchrun_cmd(train_args(synth_data, run, 1, 8)), env={"STACKGAN_TEST_SAVE_DELAY_S": "30"},
-              log_path=tmp_path / "a.log")
-    wait_for(lambda: mid_save(run, 4, ranks=(0, 1)), p, what="the step-4 save in progress on both ranks")
-    os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
+    sv = Rendezvous(tmp_path / "sv", 4, ranks=(0, 1), at="save")
+    p = start(torchrun_cmd(train_args(synth_data, run, 1, 8)), env=sv.env, log_path=tmp_path / "a.log")
+    sv.wait(p)  # both ranks' files of the step-4 save are written; neither has committed
+    assert mid_save(run, 4, ranks=(0, 1))
+    os.kill(sv.pid(1), signal.SIGKILL)
+    sv.go()  # rank 0 goes on to the commit's agreement, which fails without rank 1
     assert kill_tree(p) != 0
     assert not committed(run, 4)
     # the torn step-4 folder is never used: the resume starts from scratch and re-creates it

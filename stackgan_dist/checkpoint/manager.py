@@ -359,6 +359,9 @@ class CheckpointManager:
         self.last_save_s = 0.0
         self._pending: _WriteJob | None = None
         self._valid: set[tuple] = set()  # signatures of checkpoints verified or written here
+        # called as after_write(step, rank) once this rank's files of a save are written, before the commit
+        # (the trainer passes its test hook here; None in every other use)
+        self.after_write = None
         # nothing is created here: checkpoints/ appears with the first save (a start that fails its checks
         # leaves the run directory as it was)
 
@@ -429,9 +432,8 @@ class CheckpointManager:
             job.files[rf] = save_file(rank_state, os.path.join(job.tmp, rf))
         except Exception as e:  # noqa: BLE001 -- every failure must reach the agreement in commit, or
             job.err = e  # the other ranks wait in it forever
-        delay = float(os.environ.get("STACKGAN_TEST_SAVE_DELAY_S", "0") or 0)
-        if delay > 0:  # test hook: holds the files written but uncommitted, so a test can kill mid-save
-            time.sleep(delay)
+        if self.after_write is not None:
+            self.after_write(job.step, self.env.rank)
 
     def commit_pending(self) -> str | None:
         """Collective. Waits for this rank's writer, agrees with the others that every file is on disk,

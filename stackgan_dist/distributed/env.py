@@ -152,13 +152,17 @@ def set_collective_timeout(env: DistEnv, timeout_s: float) -> bool:
 
 
 def _store(addr: str, port: str, rank: int, world: int, timeout_s: float):
-    """The rendezvous store, namespaced by torchrun's restart count. After `torchrun --max-restarts`
-    restarts a group, the agent's store still holds the dead workers' gloo addresses; without a fresh
-    namespace the new workers read them and fail with "connection refused"."""
+    """The rendezvous store. Where torchrun's agent hosts it (its default), it outlives a restarted group
+    and still holds the dead workers' gloo addresses, so it is namespaced by the restart count, as torch's
+    own env:// rendezvous does; without that the new workers read stale addresses ("connection refused").
+    Where rank 0 hosts it (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, or Slurm), every round gets a new store
+    on a new port and one namespace: the agents of several nodes need not agree on a restart count (an
+    agent restarted for a new node does not count it, one restarted for a failure does)."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
     store = dist.TCPStore(addr, int(port), world, is_master=(rank == 0 and not agent),
                           timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=not agent)
-    return dist.PrefixStore(f"stackgan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent else "0"
+    return dist.PrefixStore(f"stackgan/attempt_{attempt}", store)
 
 
 def teardown(env: DistEnv, synchronize: bool = False) -> None:
