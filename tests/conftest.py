@@ -32,6 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_line_error(p, *words, rc=None) -> str:
+    """A command refused bad input: exit ``rc`` (None: any non-zero), no traceback, exactly one stderr line
+    that says "error", naming every one of ``words``. Returns that line."""
+    assert p.returncode != 0 if rc is None else p.returncode == rc, \
+        f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [x for x in p.stderr.strip().splitlines() if "error" in x]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
 def snapshot(d) -> dict:
     """Every file under ``d`` with its size and mtime: equal snapshots mean nothing on disk changed."""
     out = {}

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from conftest import PY, REPO, run_cli, snapshot, tiny_overrides
+from conftest import PY, REPO, one_line_error, run_cli, snapshot, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +81,6 @@ def test_caption_metric_scores_real_images(synth_data):
         b = next(ds.slot_batches(0, 0))
         s = caption_scores(b["image"].permute(0, 2, 3, 1).numpy(), b["cls"].tolist())
         assert s["color_accuracy"] >= 0.95 and s["shape_accuracy"] >= 0.95
-
-
-def one_line_error(p, *words):
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if "error" in x]
-    assert len(lines) == 1, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_bad_input_leaves_run_untouched(stage1_run, synth_data, tmp_path):

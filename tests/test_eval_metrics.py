@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PY, REPO, free_port, run_cli
+from conftest import PY, REPO, free_port, one_line_error, run_cli
 
 from stackgan_dist.errors import UserError
 from stackgan_dist.evaluation.inception import InceptionMetrics, build_inception, write_random_weights
@@ -207,12 +207,7 @@ def test_eval_cli_end_to_end(eval_single, tiny_run):
 
 
 def _err(p, *words):
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr, p.stderr
-    line = p.stderr.strip().splitlines()[-1]
-    for w in words:
-        assert w in line, line
-    return line
+    return one_line_error(p, *words, rc=2)
 
 
 def test_eval_bad_input(tiny_run, evalset, weights, tmp_path, monkeypatch):

@@ -5,17 +5,13 @@ import os
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, one_line_error, run_cli, tiny_overrides
 
 from stackgan_dist.observability.report import make_report
 
 
 def _err(p, *words):
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr, p.stderr
-    line = p.stderr.strip().splitlines()[-1]
-    for w in words:
-        assert w in line, line
+    return one_line_error(p, *words, rc=2)
 
 
 def test_report_of_a_real_run(synth_data, tmp_path):
