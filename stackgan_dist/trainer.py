@@ -8,12 +8,14 @@ one collective. What a checkpoint holds is ``train_state.py``'s; the sample grid
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import testing
 from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
@@ -368,8 +370,13 @@ class Trainer:
         flag = SignalFlag(cfg.checkpoint.signal).install()
         it = iter(self.loader)
         total = sched.total_steps(st, self.global_batch)
-        bar = tqdm(total=total, initial=st.step, disable=not (env.is_main and cfg.log.progress),
-                   unit="step", dynamic_ncols=True, desc=f"stage{cfg.model.stage}")
+        self._total_steps = total
+        show_bar = env.is_main and cfg.log.progress
+        bar = tqdm(total=total, initial=st.step, disable=not show_bar, unit="step", dynamic_ncols=True,
+                   desc=f"stage{cfg.model.stage}")
+        # with the bar drawn, log lines go through tqdm.write (they would otherwise glue onto the bar)
+        redirect = logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("stackgan_dist")]) \
+            if show_bar else contextlib.nullcontext()
         stats = StepStats()
         self._start_step = st.step
         self.bad_total = 0
@@ -378,6 +385,7 @@ class Trainer:
         # a background save is committed this many steps after it began (or at the next save, signal or end)
         commit_lag = max(1, min(10, cfg.checkpoint.every_steps // 2))
         timeout_lowered = False
+        redirect.__enter__()  # left in the finally below
         try:
             while not sched.done(st):
                 self.set_lrs()
@@ -430,6 +438,7 @@ class Trainer:
         finally:
             self.ckpt.abandon_pending()  # only on an error path is anything still pending here
             bar.close()
+            redirect.__exit__(None, None, None)
             flag.restore()
             self.metrics.close()
             self.lock.release()
@@ -466,4 +475,8 @@ class Trainer:
             log.warning("non-finite gradients: %d D and %d G steps skipped so far", rec["d_skipped"], rec["g_skipped"])
         self.metrics.log(st.step, rec)
         stats.reset()
+        if env.is_main and not cfg.log.progress:  # no bar: a plain line per log tick
+            log.info("step %d/%d images %d epoch %.2f d_loss %.4f g_loss %.4f kl %.4f %.1f img/s", st.step,
+                     getattr(self, "_total_steps", 0), st.images_seen, st.epoch, rec["d_loss"], rec["g_loss"],
+                     rec.get("kl", float("nan")), rec["img_per_s"])
         bar.set_postfix({"D": f"{rec['d_loss']:.3f}", "G": f"{rec['g_loss']:.3f}", "img/s": f"{rec['img_per_s']:.0f}"})

@@ -118,3 +118,23 @@ def test_train_messages_name_config_keys_and_eval_keeps_its_flag(synth_data, tmp
         assert not run.exists()
     one_error_line(run_cli("eval", tmp_path / "norun", "--data", tmp_path / "nodata"), "--data", "nodata")
     one_error_line(run_cli("eval", tmp_path / "norun", "--data", ""), "set --data")
+
+
+def test_step_lines_without_the_bar_and_log_lines_apart_from_it(synth_data, tmp_path):
+    """log.progress=false: one plain line per log tick (step, images, losses, img/s); with the bar drawn,
+    log lines go through tqdm's logging redirection and start on a line of their own."""
+    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "plain", 1, steps=4), check=True)
+    steps = [ln for ln in p.stderr.splitlines() if " step " in ln and "img/s" in ln]
+    assert [ln.split(" step ")[1].split()[0] for ln in steps] == ["2/4", "4/4"], p.stderr
+    for w in ("images 8", "d_loss", "g_loss", "kl"):
+        assert w in steps[0], steps[0]
+    assert "stage1:" not in p.stderr and "\r" not in p.stderr  # no bar
+    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "bar", 1, steps=4,
+                                               extra=["log.progress=true", "checkpoint.every_steps=2",
+                                                      "checkpoint.background=false"]), check=True)
+    assert "stage1:" in p.stderr  # the bar is drawn
+    logged = [ln for ln in p.stderr.split("\n") if "rank0 INFO]" in ln]
+    assert any("checkpoint" in ln for ln in logged), p.stderr[-3000:]
+    for ln in logged:  # after the bar is cleared (\r), the log line stands alone: nothing of the bar before it
+        assert ln.split("\r")[-1].startswith("["), repr(ln)
+    assert not [ln for ln in p.stderr.splitlines() if " step " in ln and "img/s" in ln and "INFO]" in ln]
