@@ -34,8 +34,10 @@ sys.path.insert(0, REPO)
 
 from stackgan_dist.errors import UserError  # noqa: E402
 
-# not shipped with the job: environments, outputs, data, VCS (Ray also honours .gitignore)
-EXCLUDES = [".venv", "runs", "data", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".whl", "build"]
+# not shipped with the job: environments, outputs, data, VCS (Ray also honours .gitignore). Ray reads these as
+# gitignore patterns: an unanchored "data" also dropped the package stackgan_dist/data, which the job then
+# imported from the head's editable install; the repository's own folders are anchored with "/"
+EXCLUDES = [".venv", "/runs", "/data", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "/.whl", "/build"]
 # config keys holding local paths: made absolute, since the job's working directory is a copy of the repo
 PATH_KEYS = ("run.dir", "data.train", "data.test", "model.stage1_checkpoint", "train.deepspeed_config")
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -36,16 +36,30 @@ def _cmd_train(a) -> int:
     from .config import load_config, preset_overrides
     from .train import run_training
 
-    cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
     if a.dry_run:
-        from .distributed.env import detect_launcher
-
-        ws = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        print(json.dumps({"launcher": detect_launcher(), "world_size": ws, "batch_per_worker": cfg.train.batch_size,
-                          "global_batch": cfg.train.batch_size * ws * cfg.train.grad_accum, "run_dir": cfg.run.dir,
-                          "config": cfg.to_dict()}, indent=1))
-        return 0
+        return _dry_run(a)
+    cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
     run_training(cfg, fresh=a.fresh)
+    return 0
+
+
+def _dry_run(a) -> int:
+    """``train --dry-run``: every check a real start makes, nothing written, no process group. Under a
+    launcher every rank checks (its device may differ) and only the main rank speaks: the summary, or the
+    error line (the other ranks exit with the same code, silently)."""
+    from .config import load_config, preset_overrides
+    from .train import dry_run_checks
+
+    main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")
+    try:
+        cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
+        summary = dry_run_checks(cfg, fresh=a.fresh)
+    except UserError as e:
+        if main:
+            raise
+        return e.exit_code
+    if main:
+        print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -185,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", help="YAML config, e.g. configs/demo/stage1.yaml")
     pt.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=30 run.dir=runs/x")
     pt.add_argument("--fresh", action="store_true", help="start over; refused unless the run directory is empty")
-    pt.add_argument("--dry-run", action="store_true", help="print world size, batch sizes and run dir, then exit")
+    pt.add_argument("--dry-run", action="store_true", help="run every check a start runs (config, data and its text_dim, run dir and lock, "
+                    "resume, Stage-I checkpoint, precision on the device), print the plan, write nothing")
     pt.add_argument("--preset", default="", help="configs/presets/NAME.yaml applied before the overrides; "
                     "'authors': the authors' StackGAN-Pytorch code where it differs from the paper")
 

@@ -32,6 +32,10 @@ class RunConfig:
 class DataConfig:
     train: str = ""  # prepared split directory (holding dataset.json) or a shard pattern/URL
     test: str = ""
+    # where the shards a dataset.json names are read from, for shards kept in an object store: a template
+    # applied to each shard, e.g. "pipe:aws s3 cp s3://bucket/{name} -" ({name}: the shard's path as the
+    # dataset file writes it; {path}: its local path). Config and command line only, never the dataset file
+    shard_url: str = ""
     num_workers: int = 2  # DataLoader worker processes per rank; "auto": the CPUs this rank was granted, less one
     shuffle_buffer: int = 512  # samples held for in-stream shuffling (per worker)
     prefetch_factor: int = 4
@@ -47,7 +51,9 @@ class ModelConfig:
     df_dim: int = 64
     condition_dim: int = 128  # N_g (CA output) and N_d (D's text compression)
     z_dim: int = 100
-    text_dim: int = 1024
+    # None (null or "auto"): the dimension data.train's dataset.json records for its encoder; a number: a
+    # check against it. Recorded in checkpoints: resume, sample and eval read it from there
+    text_dim: int | None = None
     res_blocks: int = 4
     stage1_checkpoint: str = ""  # Stage-II: a Stage-I run directory or checkpoint directory
     sync_bn: bool = False  # SyncBatchNorm across ranks (DDP only)
@@ -269,6 +275,7 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+OPTIONAL_INT = "int | None"  # a key that may be left unset (null or "auto"): model.text_dim
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -280,6 +287,10 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if parts[1] not in names:
         raise _unknown(key)
     f = names[parts[1]]
+    if f.type == OPTIONAL_INT:
+        unset = value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "null", "none"))
+        setattr(section, parts[1], None if unset else _coerce(key, value, int))
+        return
     typ = _TYPES[f.type] if isinstance(f.type, str) else f.type
     setattr(section, parts[1], _coerce(key, value, typ))
 
@@ -335,7 +346,7 @@ def validate(cfg: Config) -> None:
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {flat[key]!r}")
     for key in POSITIVE:
-        if flat[key] <= 0:
+        if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {flat[key]!r}")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
@@ -351,6 +362,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.gf_dim' must be a multiple of 16 at Stage-I, got {cfg.model.gf_dim}")
     if cfg.model.gf_dim % 4:
         raise ConfigError(f"config key 'model.gf_dim' must be a multiple of 4, got {cfg.model.gf_dim}")
+    if cfg.data.shard_url and "{name}" not in cfg.data.shard_url and "{path}" not in cfg.data.shard_url:
+        raise ConfigError(f"config key 'data.shard_url' must hold {{name}} or {{path}} (each shard's name or local "
+                          f"path goes there), got {cfg.data.shard_url!r}; e.g. 'pipe:aws s3 cp s3://bucket/{{name}} -'")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("config key 'data.max_bad_fraction' must lie in [0, 1]")
     if cfg.train.color_coeff < 0:

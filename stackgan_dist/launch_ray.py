@@ -13,6 +13,10 @@ Division of labour:
 - A failed worker makes Ray restart the whole group (``FailureConfig(max_failures)``); Ray restores neither model
   nor data state itself: the restarted workers resume from the newest valid checkpoint in ``run.dir``, exactly as a
   requeued Slurm job does. Rerunning the same job (same run.dir) also resumes.
+- A user error is not a worker failure: the driver runs every start check (``train.dry_run_checks``, as
+  ``stackgan train --dry-run`` does, without a process group) before it starts any worker, and a UserError that a
+  worker raises later (bad data past the first sample, a non-finite loss) ends the run at once with its one line:
+  ``StopOnUserError`` raises it in Ray Train's controller, whose failure policy does not retry its own errors.
 """
 from __future__ import annotations
 
@@ -43,6 +47,37 @@ def _report_checkpoint(path: str | None, step: int, env) -> None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
 
 
+class WorkerUserError(UserError):
+    """A worker's UserError, raised again in Ray Train's controller so that the run ends without a retry."""
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """``exc`` or what it wraps (Ray's wrappers keep the worker's exception as ``cause`` / ``__cause__``)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, UserError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
+def stop_on_user_error_callback():
+    """A Ray Train ``UserCallback`` (run in the controller) that ends the run when a worker raised a UserError:
+    relaunching fails the same way, so ``FailureConfig(max_failures)`` must not retry it."""
+    from ray.train import UserCallback
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                err = _user_error(worker_exceptions[rank])
+                if err is not None:
+                    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise WorkerUserError(f"rank {rank}: {type(err).__name__}: {line}")
+
+    return StopOnUserError()
+
+
 def train_func(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same ``run_training`` that torchrun and srun call."""
     import ray.train
@@ -58,8 +93,13 @@ def train_func(loop_config: dict) -> None:
     # where each rank landed (a multi-node placement is visible in the job log)
     import stackgan_dist
 
+    # every loaded stackgan_dist module's checkout (more than one: part of the code came from elsewhere)
+    roots = sorted({os.path.dirname(os.path.abspath(m.__file__)).split(os.sep + "stackgan_dist")[0]
+                    for name, m in list(sys.modules.items())
+                    if name.split(".")[0] == "stackgan_dist" and getattr(m, "__file__", None)})
+    code = " + ".join(os.path.join(r, "stackgan_dist") for r in roots) or os.path.dirname(stackgan_dist.__file__)
     print(f"stackgan ray: rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()[:12]} "
-          f"({ray.util.get_node_ip_address()}), code {os.path.dirname(stackgan_dist.__file__)}", flush=True)
+          f"({ray.util.get_node_ip_address()}), code {code}", flush=True)
     if ctx.get_world_rank() == 0:
         print(f"stackgan ray: worker group of {ctx.get_world_size()} started; run dir {cfg.run.dir}", flush=True)
     run_training(cfg, on_checkpoint=_report_checkpoint)
@@ -97,6 +137,20 @@ def root_cause(e: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
+def _start_checks(cfg, num_workers: int, use_gpu: bool) -> None:
+    """What every worker would check at its start (data, text_dim, run dir and lock, resume, Stage-I checkpoint,
+    precision on the workers' device), here, once, before Ray starts a worker: a user error is not retried."""
+    import copy
+
+    import torch
+
+    from .distributed.env import DistEnv
+    from .train import dry_run_checks
+
+    env = DistEnv(0, num_workers, 0, torch.device("cuda" if use_gpu else "cpu"), "ray")
+    dry_run_checks(copy.deepcopy(cfg), env=env)  # the workers resolve the config again themselves
+
+
 def drive(argv: list[str] | None = None) -> int:
     """The job driver: validate the config, check the workers can be placed, run the TorchTrainer."""
     p = argparse.ArgumentParser(prog="python -m stackgan_dist.launch_ray")
@@ -116,6 +170,7 @@ def drive(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config, a.overrides)
     if not os.path.isabs(cfg.run.dir):
         raise UserError(f"run.dir must be an absolute path on shared storage inside a Ray job, got {cfg.run.dir}")
+    _start_checks(cfg, a.num_workers, a.gpus_per_worker > 0)
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -133,6 +188,7 @@ def drive(argv: list[str] | None = None) -> int:
                                      placement_strategy=a.placement_strategy),
         run_config=RunConfig(name=a.name, storage_path=cfg.run.dir,
                              failure_config=FailureConfig(max_failures=a.max_failures),
+                             callbacks=[stop_on_user_error_callback()],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
     )
     print(f"stackgan ray: {a.num_workers} workers x {bundle} ({a.placement_strategy}), run dir {cfg.run.dir}, "
@@ -140,6 +196,9 @@ def drive(argv: list[str] | None = None) -> int:
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 -- TrainingFailedError and friends: one line naming the root cause
+        user = _user_error(getattr(e, "controller_failure", None) or e)
+        if user is not None:  # a worker's user error: ended at once, not retried
+            raise UserError(f"training stopped (a user error is not retried): {user}") from None
         raise UserError(f"training failed (Ray Train gave up after max_failures={a.max_failures} restarts): "
                         f"{root_cause(e)}") from None
     ck = result.checkpoint.path if result.checkpoint else "none"

@@ -8,12 +8,14 @@ one collective. What a checkpoint holds is ``train_state.py``'s; the sample grid
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import testing
 from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
@@ -21,12 +23,12 @@ from .checkpoint.lock import RunLock, on_main_agreed
 from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
-from .data.loader import first_sample_check, make_loader, make_order, resolve_dataset
+from .data.loader import dataset_text_dim, first_sample_check, make_loader, make_order, resolve_dataset
 from .data.slots import cursor_after_batches, merge_cursors
 from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all
-from .distributed.wrap import make_strategy, unwrap
+from .distributed.wrap import make_strategy, refuse_cpu_amp, unwrap
 from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
 from .losses import LossOptions
@@ -135,8 +137,9 @@ def keep_global_batch(cfg: Config, saved: dict, world_size: int, ck: str) -> Non
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None):
+    def __init__(self, cfg: Config, env: DistEnv, fresh: bool = False, on_checkpoint=None, dry_run: bool = False):
         self.cfg, self.env, self.fresh = cfg, env, fresh
+        self.dry_run = dry_run  # check_start only: no process group, nothing written (see dry_run_checks)
         # called as on_checkpoint(path, step, env) on every rank after each committed checkpoint (the Ray
         # launcher reports it with ray.train.report, a barrier: all ranks must call it equally often)
         self.on_checkpoint = on_checkpoint
@@ -167,35 +170,51 @@ class Trainer:
             raise CheckpointError(f"{self.ckpt_root} holds checkpoints but none is valid (all corrupt)")
         return ck
 
-    def build(self) -> None:
+    def _agreed(self, fn) -> None:
+        """``fn`` on rank 0, its outcome agreed by every rank (lock.on_main_agreed); in a dry run (no process
+        group) rank 0 runs it alone."""
+        if self.dry_run:
+            if self.env.is_main:
+                fn()
+        else:
+            on_main_agreed(self.env, fn)
+
+    def check_start(self) -> None:
+        """Every check a start makes, in order, before anything is written; a dry run (``--dry-run``, the Ray
+        driver before it starts workers) runs exactly this and nothing else. Resolves ``model.text_dim`` from
+        data.train's dataset.json when it is unset. Reads (never writes) the run directory."""
         cfg, env = self.cfg, self.env
+        refuse_cpu_amp(cfg.train.precision, env.device)  # what the strategy refuses later, before reading data
         self.lock = RunLock(self.run_dir)
-        on_main_agreed(env, self.lock.check)  # another live run on this run.dir: refused before reading it
+        self._agreed(self.lock.check)  # another live run on this run.dir: refused before reading it
         self.finished_at = None
-        self.resume_from = self._check_run_dir()
-        saved = None
-        self.state = TrainState()
-        if self.resume_from:
-            saved = load_file(os.path.join(self.resume_from, "model.pt"))
-            self.state = read_train_state(saved, self.resume_from)  # refuses versions it cannot read
-            check_resume_compatible(saved["model_config"], cfg, self.resume_from)
-        # data (checked before any file is written)
-        self.data = resolve_dataset(cfg.data.train)
-        first_sample_check(self.data, cfg.model.text_dim)
-        self.test_data = resolve_dataset(cfg.data.test) if cfg.data.test else None
+        # data (checked before any file is written); model.text_dim comes from it when unset
+        self.data = resolve_dataset(cfg.data.train, shard_url=cfg.data.shard_url, key="data.train")
+        cfg.model.text_dim = dataset_text_dim(self.data, cfg.model.text_dim, "data.train")
+        first_sample_check(self.data, cfg.model.text_dim, "data.train")
+        self.test_data = resolve_dataset(cfg.data.test, shard_url=cfg.data.shard_url, key="data.test") \
+            if cfg.data.test else None
         if self.test_data is not None and self.test_data.num_samples == 0:
             log.info("data.test %s holds no samples: sample grids use training captions", cfg.data.test)
             self.test_data = None
-        if saved is not None:
+        if self.test_data is not None:
+            dataset_text_dim(self.test_data, cfg.model.text_dim, "data.test")
+        self.resume_from = self._check_run_dir()
+        saved = self.saved = None
+        self.state = TrainState()
+        if self.resume_from:
+            saved = self.saved = load_file(os.path.join(self.resume_from, "model.pt"))
+            self.state = read_train_state(saved, self.resume_from)  # refuses versions it cannot read
+            check_resume_compatible(saved["model_config"], cfg, self.resume_from)
+            # a crash loop is refused (read only; checked again when the run directory is claimed)
+            self._agreed(lambda: RestartGuard(self.run_dir, cfg.checkpoint.max_restarts,
+                                              cfg.full_hash()).check(self.state.step))
             keep_global_batch(cfg, saved, env.world_size, self.resume_from)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
         self.schedule = Schedule.from_config(cfg, self.data.num_samples)
         if saved is not None and self.schedule.done(self.state):  # nothing to do, and nothing is written
             self.finished_at = self.state.step
             return
-        # models: same initial weights on every rank
-        seed_all(cfg.train.seed)
-        models = build_models(cfg.model)
         self.G1, self.stage1_ref, self.stage1_cfg = None, "", None
         if cfg.model.stage == 2:
             if saved is not None and "stage1_G" in saved:
@@ -208,6 +227,17 @@ class Trainer:
                 self.G1, self.stage1_ref, self.stage1_cfg = load_stage1_generator(cfg.model.stage1_checkpoint,
                                                                                   cfg.model.text_dim,
                                                                                   cfg.model.z_dim)
+
+    def build(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.check_start()
+        if self.finished_at is not None:
+            return
+        saved = self.saved
+        # models: same initial weights on every rank
+        seed_all(cfg.train.seed)
+        models = build_models(cfg.model)
+        if self.G1 is not None:
             self.G1 = self.G1.to(env.device)
         set_backend_flags(cfg.train.deterministic, env.device)
         # wrapping, optimizers, scalers
@@ -341,8 +371,13 @@ class Trainer:
         flag = SignalFlag(cfg.checkpoint.signal).install()
         it = iter(self.loader)
         total = sched.total_steps(st, self.global_batch)
-        bar = tqdm(total=total, initial=st.step, disable=not (env.is_main and cfg.log.progress),
-                   unit="step", dynamic_ncols=True, desc=f"stage{cfg.model.stage}")
+        self._total_steps = total
+        show_bar = env.is_main and cfg.log.progress
+        bar = tqdm(total=total, initial=st.step, disable=not show_bar, unit="step", dynamic_ncols=True,
+                   desc=f"stage{cfg.model.stage}")
+        # with the bar drawn, log lines go through tqdm.write (they would otherwise glue onto the bar)
+        redirect = logging_redirect_tqdm(loggers=[logging.root, logging.getLogger("stackgan_dist")]) \
+            if show_bar else contextlib.nullcontext()
         stats = StepStats()
         self._start_step = st.step
         self.bad_total = 0
@@ -351,6 +386,7 @@ class Trainer:
         # a background save is committed this many steps after it began (or at the next save, signal or end)
         commit_lag = max(1, min(10, cfg.checkpoint.every_steps // 2))
         timeout_lowered = False
+        redirect.__enter__()  # left in the finally below
         try:
             while not sched.done(st):
                 self.set_lrs()
@@ -403,6 +439,7 @@ class Trainer:
         finally:
             self.ckpt.abandon_pending()  # only on an error path is anything still pending here
             bar.close()
+            redirect.__exit__(None, None, None)
             flag.restore()
             self.metrics.close()
             self.lock.release()
@@ -439,4 +476,8 @@ class Trainer:
             log.warning("non-finite gradients: %d D and %d G steps skipped so far", rec["d_skipped"], rec["g_skipped"])
         self.metrics.log(st.step, rec)
         stats.reset()
+        if env.is_main and not cfg.log.progress:  # no bar: a plain line per log tick
+            log.info("step %d/%d images %d epoch %.2f d_loss %.4f g_loss %.4f kl %.4f %.1f img/s", st.step,
+                     getattr(self, "_total_steps", 0), st.images_seen, st.epoch, rec["d_loss"], rec["g_loss"],
+                     rec.get("kl", float("nan")), rec["img_per_s"])
         bar.set_postfix({"D": f"{rec['d_loss']:.3f}", "G": f"{rec['g_loss']:.3f}", "img/s": f"{rec['img_per_s']:.0f}"})

@@ -11,8 +11,9 @@ def write(tmp_path, text):
 
 def test_defaults_are_the_papers_cub_settings():
     c = load_config(None)
-    assert (c.model.gf_dim, c.model.df_dim, c.model.condition_dim, c.model.z_dim, c.model.text_dim,
-            c.model.res_blocks) == (128, 64, 128, 100, 1024, 4)
+    assert (c.model.gf_dim, c.model.df_dim, c.model.condition_dim, c.model.z_dim,
+            c.model.res_blocks) == (128, 64, 128, 100, 4)
+    assert c.model.text_dim is None  # read from the dataset (the CUB release: 1024-d char-CNN-RNN)
     assert (c.train.lr_g, c.train.beta1) == (2e-4, 0.5)
 
 

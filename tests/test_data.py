@@ -167,7 +167,7 @@ def test_missing_shard_and_empty_pattern(idset, tmp_path):
 
 def test_wrong_dim_and_missing_key_are_clear(idset, tmp_path):
     info = resolve_dataset(idset)
-    with pytest.raises(DataError, match="text_dim 8 but model.text_dim is 16"):
+    with pytest.raises(DataError, match=r"model.text_dim is 16 but data.train .*dataset.json holds 8-d"):
         first_sample_check(info, 16)
     first = next(iter_samples(info.shards[0].url))
     first["emb.npy"] = make_sample("x", b"", np.zeros((2, 5)), [])["emb.npy"]

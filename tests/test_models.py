@@ -43,11 +43,11 @@ def test_stage2_shapes():
 
 def test_paper_defaults_parameter_counts():
     """The paper's CUB widths give the parameter counts of the reference (G 10.3 M, D 5.7 M at Stage-I)."""
-    m = build_models(ModelConfig())
+    m = build_models(ModelConfig(text_dim=1024))  # the release's char-CNN-RNN embeddings
     n = lambda mod: sum(p.numel() for p in mod.parameters()) / 1e6  # noqa: E731
     assert 9.5 < n(m.G) < 11.0
     assert 2.5 < n(m.D) < 6.5
-    m2 = build_models(ModelConfig(stage=2))
+    m2 = build_models(ModelConfig(stage=2, text_dim=1024))
     assert 20 < n(m2.G) < 30
 
 

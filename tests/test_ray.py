@@ -163,25 +163,59 @@ def test_job_stuck_pending_is_stopped_with_a_clear_error(ray_cluster, synth_data
     assert "resources" in err, show(p)  # Ray's own hint is passed on
 
 
-def test_no_wait_returns_the_job_id_and_a_worker_error_fails_with_its_root_cause(ray_cluster, tmp_path):
+def _wait_terminal(client, job_id, limit=300):
+    t0 = time.monotonic()
+    while not client.get_job_status(job_id).is_terminal():
+        assert time.monotonic() - t0 < limit, f"job did not finish within {limit} s"
+        time.sleep(1)
+    return str(client.get_job_status(job_id).value), time.monotonic() - t0
+
+
+def test_no_wait_returns_the_job_id_and_missing_data_fails_in_the_driver(ray_cluster, tmp_path):
+    """A missing data directory is a user error: the driver's start checks refuse it before any worker starts,
+    whatever --max-failures says (it was retried for about a minute before)."""
     from ray.job_submission import JobSubmissionClient
 
     t0 = time.monotonic()
-    p = ray_job("--no-wait", "--num-workers", 2, "--max-failures", 0, CONFIG, f"run.dir={tmp_path}/run",
-                f"data.train={tmp_path}/no_such_split", "data.test=", "model.gf_dim=16", "model.df_dim=8",
-                timeout=120)
+    pids = tmp_path / "pids"
+    p = ray_job("--no-wait", "--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}",
+                CONFIG, f"run.dir={tmp_path}/run", f"data.train={tmp_path}/no_such_split", "data.test=",
+                "model.gf_dim=16", "model.df_dim=8", timeout=120)
     assert p.returncode == 0 and time.monotonic() - t0 < 60, show(p)
     job_id = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))["job_id"]
     client = JobSubmissionClient(ray_cluster)
+    status, _ = _wait_terminal(client, job_id)
+    assert status == "FAILED"
+    lines = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("stackgan ray: error:")]
+    assert len(lines) == 1, client.get_job_logs(job_id)[-3000:]
+    assert "data.train" in lines[0] and "no_such_split" in lines[0] and "does not exist" in lines[0], lines[0]
+    assert not pids.exists() and not (tmp_path / "run").exists()  # no worker started, nothing written
+
+
+def test_a_user_error_in_a_worker_is_not_retried(ray_cluster, synth_data, tmp_path):
+    """Shards damaged past their first sample pass the start checks; the workers then stop on
+    data.max_bad_fraction (a UserError): the run ends at once with that line, one attempt, no restart."""
+    import shutil
+
+    data, pids = tmp_path / "data", tmp_path / "pids"
+    shutil.copytree(synth_data, data)
+    for name in sorted(os.listdir(data / "train")):
+        if name.endswith(".tar"):
+            path = data / "train" / name
+            with open(path, "r+b") as f:  # cut mid-member: the first samples stay readable
+                f.truncate(int(os.path.getsize(path) * 0.3) // 512 * 512 + 100)
     t0 = time.monotonic()
-    while not client.get_job_status(job_id).is_terminal():
-        assert time.monotonic() - t0 < 300, "job did not finish within 300 s"
-        time.sleep(1)
-    assert str(client.get_job_status(job_id).value) == "FAILED"
-    # the driver ends with one line naming the worker's own error, not Ray's wrapper
-    line = [ln for ln in client.get_job_logs(job_id).splitlines() if ln.startswith("stackgan ray: error:")][-1]
-    # every rank fails the same way; whichever Ray reports first is named
-    assert "training failed" in line and re.search(r"rank \d+: DataError", line) and "no_such_split" in line, line
+    p = ray_job("--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}", CONFIG,
+                *overrides(data, tmp_path / "run"), timeout=420)
+    assert p.returncode == 1, show(p)
+    last = p.stderr.strip().splitlines()[-1]
+    assert "FAILED" in last and "not retried" in last and "max_bad_fraction" in last, show(p)
+    assert re.search(r"rank \d+: (DataError|UserError)", last), last
+    # one attempt: each rank's pid file has one line (a restarted group appends a second)
+    for rank in (0, 1):
+        assert len((pids / f"rank{rank}.pid").read_text().split()) == 1, show(p)
+    assert "FailurePolicy] RETRY" not in p.stdout, show(p)
+    assert time.monotonic() - t0 < 300
 
 
 def test_job_runs_the_code_of_the_checkout_that_submitted_it(ray_cluster, synth_data, tmp_path):
@@ -206,7 +240,8 @@ def test_job_runs_the_code_of_the_checkout_that_submitted_it(ray_cluster, synth_
         for ln in lines:
             assert "OTHER-CHECKOUT" in ln, ln
             code = ln.split(", code ")[1].strip()
-            assert "working_dir_files" in code and not code.startswith(REPO), ln
+            # every stackgan_dist module (stackgan_dist.data included) from the job's own copy, none from the head's
+            assert "working_dir_files" in code and " + " not in code and not code.startswith(REPO), ln
     finally:
         subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", str(other)], capture_output=True,
                        timeout=120)

@@ -18,6 +18,14 @@ can only name shard *files*:
   in tests, and a user can ask for it);
 - sample counts are bounded (at most one sample per 1 KiB of shard: two tar headers at least), so a
   hostile count cannot make the loader loop or allocate without end.
+
+Shards kept in an object store: ``data.shard_url`` (config or command line) is a template applied to each
+shard the file names, ``{name}`` its path as written in the file, ``{path}`` its local path
+(``pipe:aws s3 cp s3://bucket/{name} -``). The file's text is quoted into the template (``shlex.quote`` for
+a ``pipe:`` command, URL quoting for a URL), so a hostile name cannot add a shell command. A stream has no
+size to stat: with ``verify="size"`` the recorded sizes are not checked on it (a stream cut short still
+shows, as fewer samples than the file records, when the loader reads it); ``verify="sha256"`` reads every
+stream through and checks both its byte count and its hash.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ class DatasetInfo:
     text_dim: int
     manifest: dict
     root: str
+    source: str = ""  # the dataset file (or the shard pattern) it came from, for messages
 
 
 def is_remote(url: str) -> bool:
@@ -105,7 +114,8 @@ def shard_path(path: str, root: str, where: str) -> str:
         raise ValueError(f"{where} must be a non-empty file path")
     if is_remote(path):
         raise ValueError(f"{where} is {_short(path)}: a dataset file names shard files only, never a pipe: "
-                         "command or a URL (put those in data.train / --data, which you write yourself)")
+                         "command or a URL (put those in data.shard_url, or data.train / eval's --data, which you write "
+                         "yourself)")
     if os.path.isabs(path):
         return os.path.normpath(path)
     parts = re.split(r"[/\\]", path)
@@ -210,16 +220,65 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def load_manifest(path: str, verify: str = "size") -> DatasetInfo:
+def load_manifest(path: str, verify: str = "size", shard_url: str = "") -> DatasetInfo:
     m = read_manifest(path)
     root = os.path.dirname(os.path.abspath(path))
     try:
         shards, n, text_dim = validate_manifest(m, root)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
+    if shard_url:
+        for s, entry in zip(shards, m["shards"]):
+            s.url = shard_from_template(shard_url, entry["path"], s.url)
+        if verify == "size":
+            log.info("data.shard_url: the shard sizes %s records cannot be checked on a stream without reading "
+                     "it (a shorter stream shows as missing samples when read)", path)
     for s in shards:
-        check_shard(s, path, verify)
-    return DatasetInfo(shards, n, text_dim, m, root)
+        if shard_url:
+            check_stream(s, path, verify)
+        else:
+            check_shard(s, path, verify)
+    return DatasetInfo(shards, n, text_dim, m, root, path)
+
+
+def shard_from_template(template: str, name: str, path: str) -> str:
+    """``data.shard_url`` with one shard's ``{name}`` (as the dataset file writes it) and ``{path}`` (its
+    local path) quoted in: shell quoting in a ``pipe:`` command, URL quoting in a URL (the file is hostile)."""
+    if template.startswith("pipe:"):
+        import shlex
+
+        q = shlex.quote
+    else:
+        from urllib.parse import quote
+
+        q = lambda v: quote(v, safe="/")  # noqa: E731
+    return template.replace("{name}", q(name)).replace("{path}", q(path))
+
+
+def check_stream(s: Shard, manifest: str, verify: str = "size") -> None:
+    """A templated shard (a stream): with verify="sha256", read it through and check its size and hash."""
+    if verify != "sha256":
+        return
+    import hashlib
+
+    from .samples import open_url
+
+    h, size = hashlib.sha256(), 0
+    try:
+        f = open_url(s.url)
+        try:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        finally:
+            f.close()
+    except Exception as e:  # noqa: BLE001 -- a failing command or server: one line naming the shard
+        raise DataError(f"cannot read shard {s.url} ({type(e).__name__}: {e}); check data.shard_url") from None
+    if s.size is not None and size != s.size:
+        raise DataError(f"shard {s.url} streamed {size} bytes, {manifest} records {s.size} (check data.shard_url, "
+                        "or prepare the split again)")
+    if s.sha256 and h.hexdigest() != s.sha256:
+        raise DataError(f"shard {s.url} does not match the sha256 that {manifest} records (prepare it again)")
 
 
 def check_shard(s: Shard, manifest: str, verify: str = "size") -> None:
@@ -248,30 +307,39 @@ def _count_samples(url: str) -> int:
     return n
 
 
-def resolve_dataset(spec: str, verify: str = "size") -> DatasetInfo:
+def resolve_dataset(spec: str, verify: str = "size", shard_url: str = "", key: str = "--data") -> DatasetInfo:
     """``spec``: a split directory holding dataset.json, a dataset.json path, or a shard pattern / URL
-    (local, ``shard-{000000..000009}.tar``, ``pipe:CMD``) from the config or command line.
+    (local, ``shard-{000000..000009}.tar``, ``pipe:CMD``) from the config or command line. ``shard_url``:
+    where a dataset file's shards are read from (data.shard_url, see the module docstring). ``key``: what
+    set ``spec`` (a config key such as data.train, or a flag), named in the messages.
     Raises DataError before any worker starts."""
     if verify not in ("size", "sha256"):
         raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
     if not spec:
-        raise DataError("no data path given (set data.train / data.test, or pass --data)")
+        raise DataError(f"no data path given: set {key}")
     if os.path.isdir(spec):
         mpath = os.path.join(spec, MANIFEST)
         if not os.path.isfile(mpath):
-            raise DataError(f"data directory {spec} has no {MANIFEST} (prepare it with `stackgan prepare`)")
-        return load_manifest(mpath, verify)
+            raise DataError(f"data directory {spec} ({key}) has no {MANIFEST} (prepare it with `stackgan prepare`)")
+        return load_manifest(mpath, verify, shard_url)
     if spec.endswith(".json") and not is_remote(spec):
         if not os.path.isfile(spec):
-            raise DataError(f"data manifest not found: {spec}")
-        return load_manifest(spec, verify)
+            raise DataError(f"data manifest not found: {spec} ({key})")
+        return load_manifest(spec, verify, shard_url)
+    if not is_remote(spec) and not any(c in spec for c in "{*?[") and not os.path.exists(spec):
+        raise DataError(f"{key} {spec} does not exist: prepare a dataset there (`stackgan prepare ... --out`) or "
+                        f"point {key} at one")
+    if shard_url:
+        raise DataError(f"data.shard_url applies to the shards a {MANIFEST} names; {key}={spec} is a shard pattern "
+                        "(write the pipe: command or URL in the pattern itself, or index the shards with "
+                        "`stackgan prepare index`)")
     # a pattern from the config: expand, check, count (a neighbouring dataset.json avoids the count pass)
     urls = expand_braces(spec)
     if not urls:
-        raise DataError(f"shard pattern {spec} matches nothing")
+        raise DataError(f"shard pattern {spec} ({key}) matches nothing")
     for u in urls:
         if not is_remote(u) and not os.path.isfile(u):
-            raise DataError(f"shard not found: {u}")
+            raise DataError(f"shard not found: {u} ({key}={spec})")
     shards = [Shard(u, _count_samples(u)) for u in urls]
     first = next(iter_samples(shards[0].url), None)
     if first is None:
@@ -284,5 +352,5 @@ def resolve_dataset(spec: str, verify: str = "size") -> DatasetInfo:
         raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has an unreadable emb.npy ({e})") from None
     if not 1 <= text_dim <= MAX_TEXT_DIM:
         raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has a {text_dim}-d embedding")
-    return DatasetInfo(shards, sum(s.samples for s in shards), text_dim, {}, os.path.dirname(urls[0]))
+    return DatasetInfo(shards, sum(s.samples for s in shards), text_dim, {}, os.path.dirname(urls[0]), spec)
 

@@ -195,10 +195,22 @@ class ShardStream(IterableDataset):
         yield from self.reader_batches(self.rank * self.k + i)
 
 
-def first_sample_check(info: DatasetInfo, text_dim: int) -> None:
-    """Check the first sample against the config before training starts."""
+def dataset_text_dim(info: DatasetInfo, text_dim: int | None, key: str = "data.train") -> int:
+    """``model.text_dim``: unset (None) -> the dimension the dataset records for its encoder; set -> checked
+    against it (one line naming both numbers and the dataset file)."""
+    if text_dim is None:
+        return info.text_dim
     if info.text_dim != text_dim:
-        raise DataError(f"data has text_dim {info.text_dim} but model.text_dim is {text_dim}")
+        enc = (info.manifest.get("text_encoder") or {}).get("name", "")
+        raise DataError(f"model.text_dim is {text_dim} but {key} {info.source or info.root} holds {info.text_dim}-d "
+                        f"{enc + ' ' if enc else ''}embeddings: leave model.text_dim unset (it is read from the "
+                        f"dataset) or set it to {info.text_dim}")
+    return text_dim
+
+
+def first_sample_check(info: DatasetInfo, text_dim: int, key: str = "data.train") -> None:
+    """Check the first sample against the config before training starts."""
+    dataset_text_dim(info, text_dim, key)
     try:
         first = next(iter_samples(info.shards[0].url), None)
     except DataError:

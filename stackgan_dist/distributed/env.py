@@ -64,6 +64,19 @@ def detect_launcher() -> str:
     return "single"
 
 
+def probe_env(device: str = "auto") -> DistEnv:
+    """This process's rank, world size and device as ``init_distributed`` would find them, without forming a
+    group (a dry run checks a start and writes nothing). WORLD_SIZE / SLURM_NTASKS alone (no rank) describe
+    the layout a real start would have."""
+    launcher = detect_launcher()
+    if launcher == "slurm":
+        rank, local = int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", "0"))
+    else:
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return DistEnv(rank, world, local, pick_device(device, local), launcher)
+
+
 def pick_device(want: str, local_rank: int) -> torch.device:
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
