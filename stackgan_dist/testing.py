@@ -7,6 +7,8 @@ Production code imports this module in one place (the trainer). Hooks:
   step N each rank writes ``D/rank{r}.step{N}`` and waits until ``D/go`` exists, so a test can signal or kill
   processes at a known step without sleeping. The wait is bounded (``STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S``,
   default 300 s): a test that never answers fails the run loudly instead of hanging it.
+- ``STACKGAN_TEST_PID_DIR=D``: every training process (not a dry run) appends its pid to ``D/rank{r}.pid`` when
+  its trainer is made, so a test can count attempts (a restarted group appends a second line).
 - ``STACKGAN_TEST_PAUSE_IN_SAVE=N`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: the same rendezvous inside the
   step-N checkpoint save, after this rank's files are written and before the save is committed (marker
   ``D/rank{r}.save{N}``), so a test can kill a process with a save provably half done.
@@ -24,10 +26,17 @@ class Hooks:
         self.digest_dir = e.get("STACKGAN_TEST_DIGEST_DIR", "")
         self.pause_at = int(e.get("STACKGAN_TEST_PAUSE_AT_STEP", "0") or 0)
         self.pause_in_save = int(e.get("STACKGAN_TEST_PAUSE_IN_SAVE", "0") or 0)
+        self.pid_dir = e.get("STACKGAN_TEST_PID_DIR", "")
         self.rendezvous_dir = e.get("STACKGAN_TEST_RENDEZVOUS_DIR", "")
         self.rendezvous_timeout_s = float(e.get("STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S", "300") or 300)
         if (self.pause_at or self.pause_in_save) and not self.rendezvous_dir:
             raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP / _IN_SAVE need STACKGAN_TEST_RENDEZVOUS_DIR")
+
+    def started(self, rank: int) -> None:
+        if self.pid_dir:
+            os.makedirs(self.pid_dir, exist_ok=True)
+            with open(os.path.join(self.pid_dir, f"rank{rank}.pid"), "a") as f:
+                f.write(f"{os.getpid()}\n")
 
     def after_step(self, step: int, strategy, rank: int) -> None:
         if self.digest_dir:

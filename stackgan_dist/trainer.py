@@ -146,6 +146,8 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.hooks = testing.Hooks()
+        if not dry_run:
+            self.hooks.started(env.rank)
 
     @property
     def step(self) -> int:

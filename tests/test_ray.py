@@ -178,7 +178,7 @@ def test_no_wait_returns_the_job_id_and_missing_data_fails_in_the_driver(ray_clu
 
     t0 = time.monotonic()
     pids = tmp_path / "pids"
-    p = ray_job("--no-wait", "--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}",
+    p = ray_job("--no-wait", "--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_PID_DIR={pids}",
                 CONFIG, f"run.dir={tmp_path}/run", f"data.train={tmp_path}/no_such_split", "data.test=",
                 "model.gf_dim=16", "model.df_dim=8", timeout=120)
     assert p.returncode == 0 and time.monotonic() - t0 < 60, show(p)
@@ -205,7 +205,7 @@ def test_a_user_error_in_a_worker_is_not_retried(ray_cluster, synth_data, tmp_pa
             with open(path, "r+b") as f:  # cut mid-member: the first samples stay readable
                 f.truncate(int(os.path.getsize(path) * 0.3) // 512 * 512 + 100)
     t0 = time.monotonic()
-    p = ray_job("--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_RAY_PID_DIR={pids}", CONFIG,
+    p = ray_job("--num-workers", 2, "--max-failures", 3, "--env", f"STACKGAN_TEST_PID_DIR={pids}", CONFIG,
                 *overrides(data, tmp_path / "run"), timeout=420)
     assert p.returncode == 1, show(p)
     last = p.stderr.strip().splitlines()[-1]
