@@ -184,3 +184,37 @@ def test_few_steps_lower_d_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.8
+
+
+def test_condition_reinjected_in_stage1_generator():
+    """model.cond_reinject: c enters again at 8/16/32; off (the paper) the parameters are today's exactly."""
+    import dataclasses
+
+    from stackgan_dist.config import ConfigError, load_config
+
+    base = build_stage1_generator(small(1))
+    for res, block in ((8, 1), (16, 2), (32, 3)):
+        g = build_stage1_generator(dataclasses.replace(small(1), cond_reinject=res))
+        assert set(g.state_dict()) == set(base.state_dict())  # same names: only one conv is wider
+        wider = {k for k, v in g.state_dict().items() if v.shape != base.state_dict()[k].shape}
+        assert wider == {f"up.{block}.1.weight"}
+        assert g.state_dict()[f"up.{block}.1.weight"].shape[1] == base.state_dict()[f"up.{block}.1.weight"].shape[1] + 12
+        torch.manual_seed(0)
+        text, z = torch.randn(B, 20), torch.randn(B, 10)
+        eps = torch.zeros(B, 12, requires_grad=True)
+        img, _, _ = g(text, z, eps)
+        assert img.shape == (B, 3, 64, 64)
+        # the condition reaches the image through the re-injection: zero the first-layer path and it still does
+        with torch.no_grad():
+            g.fc[0].weight[:, :12] = 0
+        g(text, z, eps)[0].sum().backward()
+        assert eps.grad.abs().sum() > 0
+    eps = torch.zeros(B, 12, requires_grad=True)  # off: with that path zeroed, c no longer reaches the image
+    with torch.no_grad():
+        base.fc[0].weight[:, :12] = 0
+    base(text, z, eps)[0].sum().backward()
+    assert eps.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="cond_reinject"):
+        build_stage1_generator(dataclasses.replace(small(1), cond_reinject=12))
+    with pytest.raises(ConfigError, match="model.cond_reinject"):
+        load_config(None, ["model.cond_reinject=12"])

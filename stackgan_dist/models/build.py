@@ -18,7 +18,7 @@ class Models:
 
 
 def build_stage1_generator(m) -> Stage1Generator:
-    g = Stage1Generator(m.text_dim, m.condition_dim, m.z_dim, m.gf_dim, m.ca_relu)
+    g = Stage1Generator(m.text_dim, m.condition_dim, m.z_dim, m.gf_dim, m.ca_relu, m.cond_reinject)
     g.apply(init_weights)
     return g
 
