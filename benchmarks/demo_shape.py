@@ -17,8 +17,10 @@ With ``--run RUN`` (a trained Stage-I or Stage-II run or checkpoint), on that ge
    third), so a partial shape signal shows before the accuracy moves.
 5. Linear probes of the TRAINED CA mean (G.ca) per attribute, the variance share, and the KL per
    attribute direction (does the KL term collapse shape?).
-6. Stage-II runs: Stage-I upscaled vs Stage-II on colour, shape, size and sharpness (mean gradient
-   magnitude of the grey image, both at 256).
+6. Stage-II runs: Stage-I upscaled vs Stage-II on colour, shape, size, sharpness (gradient-weighted
+   mean gradient of the grey image, both at 256; blur lowers it), total variation (mean gradient: blur
+   does not lower it, ringing raises it) and fringes (the share of pixels near neither the background
+   nor the foreground colour).
 
     python benchmarks/demo_shape.py --data data/synthetic [--json out.json] [--run runs/demo/stage1]
 """
@@ -183,10 +185,48 @@ def shape_features(img: np.ndarray) -> tuple[float, float] | None:
     return float(box.mean()), float(rows[:third].mean() / max(rows[-third:].mean(), 1.0))
 
 
-def sharpness(img: np.ndarray) -> float:
-    """Mean gradient magnitude of the grey image (0-255 scale), (H, W, 3) uint8."""
+def _grad(img: np.ndarray) -> np.ndarray:
     g = img.astype(np.float32).mean(axis=2)
-    return float(np.mean(np.hypot(np.diff(g, axis=0)[:, :-1], np.diff(g, axis=1)[:-1, :])))
+    return np.hypot(np.diff(g, axis=0)[:, :-1], np.diff(g, axis=1)[:-1, :])
+
+
+def total_variation(img: np.ndarray) -> float:
+    """Mean gradient magnitude of the grey image (0-255 scale per pixel step), (H, W, 3) uint8. Blur leaves it
+    (about) unchanged: across a monotone edge the gradients sum to the step height however wide the edge is;
+    ringing, fringes and noise raise it."""
+    return float(np.mean(_grad(img)))
+
+
+def sharpness(img: np.ndarray) -> float:
+    """Gradient-weighted mean gradient magnitude, E[g^2] / E[g] of the grey image: about the step height over
+    the edge's width in pixels, so blur lowers it (0 on a flat image). (H, W, 3) uint8."""
+    g = _grad(img)
+    return float((g ** 2).mean() / max(g.mean(), 1e-12))
+
+
+def off_colour_share(img: np.ndarray) -> float:
+    """Share of the pixels near neither the background (border median) nor the foreground's median colour
+    (RGB distance > 60 from both): blur bands and coloured fringes; a real image has only its anti-aliased
+    outline there. (H, W, 3) uint8; 0 where no foreground is found."""
+    from stackgan_dist.evaluation.caption import _foreground
+
+    fg = _foreground(img)
+    if fg is None:
+        return 0.0
+    a = img.astype(np.float32)
+    h, w, _ = a.shape
+    b = max(1, h // 32)
+    border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3),
+                             a[:, -b:].reshape(-1, 3)])
+    far_bg = np.linalg.norm(a - np.median(border, axis=0), axis=2) > 60.0
+    far_fg = np.linalg.norm(a - fg[1], axis=2) > 60.0
+    return float(np.mean(far_bg & far_fg))
+
+
+def _mean(xs) -> float | None:
+    """The mean, or None (JSON null) where there is nothing to average."""
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else None
 
 
 def _embeddings(samples: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -228,14 +268,16 @@ def trained_run(run_path: str, train: list[dict], test: list[dict], per_caption:
         feats = [shape_features(im) for im in imgs]
         row: dict = {"colour_acc": float(np.mean([g[0] == w[0] for g, w in zip(got, want)])),
                      "shape_acc": float(np.mean([g[1] == w[1] for g, w in zip(got, want)])),
-                     "size_acc": float(np.mean([s == w[2] for s, w in zip(sizes, want) if w[2] is not None])),
-                     "sharpness": float(np.mean([sharpness(im) for im in imgs]))}
+                     "size_acc": _mean(s == w[2] for s, w in zip(sizes, want) if w[2] is not None),
+                     "sharpness": float(np.mean([sharpness(im) for im in imgs])),
+                     "total_variation": float(np.mean([total_variation(im) for im in imgs])),
+                     "off_colour_share": float(np.mean([off_colour_share(im) for im in imgs]))}
         by_shape = {}
         for sh in SHAPES:
             idx = [k for k, w in enumerate(want) if w[1] == sh]
             f = [feats[k] for k in idx if feats[k] is not None]
-            by_shape[sh] = {"classified_as": {t: float(np.mean([got[k][1] == t for k in idx])) for t in SHAPES},
-                            "fill": float(np.mean([a for a, _ in f])), "taper": float(np.mean([b for _, b in f]))}
+            by_shape[sh] = {"classified_as": {t: _mean(got[k][1] == t for k in idx) for t in SHAPES},
+                            "fill": _mean(a for a, _ in f), "taper": _mean(b for _, b in f)}
         row["by_named_shape"] = by_shape
         # z vs caption: how often two z of the same caption are classified as different shapes
         per = [[got[c * per_caption + k][1] for k in range(per_caption)] for c in range(len(first))]
