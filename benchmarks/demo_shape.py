@@ -20,7 +20,8 @@ With ``--run RUN`` (a trained Stage-I or Stage-II run or checkpoint), on that ge
 6. Stage-II runs: Stage-I upscaled vs Stage-II on colour, shape, size, sharpness (gradient-weighted
    mean gradient of the grey image, both at 256; blur lowers it), total variation (mean gradient: blur
    does not lower it, ringing raises it) and fringes (the share of pixels near neither the background
-   nor the foreground colour).
+   nor the foreground colour), and a frame along the image border (foreground near the border, the step
+   between the outer pixel ring and the ring 3 px in).
 
     python benchmarks/demo_shape.py --data data/synthetic [--json out.json] [--run runs/demo/stage1]
 """
@@ -223,6 +224,23 @@ def off_colour_share(img: np.ndarray) -> float:
     return float(np.mean(far_bg & far_fg))
 
 
+def border_frame(img: np.ndarray, band: int = 8) -> tuple[float, float]:
+    """(share of the foreground within ``band`` px of the image border, mean |outer pixel ring - the ring 3 px
+    in|): a frame drawn along the border shows in both; real images have about 0 of each. (H, W, 3) uint8."""
+    from stackgan_dist.evaluation.caption import _foreground
+
+    a = img.astype(np.float32)
+    ring = float(np.mean([np.abs(a[0] - a[3]).mean(), np.abs(a[:, 0] - a[:, 3]).mean(),
+                          np.abs(a[-1] - a[-4]).mean(), np.abs(a[:, -1] - a[:, -4]).mean()]))
+    fg = _foreground(img)
+    if fg is None:
+        return 0.0, ring
+    m = fg[0]
+    inner = np.zeros_like(m)
+    inner[band:-band, band:-band] = True
+    return float(m[~inner].sum() / max(m.sum(), 1)), ring
+
+
 def _mean(xs) -> float | None:
     """The mean, or None (JSON null) where there is nothing to average."""
     xs = list(xs)
@@ -272,6 +290,9 @@ def trained_run(run_path: str, train: list[dict], test: list[dict], per_caption:
                      "sharpness": float(np.mean([sharpness(im) for im in imgs])),
                      "total_variation": float(np.mean([total_variation(im) for im in imgs])),
                      "off_colour_share": float(np.mean([off_colour_share(im) for im in imgs]))}
+        frames = [border_frame(im, max(1, im.shape[0] // 32)) for im in imgs]
+        row["fg_near_border"] = float(np.mean([f[0] for f in frames]))
+        row["border_ring_step"] = float(np.mean([f[1] for f in frames]))
         by_shape = {}
         for sh in SHAPES:
             idx = [k for k, w in enumerate(want) if w[1] == sh]

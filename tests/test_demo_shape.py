@@ -34,6 +34,12 @@ def test_shape_features_sharpness_and_fringes_on_drawn_shapes():
     assert demo_shape.sharpness(a) > 5 * demo_shape.sharpness(b)  # blur widens the edge
     assert demo_shape.total_variation(a) == pytest.approx(demo_shape.total_variation(b), rel=0.2)  # same step
     assert demo_shape.off_colour_share(a) < 0.01 < demo_shape.off_colour_share(b)
+    near0, step0 = demo_shape.border_frame(a)
+    assert near0 < 0.1 and step0 == 0.0  # the shape keeps (nearly) off the border; the background is flat
+    framed = a.copy()
+    framed[0], framed[-1], framed[:, 0], framed[:, -1] = 255, 255, 255, 255  # a white frame on blue
+    near, step = demo_shape.border_frame(framed)
+    assert near > near0 and step > 100
     flat = np.full((64, 64, 3), 128, np.uint8)  # no foreground
     assert demo_shape.shape_features(flat) is None and demo_shape.off_colour_share(flat) == 0.0
     assert demo_shape.sharpness(flat) == 0.0 and demo_shape.total_variation(flat) == 0.0
@@ -63,6 +69,7 @@ def test_trained_run_measurements(tiny_stage1):
     for k in ("colour_acc", "shape_acc", "shape_varies_with_z"):
         assert 0.0 <= row[k] <= 1.0
     assert row["size_acc"] is None or 0.0 <= row["size_acc"] <= 1.0  # None: no caption named a size
+    assert 0.0 <= row["fg_near_border"] <= 1.0 and row["border_ring_step"] >= 0
     assert row["sharpness"] >= 0 and 1.0 <= row["distinct_shapes_per_caption"] <= 3.0
     assert set(row["by_named_shape"]) <= {"circle", "square", "triangle"}
     ca = out["trained_ca_mu"]
