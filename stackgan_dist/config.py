@@ -61,6 +61,11 @@ class ModelConfig:
     # what D's conditional head reads: "text": its own FC + LeakyReLU compression of phi_t (the paper);
     # "ca_mu": G's conditioning-augmentation mean, detached, as is (the authors' code; no FC in D)
     d_condition: str = "text"
+    # Stage-I G: the augmented condition, replicated spatially, concatenated again to the feature map at this
+    # resolution (8, 16 or 32) before the next up-sampling block; 0: off (the paper: c enters once, with z)
+    cond_reinject: int = 0
+    # Stage-II G: padding of its 3x3 convs, "zeros" (the paper) or "replicate" (no frame at the border)
+    g_padding: str = "zeros"
 
 
 @dataclass
@@ -165,7 +170,7 @@ class Config:
 
 
 MODEL_DEFINING_KEYS = ("stage", "gf_dim", "df_dim", "condition_dim", "z_dim", "text_dim", "res_blocks", "ca_relu",
-                       "d_condition")
+                       "d_condition", "cond_reinject", "g_padding")
 
 CHOICES = {
     "train.backend": ("ddp", "deepspeed"),
@@ -178,6 +183,8 @@ CHOICES = {
     "train.stage1_bn": ("eval", "train"),
     "train.elastic_batch": ("keep", "free"),
     "model.d_condition": ("text", "ca_mu"),
+    "model.cond_reinject": (0, 8, 16, 32),
+    "model.g_padding": ("zeros", "replicate"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.zero_stage": (0, 1, 2),
     "model.stage": (1, 2),

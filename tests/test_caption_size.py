@@ -40,3 +40,19 @@ def test_size_metric_on_drawn_shapes_at_both_stage_sizes():
     flipped = ["small" if s == "large" else "large" for s in sizes]
     assert caption_scores(np.stack(imgs[64]), classes, flipped)["size_accuracy"] == 0.0
     assert "size_accuracy" not in caption_scores(np.stack(imgs[64]), classes)
+
+
+def test_eval_caption_counts_size_on_named_captions_only():
+    """run_eval's per-batch counts: size hits over the captions that name a size, read from the caption."""
+    from stackgan_dist.evaluation.run_eval import _caption_counts
+
+    rng = np.random.default_rng(1)
+    batch, imgs = [], []
+    for i, (size, phrasing) in enumerate([("small", 0), ("large", 0), ("large", 1), ("small", 2)]):
+        shape = SHAPES[i % 3]
+        imgs.append(_stage1_view(draw("red", shape, "black", rng, scale=SIZE_WORDS[size])))
+        batch.append({"cls": CLASSES.index(("red", shape)), "caption": caption("red", shape, "black", size, phrasing)})
+    # phrasing 1 names no size: 3 sized captions, all drawn at the size they name
+    assert _caption_counts(np.stack(imgs), batch) == [4, 4, 4, 3, 3]
+    batch[0]["caption"] = caption("red", SHAPES[0], "black", "large", 0)  # the image is small
+    assert _caption_counts(np.stack(imgs), batch) == [4, 4, 4, 2, 3]

@@ -195,7 +195,7 @@ def eval_single(tiny_run, evalset, weights, tmp_path_factory):
     return json.loads(p.stdout), out
 
 
-def test_eval_cli_end_to_end(eval_single, tiny_run):
+def test_eval_cli_end_to_end(eval_single, tiny_run, evalset):
     res, out = eval_single
     assert json.loads(out.read_text()) == res
     assert json.loads((tiny_run / "eval.json").read_text()) == res
@@ -204,6 +204,15 @@ def test_eval_cli_end_to_end(eval_single, tiny_run):
     assert 1.0 - 1e-4 <= res["is_mean"] <= 1008 and res["is_std"] >= 0 and res["is_splits"] == 10
     assert res["real_color_accuracy"] == 1.0 and res["real_shape_accuracy"] == 1.0
     assert 0.0 <= res["color_accuracy"] <= 1.0
+    # size: scored on the generated images whose caption (test caption i mod 4) names a size
+    from stackgan_dist.data.index import resolve_dataset
+    from stackgan_dist.data.reader import read_samples
+    from stackgan_dist.evaluation.caption import size_word
+
+    caps = [s["caption"] for s in read_samples(resolve_dataset(str(evalset / "d64" / "test")), 1)]
+    named = [size_word(caps[i % len(caps)]) is not None for i in range(10)]
+    assert res["num_sized"] == sum(named) and 0.0 <= res["size_accuracy"] <= 1.0
+    assert res["real_size_accuracy"] == (1.0 if any(size_word(c) for c in caps) else 0.0)
 
 
 def _err(p, *words):

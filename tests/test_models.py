@@ -184,3 +184,64 @@ def test_few_steps_lower_d_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.8
+
+
+def test_condition_reinjected_in_stage1_generator():
+    """model.cond_reinject: c enters again at 8/16/32; off (the paper) the parameters are today's exactly."""
+    import dataclasses
+
+    from stackgan_dist.config import ConfigError, load_config
+
+    base = build_stage1_generator(small(1))
+    for res, block in ((8, 1), (16, 2), (32, 3)):
+        g = build_stage1_generator(dataclasses.replace(small(1), cond_reinject=res))
+        assert set(g.state_dict()) == set(base.state_dict())  # same names: only one conv is wider
+        wider = {k for k, v in g.state_dict().items() if v.shape != base.state_dict()[k].shape}
+        assert wider == {f"up.{block}.1.weight"}
+        assert g.state_dict()[f"up.{block}.1.weight"].shape[1] == base.state_dict()[f"up.{block}.1.weight"].shape[1] + 12
+        torch.manual_seed(0)
+        text, z = torch.randn(B, 20), torch.randn(B, 10)
+        eps = torch.zeros(B, 12, requires_grad=True)
+        img, _, _ = g(text, z, eps)
+        assert img.shape == (B, 3, 64, 64)
+        # the condition reaches the image through the re-injection: zero the first-layer path and it still does
+        with torch.no_grad():
+            g.fc[0].weight[:, :12] = 0
+        g(text, z, eps)[0].sum().backward()
+        assert eps.grad.abs().sum() > 0
+    eps = torch.zeros(B, 12, requires_grad=True)  # off: with that path zeroed, c no longer reaches the image
+    with torch.no_grad():
+        base.fc[0].weight[:, :12] = 0
+    base(text, z, eps)[0].sum().backward()
+    assert eps.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="cond_reinject"):
+        build_stage1_generator(dataclasses.replace(small(1), cond_reinject=12))
+    with pytest.raises(ConfigError, match="model.cond_reinject"):
+        load_config(None, ["model.cond_reinject=12"])
+
+
+def test_stage2_generator_padding():
+    """model.g_padding: "replicate" pads every 3x3 conv of Stage-II G with its border pixels; same parameters as
+    "zeros" (the paper), so weights load across, and the image changes."""
+    import dataclasses
+
+    from stackgan_dist.config import ConfigError, load_config
+
+    zeros = build_models(small(2)).G
+    rep = build_models(dataclasses.replace(small(2), g_padding="replicate")).G
+    modes = {m.padding_mode for m in rep.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+    assert modes == {"replicate"}
+    assert {m.padding_mode for m in zeros.modules() if isinstance(m, torch.nn.Conv2d)} == {"zeros"}
+    rep.load_state_dict(zeros.state_dict())
+    zeros.eval(), rep.eval()
+    text, s0 = torch.randn(B, 20), torch.rand(B, 3, 64, 64) * 2 - 1
+    a, b = zeros(text, s0)[0], rep(text, s0)[0]
+    assert a.shape == b.shape == (B, 3, 256, 256) and not torch.allclose(a, b)
+    # a constant map stays constant through a replicate-padded conv, border included; zeros darken the border
+    conv = rep.img[0]
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        y = conv(torch.ones(1, conv.in_channels, 8, 8))
+    assert torch.allclose(y, torch.full_like(y, 9.0 * conv.in_channels))
+    with pytest.raises(ConfigError, match="model.g_padding"):
+        load_config(None, ["model.g_padding=reflect"])

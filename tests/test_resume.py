@@ -197,6 +197,8 @@ def rewrite_as_v1(ck) -> None:
     m["epoch"] = ts["step"] * m["config"]["train"]["grad_accum"] // 24  # the unread v1 field, any value
     m["strategy"].pop("backend")
     m["model_config"].pop("d_condition")  # added after version 1: such checkpoints resume with its default
+    m["model_config"].pop("cond_reinject")  # likewise
+    m["model_config"].pop("g_padding")
     torch.save(m, ck / "model.pt")
     for f in sorted(ck.glob("rank_*.pt")):
         r = torch.load(f, weights_only=True)

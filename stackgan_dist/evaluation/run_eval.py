@@ -21,7 +21,7 @@ from ..data.writer import CROP_SIZES
 from ..errors import UserError
 from ..inference import generate, load_run
 from ..observability.images import to_uint8
-from .caption import caption_scores
+from .caption import caption_scores, size_word
 
 METRICS = ("caption", "fid", "is")
 IS_SPLITS = 10
@@ -43,6 +43,15 @@ def _test_stream(info, stage: int, start: int):
 def _noise(seed: int, lo: int, hi: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.random.default_rng([seed, i]).standard_normal(dim, dtype=np.float32)
                                       for i in range(lo, hi)]))
+
+
+def _caption_counts(images: np.ndarray, batch: list[dict]) -> list[float]:
+    """-> [colour hits, shape hits, images, size hits, captions naming a size] for (B, H, W, 3) uint8 images
+    generated from (or showing) the batch's first captions. Size is scored on the captions that name one."""
+    sc = caption_scores(images, [b["cls"] for b in batch], [size_word(b.get("caption", "")) for b in batch])
+    n = len(batch)
+    return [sc["color_accuracy"] * n, sc["shape_accuracy"] * n, n, sc["size_accuracy"] * sc["num_sized"],
+            sc["num_sized"]]
 
 
 def _share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -123,7 +132,7 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
         scorer = InceptionMetrics([m for m in names if m != "caption"], weights, dev, splits=IS_SPLITS)
     zdim = run.model_config.z_dim if run.stage == 1 else run.G1.z_dim
     lo, hi = _share(n, env.rank, env.world_size)
-    counts = np.zeros(3)  # colour hits, shape hits, images (caption metric)
+    counts = np.zeros(5)  # colour hits, shape hits, images, size hits, captions naming a size (caption metric)
     it = _test_stream(info, run.stage, lo)
     with tqdm(total=hi - lo, desc=f"eval rank{env.rank}", unit="img", leave=False, disable=not env.is_main) as bar:
         i = lo
@@ -136,11 +145,10 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
             if scorer is not None:
                 scorer.update(((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), real=False)
             if "caption" in names:
-                sc = caption_scores(to_uint8(fake), [b["cls"] for b in batch])
-                counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
+                counts += _caption_counts(to_uint8(fake), batch)
             bar.update(j - i)
             i = j
-    real_counts = np.zeros(3)
+    real_counts = np.zeros(5)
     if (scorer is not None and "fid" in names) or "caption" in names:
         rlo, rhi = _share(info.num_samples, env.rank, env.world_size)
         it = _test_stream(info, run.stage, rlo)
@@ -152,15 +160,16 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
             if scorer is not None and "fid" in names:
                 scorer.update(real, real=True)
             if "caption" in names:
-                sc = caption_scores(real.permute(0, 2, 3, 1).numpy(), [b["cls"] for b in batch])
-                real_counts += [sc["color_accuracy"] * len(batch), sc["shape_accuracy"] * len(batch), len(batch)]
+                real_counts += _caption_counts(real.permute(0, 2, 3, 1).numpy(), batch)
             i = j
     res = {"checkpoint": run.path, "step": run.step, "stage": run.stage, "data": data, "num_samples": n,
            "num_real": info.num_samples, "world_size": env.world_size, "seed": seed}
     if "caption" in names:
         c = _all_sum(list(counts) + list(real_counts), env)
         res.update({"num_images": int(c[2]), "color_accuracy": c[0] / c[2], "shape_accuracy": c[1] / c[2],
-                    "real_color_accuracy": c[3] / c[5], "real_shape_accuracy": c[4] / c[5]})
+                    "size_accuracy": c[3] / max(c[4], 1), "num_sized": int(c[4]),
+                    "real_color_accuracy": c[5] / c[7], "real_shape_accuracy": c[6] / c[7],
+                    "real_size_accuracy": c[8] / max(c[9], 1)})
     if scorer is not None:
         res.update(scorer.compute(seed))  # collective: every rank
         res["inception_weights"] = os.path.abspath(weights)

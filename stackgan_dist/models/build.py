@@ -18,7 +18,7 @@ class Models:
 
 
 def build_stage1_generator(m) -> Stage1Generator:
-    g = Stage1Generator(m.text_dim, m.condition_dim, m.z_dim, m.gf_dim, m.ca_relu)
+    g = Stage1Generator(m.text_dim, m.condition_dim, m.z_dim, m.gf_dim, m.ca_relu, m.cond_reinject)
     g.apply(init_weights)
     return g
 
@@ -32,7 +32,7 @@ def build_models(m) -> Models:
         D = Stage1Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
         G1 = None
     else:
-        G = Stage2Generator(m.text_dim, m.condition_dim, m.gf_dim, m.res_blocks, m.ca_relu)
+        G = Stage2Generator(m.text_dim, m.condition_dim, m.gf_dim, m.res_blocks, m.ca_relu, m.g_padding)
         D = Stage2Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
         G1 = None
     G.apply(init_weights)

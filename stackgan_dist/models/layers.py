@@ -5,15 +5,16 @@ import torch
 from torch import nn
 
 
-def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
+def conv3x3(in_ch: int, out_ch: int, padding: str = "zeros") -> nn.Conv2d:
+    """``padding``: "zeros" (the paper's and the authors') or "replicate" (the border pixel repeated)."""
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False, padding_mode=padding)
 
 
-def up_block(in_ch: int, out_ch: int) -> nn.Sequential:
+def up_block(in_ch: int, out_ch: int, padding: str = "zeros") -> nn.Sequential:
     """Nearest-neighbour x2, 3x3 conv, BatchNorm, ReLU: H x W -> 2H x 2W."""
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="nearest"),
-        conv3x3(in_ch, out_ch),
+        conv3x3(in_ch, out_ch, padding),
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),
     )
@@ -29,10 +30,11 @@ def down_block(in_ch: int, out_ch: int, bn: bool = True) -> nn.Sequential:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: str = "zeros"):
         super().__init__()
         self.block = nn.Sequential(
-            conv3x3(ch, ch), nn.BatchNorm2d(ch), nn.ReLU(inplace=True), conv3x3(ch, ch), nn.BatchNorm2d(ch)
+            conv3x3(ch, ch, padding), nn.BatchNorm2d(ch), nn.ReLU(inplace=True), conv3x3(ch, ch, padding),
+            nn.BatchNorm2d(ch)
         )
         self.relu = nn.ReLU(inplace=True)
 

@@ -9,7 +9,12 @@ from .layers import CondLogits, conv3x3, down_block, up_block
 
 
 class Stage1Generator(nn.Module):
-    def __init__(self, text_dim: int, cond_dim: int, z_dim: int, gf_dim: int, ca_relu: bool = False):
+    """``cond_reinject`` (8, 16 or 32; 0: off, the paper): the augmented condition c, replicated spatially, is
+    concatenated again to the feature map at that resolution, so the layers that draw the outline see the
+    text directly rather than only through z and c's 4x4 start (not in the paper; the demo turns it on)."""
+
+    def __init__(self, text_dim: int, cond_dim: int, z_dim: int, gf_dim: int, ca_relu: bool = False,
+                 cond_reinject: int = 0):
         super().__init__()
         self.z_dim = z_dim
         ngf = gf_dim * 8
@@ -17,11 +22,16 @@ class Stage1Generator(nn.Module):
         self.ca = CondAugment(text_dim, cond_dim, ca_relu)
         self.fc = nn.Sequential(nn.Linear(z_dim + cond_dim, ngf * 16, bias=False), nn.BatchNorm1d(ngf * 16),
                                 nn.ReLU(inplace=True))
+        # the up-sampling block whose input is at the re-injection resolution (4 * 2**k) takes c too
+        self.reinject_at = {8: 1, 16: 2, 32: 3}.get(cond_reinject, -1)
+        if cond_reinject and self.reinject_at < 0:
+            raise ValueError(f"cond_reinject must be 0, 8, 16 or 32, got {cond_reinject}")
+        extra = [cond_dim if k == self.reinject_at else 0 for k in range(4)]
         self.up = nn.Sequential(
-            up_block(ngf, ngf // 2),  # -> ngf/2 x 8 x 8
-            up_block(ngf // 2, ngf // 4),  # -> ngf/4 x 16 x 16
-            up_block(ngf // 4, ngf // 8),  # -> ngf/8 x 32 x 32
-            up_block(ngf // 8, ngf // 16),  # -> ngf/16 x 64 x 64
+            up_block(ngf + extra[0], ngf // 2),  # -> ngf/2 x 8 x 8
+            up_block(ngf // 2 + extra[1], ngf // 4),  # -> ngf/4 x 16 x 16
+            up_block(ngf // 4 + extra[2], ngf // 8),  # -> ngf/8 x 32 x 32
+            up_block(ngf // 8 + extra[3], ngf // 16),  # -> ngf/16 x 64 x 64
         )
         self.img = nn.Sequential(conv3x3(ngf // 16, 3), nn.Tanh())
 
@@ -29,7 +39,12 @@ class Stage1Generator(nn.Module):
         """text (B, text_dim), z (B, z_dim) -> image (B, 3, 64, 64), mu, logvar (B, cond_dim)."""
         c, mu, logvar = self.ca(text, eps)
         h = self.fc(torch.cat([c, z.to(c.dtype)], dim=1)).view(-1, self.ngf, 4, 4)
-        return self.img(self.up(h)), mu, logvar
+        for k, block in enumerate(self.up):
+            if k == self.reinject_at:
+                cc = c.to(h.dtype).view(c.shape[0], -1, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+                h = torch.cat([h, cc], dim=1)
+            h = block(h)
+        return self.img(h), mu, logvar
 
 
 @torch.no_grad()

@@ -10,24 +10,30 @@ from .stage1 import TextCompress
 
 
 class Stage2Generator(nn.Module):
-    def __init__(self, text_dim: int, cond_dim: int, gf_dim: int, res_blocks: int = 4, ca_relu: bool = False):
+    """``padding`` of every 3x3 conv: "zeros" (the paper) or "replicate" (model.g_padding; the demo: with
+    zero padding and few channels the up-sampling chain draws a frame along the image border)."""
+
+    def __init__(self, text_dim: int, cond_dim: int, gf_dim: int, res_blocks: int = 4, ca_relu: bool = False,
+                 padding: str = "zeros"):
         super().__init__()
         ngf = gf_dim
+        p = padding
         self.ca = CondAugment(text_dim, cond_dim, ca_relu)  # its own CA, separate from Stage-I's
         self.encode = nn.Sequential(
-            conv3x3(3, ngf), nn.ReLU(inplace=True),  # -> ngf x 64 x 64
+            conv3x3(3, ngf, p), nn.ReLU(inplace=True),  # -> ngf x 64 x 64
             nn.Conv2d(ngf, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(inplace=True),  # 32
             nn.Conv2d(ngf * 2, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(inplace=True),  # 16
         )
-        self.joint = nn.Sequential(conv3x3(cond_dim + ngf * 4, ngf * 4), nn.BatchNorm2d(ngf * 4), nn.ReLU(inplace=True))
-        self.residual = nn.Sequential(*[ResBlock(ngf * 4) for _ in range(res_blocks)])
+        self.joint = nn.Sequential(conv3x3(cond_dim + ngf * 4, ngf * 4, p), nn.BatchNorm2d(ngf * 4),
+                                   nn.ReLU(inplace=True))
+        self.residual = nn.Sequential(*[ResBlock(ngf * 4, p) for _ in range(res_blocks)])
         self.up = nn.Sequential(
-            up_block(ngf * 4, ngf * 2),  # -> 2ngf x 32 x 32
-            up_block(ngf * 2, ngf),  # -> ngf x 64 x 64
-            up_block(ngf, ngf // 2),  # -> ngf/2 x 128 x 128
-            up_block(ngf // 2, ngf // 4),  # -> ngf/4 x 256 x 256
+            up_block(ngf * 4, ngf * 2, p),  # -> 2ngf x 32 x 32
+            up_block(ngf * 2, ngf, p),  # -> ngf x 64 x 64
+            up_block(ngf, ngf // 2, p),  # -> ngf/2 x 128 x 128
+            up_block(ngf // 2, ngf // 4, p),  # -> ngf/4 x 256 x 256
         )
-        self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Tanh())
+        self.img = nn.Sequential(conv3x3(ngf // 4, 3, p), nn.Tanh())
 
     def forward(self, text: torch.Tensor, stage1_img: torch.Tensor, eps: torch.Tensor | None = None):
         """text (B, text_dim), stage1_img (B, 3, 64, 64) -> image (B, 3, 256, 256), mu, logvar."""
