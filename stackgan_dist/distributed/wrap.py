@@ -20,7 +20,8 @@ only when a module's reducer fires: never under ``no_sync`` (accumulation micro-
 gradients; the hook sees the accumulated sum once) and never in G's phase for D (unwrapped D). PowerSGD's
 error feedback and warm-start memory are per-rank state that is not checkpointed: a resumed (or resized) run
 starts with plain all-reduce for ``powersgd_start_step`` steps again, then fresh error feedback; a step the
-guard skips clears that state too (it would carry the NaN into every later step).
+guard skips clears that state too (it would carry the NaN into every later step). On CPU (gloo) PowerSGD
+runs one bucket at a time (``_one_bucket_at_a_time``: torch's hook deadlocks gloo with two in flight).
 
 The non-finite guard decides on the device: the optimizer step is skipped through fused Adam's
 ``found_inf`` input (the path GradScaler uses), so a step never waits for the host to read a flag.
@@ -124,7 +125,23 @@ def guarded_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
             t.copy_(torch.where(found_inf.bool(), b.to(t.dtype), t))
 
 
-def comm_hook_for(dcfg, process_group=None):
+def _one_bucket_at_a_time(hook):
+    """``hook`` run to completion inside the call (the returned future is already done). gloo runs a future's
+    continuations on its few worker threads, and torch's PowerSGD issues its second and third all-reduce from
+    continuations that block on them: with two buckets in flight the ranks issued those collectives in
+    different orders, or ran out of threads, and deadlocked (seen here at two buckets per module). CUDA
+    futures run continuations in stream order, so only CPU runs pay this: PowerSGD's communication does not
+    overlap the backward on CPU."""
+
+    def one_bucket_hook(state, bucket):
+        done = torch.futures.Future()
+        done.set_result(hook(state, bucket).wait())
+        return done
+
+    return one_bucket_hook
+
+
+def comm_hook_for(dcfg, process_group=None, serialize: bool = False):
     """-> (hook, state) for ``DistributedDataParallel.register_comm_hook``, or None for the built-in fp32
     all-reduce. fp16/bf16: torch's compress hooks (the bucket cast down, all-reduced, cast back to fp32; the
     optimizer sees fp32 gradients). powersgd: torch's PowerSGD with error feedback and warm start, a new state
@@ -142,7 +159,7 @@ def comm_hook_for(dcfg, process_group=None):
                                             matrix_approximation_rank=dcfg.powersgd_rank,
                                             start_powerSGD_iter=dcfg.powersgd_start_step,
                                             use_error_feedback=True, warm_start=True)
-        return powerSGD_hook.powerSGD_hook, state
+        return (_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook) if serialize else powerSGD_hook.powerSGD_hook), state
     raise UserError(f"distributed.comm_hook={dcfg.comm_hook!r} is not one of none, fp16, bf16, powersgd")
 
 
@@ -358,7 +375,7 @@ class DDPStrategy(Strategy):
             Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, gradient_as_bucket_view=True, **kw)
             Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, gradient_as_bucket_view=True, **kw)
             for i, w in enumerate((Gw, Dw)):  # one hook state per module: G's and D's buckets are separate
-                hook = comm_hook_for(cfg.distributed)
+                hook = comm_hook_for(cfg.distributed, serialize=self.device.type != "cuda")
                 if hook is not None:
                     w.register_comm_hook(hook[1], hook[0])
                     hook_states[i] = hook[1]
