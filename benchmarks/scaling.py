@@ -607,7 +607,7 @@ def markdown(out: dict) -> str:
           "| stage | options | inter-node GB/s | " + " | ".join(f"{n}" for n in sorted({r['gpus'] for r in pr['rows']}))
           + " GPUs |", "|---|---|---|" + "---|" * len({r['gpus'] for r in pr['rows']})]
     groups = {}
-    for r in pr["rows"]:
+    for r in pr["rows"] + pr.get("rows_today", []):
         groups.setdefault((r["stage"], r["kind"], r["inter_node_GBps"]), []).append(r)
     for (st, kind, bw), rows in sorted(groups.items()):
         o = rows[0]
@@ -668,7 +668,8 @@ def main(argv=None) -> dict:
             data = json.load(f)
         text = markdown(data)
         if a.plot:
-            plot(data["measured"], data["validation"]["rows"], data["projection"]["rows"], a.plot)
+            plot(data["measured"], data["validation"]["rows"],
+                 data["projection"]["rows"] + data["projection"].get("rows_today", []), a.plot)
         if a.md:
             with open(a.md, "w") as f:
                 f.write(text)
@@ -731,7 +732,9 @@ def main(argv=None) -> dict:
                           "chosen": {str(st): {"meets_target": c["meets_target"], **c["chosen"]}
                                      for st, c in chosen.items()},
                           "candidates": {str(st): c["candidates"] for st, c in chosen.items()},
-                          "rows": proj}}
+                          # rows: the chosen options (what run_suite.py tabulates); rows_today: no options
+                          "rows": [r for r in proj if r["kind"] == "chosen"],
+                          "rows_today": [r for r in proj if r["kind"] == "today"]}}
     common.write_json(out, a.json)
     if a.md:
         with open(a.md, "w") as f:
