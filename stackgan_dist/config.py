@@ -121,6 +121,21 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Gradient communication of the data-parallel backends (defaults: today's behaviour, plain fp32 all-reduce).
+    Not model-defining: a run may resume with other values. See README "Scaling" and wrap.comm_hook_for."""
+    # none | fp16 | bf16 (gradients cast for the all-reduce, fp32 again after) | powersgd (low-rank, error
+    # feedback; DDP only). DeepSpeed: fp16/bf16 become its communication_data_type, powersgd is refused
+    comm_hook: str = "none"
+    bucket_cap_mb: float = 0.0  # 0: the backend's default (DDP 25 MB; DeepSpeed reduce_bucket_size 5e7 elements)
+    static_graph: bool = False  # DDP's static_graph (the same parameters get gradients every step); DDP only
+    powersgd_rank: int = 1  # PowerSGD's matrix_approximation_rank
+    # optimizer steps of plain all-reduce before PowerSGD starts (torch: >= 2 with error feedback); counted per
+    # process from its start: a resumed run warms up again (the error feedback is not checkpointed)
+    powersgd_start_step: int = 1000
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 500  # used when every_epochs is 0
     every_epochs: float = 0.0  # > 0: a checkpoint each time this many epochs of images are seen
@@ -146,6 +161,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -384,6 +400,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.backend == "ddp" and cfg.train.zero_stage != 0:
         raise ConfigError("config key 'train.zero_stage' needs train.backend=deepspeed")
     _validate_numbers(cfg, flat)
+    _validate_comm(cfg)
     if cfg.train.backend == "deepspeed":  # before any process group forms
         from .distributed.deepspeed_strategy import validate_settings
 
@@ -421,6 +438,35 @@ def _validate_numbers(cfg: Config, flat: dict) -> None:
             except UnicodeEncodeError:
                 raise ConfigError(f"config key '{key}' is not valid UTF-8 ({v.encode('utf-8', 'replace')!r}); "
                                   "use a path whose name is UTF-8") from None
+
+
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+# pytorch#143580 (fix pending in pytorch#187732): DDP's static graph with no_sync fails an internal assert
+# (expect_autograd_hooks_) at the first backward, and once past it stops reducing gradients silently
+STATIC_GRAPH_ACCUM = ("config key 'distributed.static_graph' cannot be used with train.grad_accum={accum} > 1 "
+                      "(torch's static graph breaks under no_sync, pytorch#143580); set distributed.static_graph=false")
+
+
+def _validate_comm(cfg: Config) -> None:
+    """The ``distributed.*`` section: ranges, and what the DeepSpeed backend cannot honour."""
+    d = cfg.distributed
+    if d.comm_hook not in COMM_HOOKS:
+        raise ConfigError(f"config key 'distributed.comm_hook' must be one of {list(COMM_HOOKS)}, got {d.comm_hook!r}")
+    if not (d.bucket_cap_mb >= 0 and d.bucket_cap_mb < float("inf")):
+        raise ConfigError(f"config key 'distributed.bucket_cap_mb' must be >= 0 (0: the backend's default), "
+                          f"got {d.bucket_cap_mb!r}")
+    if d.powersgd_rank < 1:
+        raise ConfigError(f"config key 'distributed.powersgd_rank' must be >= 1, got {d.powersgd_rank}")
+    if d.powersgd_start_step < 2:  # torch's PowerSGD needs 2 with error feedback and warm start
+        raise ConfigError(f"config key 'distributed.powersgd_start_step' must be >= 2, got {d.powersgd_start_step}")
+    if d.static_graph and cfg.train.grad_accum > 1:
+        raise ConfigError(STATIC_GRAPH_ACCUM.format(accum=cfg.train.grad_accum))
+    if cfg.train.backend == "deepspeed":
+        if d.comm_hook == "powersgd":
+            raise ConfigError("config key 'distributed.comm_hook=powersgd' needs train.backend=ddp (DeepSpeed has no "
+                              "PowerSGD); use distributed.comm_hook=bf16 (DeepSpeed's communication_data_type)")
+        if d.static_graph:
+            raise ConfigError("config key 'distributed.static_graph' needs train.backend=ddp (a DDP option)")
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")

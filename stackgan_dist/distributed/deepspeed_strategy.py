@@ -31,6 +31,9 @@ Why the GAN needs care here:
   fp32 (``lower_precision_safe_modules: []``), as DDP does. fp16 needs a loss scale: DeepSpeed gives the
   ``torch_autocast`` path a GradScaler at ZeRO-0 (>= 0.18.0), but at ZeRO-1/2 its optimizer skips an
   overflowing step before that scaler sees it, so the scale never falls: fp16 with ZeRO-1/2 is refused.
+- ``distributed.*``: ``comm_hook=fp16|bf16`` is DeepSpeed's ``communication_data_type`` (the one exception to
+  fp32 reductions above, asked for explicitly), ``bucket_cap_mb`` its ZeRO ``reduce_bucket_size``; PowerSGD
+  and ``static_graph`` are DDP's and refused here by config validation (``_comm_options``).
 """
 from __future__ import annotations
 
@@ -128,7 +131,30 @@ def build_ds_config(cfg, world_size: int | None) -> dict:
     if t.precision != "fp32":
         ds["torch_autocast"] = autocast_section(t.precision)
     ds["zero_allow_untested_optimizer"] = True
+    _comm_options(cfg, ds)
     return ds
+
+
+def _comm_options(cfg, ds: dict) -> None:
+    """``distributed.*`` in DeepSpeed's terms (config validation refused powersgd and static_graph already):
+    comm_hook fp16/bf16 -> ``communication_data_type`` (gradients cast for the reduction only, like DDP's
+    compress hooks; weights, buffers and the optimizer stay fp32); bucket_cap_mb -> ZeRO-1/2's
+    ``reduce_bucket_size`` in elements of fp32 (ZeRO-0 reduces in DeepSpeed's own fixed 5e8-element buffers).
+    A value that a user JSON sets differently is an error, not a silent override."""
+    t, d = cfg.train, cfg.distributed
+    src = t.deepspeed_config
+    if d.comm_hook in ("fp16", "bf16"):
+        if src and ds.get("communication_data_type") not in (None, d.comm_hook):
+            raise UserError(f"train.deepspeed_config: communication_data_type={ds['communication_data_type']} in "
+                            f"{src} disagrees with distributed.comm_hook={d.comm_hook}")
+        ds["communication_data_type"] = d.comm_hook
+    if d.bucket_cap_mb > 0:
+        n = int(d.bucket_cap_mb * 2**20 / 4)
+        zo = ds.setdefault("zero_optimization", {})
+        if src and zo.get("reduce_bucket_size") not in (None, n):
+            raise UserError(f"train.deepspeed_config: zero_optimization.reduce_bucket_size={zo['reduce_bucket_size']}"
+                            f" in {src} disagrees with distributed.bucket_cap_mb={d.bucket_cap_mb:g} ({n} elements)")
+        zo["reduce_bucket_size"] = n
 
 
 def autocast_section(precision: str) -> dict:

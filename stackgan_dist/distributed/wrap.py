@@ -14,6 +14,15 @@ backward fail with ``broadcast_buffers=True`` since PyTorch 2.6):
 - BatchNorm running statistics: see ``batchnorm.py`` (averaged after every step, or global-batch BN).
 - The frozen Stage-I generator is never wrapped.
 
+Gradient communication (``distributed.*``, ``comm_hook_for``): a compression hook (fp16/bf16 casts, PowerSGD),
+the bucket size and DDP's static graph, on each of the two DDP modules (each its own hook state). Hooks run
+only when a module's reducer fires: never under ``no_sync`` (accumulation micro-batches keep their local
+gradients; the hook sees the accumulated sum once) and never in G's phase for D (unwrapped D). PowerSGD's
+error feedback and warm-start memory are per-rank state that is not checkpointed: a resumed (or resized) run
+starts with plain all-reduce for ``powersgd_start_step`` steps again, then fresh error feedback; a step the
+guard skips clears that state too (it would carry the NaN into every later step). On CPU (gloo) PowerSGD
+runs one bucket at a time (``_one_bucket_at_a_time``: torch's hook deadlocks gloo with two in flight).
+
 The non-finite guard decides on the device: the optimizer step is skipped through fused Adam's
 ``found_inf`` input (the path GradScaler uses), so a step never waits for the host to read a flag.
 """
@@ -116,6 +125,70 @@ def guarded_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
             t.copy_(torch.where(found_inf.bool(), b.to(t.dtype), t))
 
 
+def _one_bucket_at_a_time(hook):
+    """``hook`` run to completion inside the call (the returned future is already done). gloo runs a future's
+    continuations on its few worker threads, and torch's PowerSGD issues its second and third all-reduce from
+    continuations that block on them: with two buckets in flight the ranks issued those collectives in
+    different orders, or ran out of threads, and deadlocked (seen here at two buckets per module). CUDA
+    futures run continuations in stream order, so only CPU runs pay this: PowerSGD's communication does not
+    overlap the backward on CPU."""
+
+    def one_bucket_hook(state, bucket):
+        done = torch.futures.Future()
+        done.set_result(hook(state, bucket).wait())
+        return done
+
+    return one_bucket_hook
+
+
+def comm_hook_for(dcfg, process_group=None, serialize: bool = False):
+    """-> (hook, state) for ``DistributedDataParallel.register_comm_hook``, or None for the built-in fp32
+    all-reduce. fp16/bf16: torch's compress hooks (the bucket cast down, all-reduced, cast back to fp32; the
+    optimizer sees fp32 gradients). powersgd: torch's PowerSGD with error feedback and warm start, a new state
+    per module (its buckets and error memory are the module's own)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if dcfg.comm_hook == "none":
+        return None
+    if dcfg.comm_hook == "fp16":
+        return default_hooks.fp16_compress_hook, process_group
+    if dcfg.comm_hook == "bf16":
+        return _bf16_compress, process_group
+    if dcfg.comm_hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(process_group=process_group,
+                                            matrix_approximation_rank=dcfg.powersgd_rank,
+                                            start_powerSGD_iter=dcfg.powersgd_start_step,
+                                            use_error_feedback=True, warm_start=True)
+        return (_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook) if serialize else powerSGD_hook.powerSGD_hook), state
+    raise UserError(f"distributed.comm_hook={dcfg.comm_hook!r} is not one of none, fp16, bf16, powersgd")
+
+
+def _bf16_compress(process_group, bucket):  # no annotations: DDP compares them with its own objects
+    """torch's ``bf16_compress_hook`` under another name: DDP refuses that name unless CUDA with NCCL >= 2.10
+    (a check written for old NCCL); gloo reduces bf16 as well, so CPU runs and the tests run the same hook."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.bf16_compress_hook(process_group, bucket)
+
+
+def ddp_comm_kwargs(dcfg) -> dict:
+    """DistributedDataParallel keyword arguments from ``distributed.*`` (only those set: torch's defaults stay)."""
+    kw = {}
+    if dcfg.bucket_cap_mb > 0:
+        kw["bucket_cap_mb"] = dcfg.bucket_cap_mb
+    if dcfg.static_graph:
+        kw["static_graph"] = True
+    return kw
+
+
+def reset_powersgd(state) -> None:
+    """Forget PowerSGD's error feedback and warm-start memory (rebuilt at the next synced backward: zero error,
+    fresh random Q drawn from the state's own seeded stream, equal on every rank since every rank skips)."""
+    state.error_dict.clear()
+    state.p_memory_dict.clear()
+    state.q_memory_dict.clear()
+
+
 class Phase:
     """One side of the GAN update: the module the step calls (maybe wrapped), the unwrapped module, its
     optimizer and scaler, and how backward, gradient sync and the optimizer step run on this backend.
@@ -150,9 +223,10 @@ class Phase:
 
 
 class DDPPhase(Phase):
-    def __init__(self, name, module, raw, optimizer, device, scaler=None):
+    def __init__(self, name, module, raw, optimizer, device, scaler=None, powersgd=None):
         super().__init__(name, module, raw, optimizer, device)
         self.scaler = scaler
+        self.powersgd = powersgd  # PowerSGDState of this module's hook, or None
         inner = getattr(module, "_orig_mod", module)  # torch.compile keeps the DDP wrapper inside
         self._ddp = inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
@@ -170,13 +244,18 @@ class DDPPhase(Phase):
         opt = self.optimizer
         if self.scaler is not None:
             self.scaler.step(opt)  # unscales and skips on inf/nan (sync-free with a fused optimizer)
-            self.skipped += sum(v.float() for v in self.scaler._found_inf_per_device(opt).values())
+            found = sum(v.float() for v in self.scaler._found_inf_per_device(opt).values())
+            self.skipped += found
             self.scaler.update()
         else:
             # DDP already all-reduced the gradients: a NaN on any rank is a NaN on all, so all skip
             found = nonfinite_flag([p for g in opt.param_groups for p in g["params"]])
             guarded_step(opt, found)
             self.skipped += found
+        # a host read, only with PowerSGD (whose hook already synchronizes the device for every bucket): its
+        # error feedback now holds the non-finite gradient and would poison every later step
+        if self.powersgd is not None and bool(found):
+            reset_powersgd(self.powersgd)
         opt.zero_grad(set_to_none=True)
 
 
@@ -284,21 +363,32 @@ class DDPStrategy(Strategy):
                           cfg.train.adam_foreach)
         fp16 = self.precision == "fp16"
         scalers = [torch.amp.GradScaler(self.device.type) if fp16 else None for _ in range(2)]
+        hook_states = [None, None]
+        if cfg.distributed.static_graph and cfg.train.grad_accum > 1:  # an elastic resume may have raised it
+            from ..config import STATIC_GRAPH_ACCUM
+
+            raise UserError(STATIC_GRAPH_ACCUM.format(accum=cfg.train.grad_accum))
         if env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            kw = _no_forward_buffer_sync()
+            kw = _no_forward_buffer_sync() | ddp_comm_kwargs(cfg.distributed)
             # gradients live in the communication buckets: no copy between them and .grad
             Gw = nn.parallel.DistributedDataParallel(G, device_ids=ids, gradient_as_bucket_view=True, **kw)
             Dw = nn.parallel.DistributedDataParallel(D, device_ids=ids, gradient_as_bucket_view=True, **kw)
+            for i, w in enumerate((Gw, Dw)):  # one hook state per module: G's and D's buckets are separate
+                hook = comm_hook_for(cfg.distributed, serialize=self.device.type != "cuda")
+                if hook is not None:
+                    w.register_comm_hook(hook[1], hook[0])
+                    hook_states[i] = hook[1]
         else:
-            Gw, Dw = G, D  # world size 1: no wrapper overhead
+            Gw, Dw = G, D  # world size 1: no wrapper overhead, nothing to communicate
         if cfg.train.compile:
             Gw, Dw = torch.compile(Gw), torch.compile(Dw)
             self.D_eval = torch.compile(D)
         else:
             self.D_eval = D
-        self.g = DDPPhase("g", Gw, G, opt_g, self.device, scalers[0])
-        self.d = DDPPhase("d", Dw, D, opt_d, self.device, scalers[1])
+        psgd = hook_states if cfg.distributed.comm_hook == "powersgd" else [None, None]
+        self.g = DDPPhase("g", Gw, G, opt_g, self.device, scalers[0], psgd[0])
+        self.d = DDPPhase("d", Dw, D, opt_d, self.device, scalers[1], psgd[1])
         self._sync_buffers = BufferSync((G, D), env)
 
     def after_step(self) -> None:
