@@ -23,6 +23,7 @@ from .checkpoint.lock import RunLock, on_main_agreed
 from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
+from .data.device_text import caption_embedder
 from .data.loader import dataset_text_dim, first_sample_check, make_loader, make_order, resolve_dataset
 from .data.slots import cursor_after_batches, merge_cursors
 from .distributed.collectives import all_gather_object, any_flags
@@ -201,6 +202,11 @@ class Trainer:
             self.test_data = None
         if self.test_data is not None:
             dataset_text_dim(self.test_data, cfg.model.text_dim, "data.test")
+        # captions the loader passes as text, embedded here on the device (sentence encoder, indexed shards)
+        self.embed_text = caption_embedder(self.data.manifest, env.device)
+        self.embed_test_text = None if self.test_data is None else \
+            self.embed_text if self.test_data.manifest.get("text_encoder") == self.data.manifest.get("text_encoder") \
+            else caption_embedder(self.test_data.manifest, env.device)
         self.resume_from = self._check_run_dir()
         saved = self.saved = None
         self.state = TrainState()
@@ -269,7 +275,9 @@ class Trainer:
         self.samples = SampleWriter(self.run_dir, self.test_data or self.data, cfg.model.stage, cfg.model.text_dim,
                                     cfg.model.z_dim, cfg.model.condition_dim,
                                     self.stage1_cfg.condition_dim if self.stage1_cfg else None, cfg.train.seed,
-                                    env.device, self.metrics) if env.is_main else None
+                                    env.device, self.metrics,
+                                    embed=self.embed_test_text if self.test_data else self.embed_text) \
+            if env.is_main else None
 
     def _claim_run_dir(self) -> None:
         guard = RestartGuard(self.run_dir, self.cfg.checkpoint.max_restarts, self.cfg.full_hash()) \
@@ -393,6 +401,8 @@ class Trainer:
             while not sched.done(st):
                 self.set_lrs()
                 batches = [next(it) for _ in range(cfg.train.grad_accum)]
+                if self.embed_text is not None:  # all micro-batches' captions in one pass, on the device
+                    self.embed_text.embed_batches(batches)
                 for b in batches:
                     self.tracker.update(b)
                 out = self.gan_step(batches)

@@ -120,6 +120,13 @@ def test_paths_outside_the_folder_only_when_absolute(split, tmp_path):
     (lambda m: m["text_encoder"].__setitem__("name", "pickle"), ["'text_encoder.name'"]),
     (lambda m: m["text_encoder"].__setitem__("dim", 9), ["'text_encoder.dim'"]),
     (lambda m: m.__setitem__("version", 7), ["newer"]),
+    # indexed shards: where captions are embedded is "worker" (hashing) or "device" (sentence-transformers)
+    (lambda m: m.__setitem__("index", {"image_keys": ["jpg"], "caption_key": "txt", "embed_on": "gpu"}),
+     ["'index.embed_on'", "worker", "device"]),
+    (lambda m: m.__setitem__("index", {"image_keys": ["jpg"], "caption_key": "txt", "embed_on": ["device"]}),
+     ["'index.embed_on'"]),
+    (lambda m: m.__setitem__("index", {"image_keys": ["jpg"], "caption_key": "txt", "embed_on": "device"}),
+     ["'index.embed_on' 'device'", "sentence-transformers", "'text_encoder.name' is 'hashing'"]),
     (lambda m: m.__setitem__("format", "other"), ["'format'"]),
 ])
 def test_schema_errors_name_the_field(split, tmp_path, edit, words):

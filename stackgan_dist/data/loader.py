@@ -44,7 +44,9 @@ class ShardStream(IterableDataset):
             raise ValueError(f"bad loader layout: batch {batch_size}, rank {rank} of {world_size}, "
                              f"{num_workers} workers, {slots} slots")
         self.info = info
-        self.fmt = sample_format(info.manifest)  # None: stored embeddings; else captions embedded here
+        self.fmt = sample_format(info.manifest)  # None: stored embeddings; else captions embedded on the fly
+        # captions embedded on the training device: batches carry them as "caption" and a zero "text"
+        self.captions_out = self.fmt is not None and self.fmt.embed_on == "device"
         self.stage = stage
         self.load_size, self.crop = LOAD_SIZES[stage], CROP_SIZES[stage]
         self.batch_size = batch_size
@@ -147,10 +149,10 @@ class ShardStream(IterableDataset):
     def reader_batches(self, g: int):
         """Infinite batches of reader g (= rank x workers + worker)."""
         B = self.batch_size
-        zero = (np.zeros((3, self.crop, self.crop), np.uint8), np.zeros(self.info.text_dim, np.float32), -1, 0)
+        zero = (np.zeros((3, self.crop, self.crop), np.uint8), np.zeros(self.info.text_dim, np.float32), -1, 0, "")
         for epoch, share in self._epochs(g):
             order_cache: dict = {}
-            imgs, texts, classes, runs, bad, last_good = [], [], [], [], 0, None
+            imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
             for slot, lo, hi in share:
                 for pos, sample in self._run_samples(epoch, slot, lo, hi, order_cache):
                     try:
@@ -166,15 +168,19 @@ class ShardStream(IterableDataset):
                     imgs.append(out[0])
                     texts.append(out[1])
                     classes.append(out[2])
+                    caps.append(out[4])
                     if runs and runs[-1][0] == slot and runs[-1][2] == pos:
                         runs[-1][2] += 1
                     else:
                         runs.append([slot, pos, pos + 1])
                     if len(imgs) == B:
-                        yield {"image": torch.from_numpy(np.stack(imgs)), "text": torch.from_numpy(np.stack(texts)),
-                               "cls": torch.tensor(classes, dtype=torch.int64), "bad": torch.tensor(bad),
-                               "epoch": torch.tensor(epoch), "cursor": torch.tensor(runs, dtype=torch.int64)}
-                        imgs, texts, classes, runs, bad, last_good = [], [], [], [], 0, None
+                        batch = {"image": torch.from_numpy(np.stack(imgs)), "text": torch.from_numpy(np.stack(texts)),
+                                 "cls": torch.tensor(classes, dtype=torch.int64), "bad": torch.tensor(bad),
+                                 "epoch": torch.tensor(epoch), "cursor": torch.tensor(runs, dtype=torch.int64)}
+                        if self.captions_out:  # "" for a hole with no good sample before it: embedded as zeros
+                            batch["caption"] = caps
+                        yield batch
+                        imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
             if imgs:
                 raise RuntimeError(f"reader {g}: epoch {epoch} share is not a multiple of the batch size")
 

@@ -94,7 +94,8 @@ def add_parsers(psub) -> None:
     p = psub.add_parser("index", help="index existing WebDataset shards (img2dataset: KEY.jpg + KEY.txt) in place",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("pattern", help="shards, brace patterns allowed: 'DIR/{00000..00099}.tar'")
-    p.add_argument("--encoder", default="hashing:256", help="hashing[:DIM]: captions are embedded on the fly")
+    p.add_argument("--encoder", default="hashing:256", help="hashing[:DIM] (captions embedded in the loader workers) or sentence-transformers "
+                   "(the packaged model, captions embedded on the training device)")
     p.add_argument("--out", required=True, help="index folder: OUT/train/dataset.json and OUT/test/dataset.json")
     p.add_argument("--test-fraction", type=float, default=0.05,
                    help="share of the shards held out in OUT/test, chosen by a hash of the shard's name")

@@ -5,7 +5,9 @@ re-sharding.
 One pass over the shards counts samples and the image and caption members they hold; ``OUT/train`` and
 ``OUT/test`` then get a ``dataset.json`` each, and nothing else: each names its shards by absolute path with
 their size and sha256, and says how to read a sample (``index``: image keys, caption key). Training embeds
-the captions on the fly, in the loader workers, with the hashing encoder the file names. The held-out split
+the captions on the fly with the encoder the file names: the hashing encoder in the loader workers
+(``index.embed_on`` "worker"), the sentence encoder batched on the training device ("device": the workers
+pass the chosen caption strings, the trainer embeds them just before the step, see data/device_text.py). The held-out split
 is a ``--test-fraction`` of the shards, chosen by a hash of the shard's file name (deterministic).
 """
 from __future__ import annotations
@@ -60,22 +62,37 @@ def split_shards(paths: list[str], fraction: float) -> tuple[list[str], list[str
     return [p for p in paths if p not in test], [p for p in paths if p in test]
 
 
-def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0.05, progress: bool = True,
-                  caption_key: str = "") -> dict:
-    if is_remote(pattern):
-        raise DataError("prepare index reads local shard files (a pipe: or URL pattern cannot be indexed in place)")
-    if not 0 <= test_fraction < 1:
-        raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+def _index_encoder(encoder: str) -> tuple[dict, str]:
+    """``--encoder`` -> (the text_encoder record, where captions are embedded): hashing in the loader workers
+    ("worker"); the sentence encoder batched on the training device ("device"), recorded as ``prepare
+    captions`` records it (model package and version, never a path)."""
     name, _, arg = encoder.partition(":")
+    if name == "sentence-transformers":
+        if arg:  # a local directory is recorded without its path: nothing could resolve it at training time
+            raise DataError("prepare index takes the packaged sentence model only (--encoder sentence-transformers,"
+                            " the 'text' extra); a local model directory works with `stackgan prepare captions`")
+        from .text_encoders import SentenceTransformerEncoder
+
+        return SentenceTransformerEncoder(None).spec(), "device"
     if name != "hashing":
-        raise DataError("indexed shards are encoded on the fly by the hashing encoder: --encoder hashing[:DIM] "
-                        "(sentence-transformers embeddings need `stackgan prepare captions`)")
+        raise DataError(f"--encoder {encoder}: choose hashing[:DIM] (embedded in the loader workers) or "
+                        "sentence-transformers (embedded on the training device)")
     try:
         dim = int(arg) if arg else 256
     except ValueError:
         raise DataError(f"--encoder {encoder}: DIM must be an integer") from None
     if not 1 <= dim <= 65536:
         raise DataError(f"--encoder {encoder}: DIM must be in 1..65536")
+    return {"name": "hashing", "dim": dim}, "worker"
+
+
+def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0.05, progress: bool = True,
+                  caption_key: str = "") -> dict:
+    if is_remote(pattern):
+        raise DataError("prepare index reads local shard files (a pipe: or URL pattern cannot be indexed in place)")
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    enc_spec, embed_on = _index_encoder(encoder)
     paths = [os.path.abspath(p) for p in expand_braces(pattern)]
     if not paths:
         raise DataError(f"shard pattern {pattern} matches nothing")
@@ -108,8 +125,9 @@ def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0
                    for p in group]
         m = {"format": "stackgan_dist.webdataset", "version": FORMAT_VERSION, "source": "index",
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_samples": sum(e["samples"] for e in entries),
-             "text_encoder": {"name": "hashing", "dim": dim}, "text_dim": dim, "image_size": STORE_SIZE,
-             "index": {"image_keys": image_keys, "caption_key": ckey, "fit": "crop"}, "shards": entries}
+             "text_encoder": enc_spec, "text_dim": enc_spec["dim"], "image_size": STORE_SIZE,
+             "index": {"image_keys": image_keys, "caption_key": ckey, "fit": "crop", "embed_on": embed_on},
+             "shards": entries}
         d = os.path.join(out, split)
         os.makedirs(d, exist_ok=True)
         tmp = os.path.join(d, MANIFEST + ".tmp")

@@ -17,11 +17,15 @@ from .writer import CROP_SIZES, LOAD_SIZES
 log = logging.getLogger("stackgan_dist.data")
 
 
-def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = False) -> Iterator[dict]:
+def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = False,
+                 embedded_later: bool = False) -> Iterator[dict]:
     """Samples ``start``, ``start + 1``, ... of the split in file order (wrapping round when ``cycle``):
     ``{"image": uint8 (3, H, W), "text": float32 (text_dim,), "cls": int, "key": str, "index": int}``,
     H = W = the stage's crop. Samples before ``start`` are skipped without reading their data. A sample that
-    does not decode raises DataError naming it (scores must not silently change their sample set)."""
+    does not decode raises DataError naming it (scores must not silently change their sample set).
+
+    A dataset whose captions are embedded on the device (data/device_text.py) gives a zero ``text``: the
+    caller embeds ``caption`` and says so with ``embedded_later``; otherwise it is refused."""
     n = info.num_samples
     if n <= 0:
         raise DataError("the split holds no samples")
@@ -29,6 +33,10 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
         raise ValueError(f"start {start} outside the split's {n} samples")
     load, crop = LOAD_SIZES[stage], CROP_SIZES[stage]
     fmt = sample_format(info.manifest)
+    if fmt is not None and fmt.embed_on == "device" and not embedded_later:
+        raise DataError(f"the dataset in {info.source or info.root} has its captions embedded on the training "
+                        "device (sentence-transformers, index.embed_on 'device'); this reader's caller does not "
+                        "embed them: use a dataset prepared with a hashing or stored encoder")
     i = start
     while True:
         pos = 0
@@ -45,7 +53,7 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
                     if j >= shard.samples:
                         break
                     try:
-                        img, text, cls, _ = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
+                        img, text, cls, _, _ = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
                     except BadSample as e:
                         raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
                                         f"({e})") from None
@@ -77,20 +85,26 @@ def first_caption(sample: dict, fmt=None) -> str:
         return ""
 
 
-def read_batches(info: DatasetInfo, stage: int, batch_size: int, start: int = 0, cycle: bool = False):
-    """``read_samples`` stacked into batches of ``batch_size`` (the last one may be smaller)."""
+def read_batches(info: DatasetInfo, stage: int, batch_size: int, start: int = 0, cycle: bool = False,
+                 embed=None):
+    """``read_samples`` stacked into batches of ``batch_size`` (the last one may be smaller). ``embed``: the
+    data/device_text.CaptionEmbedder for a dataset whose captions are embedded on the device (then each
+    batch's ``text`` is ``embed(caption)``, on its device)."""
     buf: list[dict] = []
-    for s in read_samples(info, stage, start, cycle):
+    for s in read_samples(info, stage, start, cycle, embedded_later=embed is not None):
         buf.append(s)
         if len(buf) == batch_size:
-            yield _stack(buf)
+            yield _stack(buf, embed)
             buf = []
     if buf:
-        yield _stack(buf)
+        yield _stack(buf, embed)
 
 
-def _stack(samples: list[dict]) -> dict:
-    return {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples]),
+def _stack(samples: list[dict], embed=None) -> dict:
+    b = {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples]),
             "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.int64),
             "key": [s["key"] for s in samples], "index": np.array([s["index"] for s in samples]),
             "caption": [s["caption"] for s in samples]}
+    if embed is not None:
+        b["text"] = embed(b["caption"])
+    return b

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.index import resolve_dataset
+from ..data.device_text import caption_embedder
 from ..data.reader import read_samples
 from ..data.writer import CROP_SIZES
 from ..errors import UserError
@@ -35,9 +36,9 @@ def _parse_metrics(metrics: str) -> list[str]:
     return names
 
 
-def _test_stream(info, stage: int, start: int):
+def _test_stream(info, stage: int, start: int, embedded_later: bool = False):
     """Test samples in file order, forever (cycling), starting at global index ``start``."""
-    return read_samples(info, stage, start % info.num_samples, cycle=True)
+    return read_samples(info, stage, start % info.num_samples, cycle=True, embedded_later=embedded_later)
 
 
 def _noise(seed: int, lo: int, hi: int, dim: int) -> torch.Tensor:
@@ -133,13 +134,16 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
     zdim = run.model_config.z_dim if run.stage == 1 else run.G1.z_dim
     lo, hi = _share(n, env.rank, env.world_size)
     counts = np.zeros(5)  # colour hits, shape hits, images, size hits, captions naming a size (caption metric)
-    it = _test_stream(info, run.stage, lo)
+    # captions embedded on the device (indexed shards, sentence encoder): the dataset's encoder, as in training
+    embed = caption_embedder(info.manifest, dev)
+    it = _test_stream(info, run.stage, lo, embedded_later=embed is not None)
     with tqdm(total=hi - lo, desc=f"eval rank{env.rank}", unit="img", leave=False, disable=not env.is_main) as bar:
         i = lo
         while i < hi:
             j = min(i + batch_size, hi)
             batch = [next(it) for _ in range(j - i)]
-            text = torch.stack([b["text"] for b in batch]).to(dev)
+            text = embed([b["caption"] for b in batch]) if embed is not None else \
+                torch.stack([b["text"] for b in batch]).to(dev)
             s1, s2 = generate(run, text, _noise(seed, i, j, zdim).to(dev))
             fake = s2 if s2 is not None else s1  # (B, 3, H, W) in [-1, 1]
             if scorer is not None:
@@ -151,7 +155,7 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
     real_counts = np.zeros(5)
     if (scorer is not None and "fid" in names) or "caption" in names:
         rlo, rhi = _share(info.num_samples, env.rank, env.world_size)
-        it = _test_stream(info, run.stage, rlo)
+        it = _test_stream(info, run.stage, rlo, embedded_later=True)  # only images and classes are read
         i = rlo
         while i < rhi:
             j = min(i + batch_size, rhi)

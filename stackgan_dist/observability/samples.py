@@ -19,11 +19,14 @@ class SampleWriter:
     """Rank 0 only. Row 1: Stage-I images (from the frozen Stage-I G at Stage-II); row 2: Stage-II images."""
 
     def __init__(self, run_dir: str, info, stage: int, text_dim: int, z_dim: int, cond_dim: int,
-                 stage1_cond_dim: int | None, seed: int, device: torch.device, metrics):
+                 stage1_cond_dim: int | None, seed: int, device: torch.device, metrics, embed=None):
+        """``embed``: the data/device_text.CaptionEmbedder of a dataset whose captions are embedded on the
+        device (the grid's captions go through it, as the training batches do); None otherwise."""
         self.dir = os.path.join(run_dir, "samples")
         self.info, self.stage, self.text_dim = info, stage, text_dim
         self.z_dim, self.cond_dim, self.stage1_cond_dim = z_dim, cond_dim, stage1_cond_dim or cond_dim
         self.seed, self.device, self.metrics = seed, device, metrics
+        self.embed = embed
         self._fixed = None
 
     def _inputs(self):
@@ -31,7 +34,7 @@ class SampleWriter:
         if self._fixed is None:
             info = self.info
             if info.num_samples >= 1:  # the split's first samples in file order, their first captions
-                b = next(read_batches(info, self.stage, 8))
+                b = next(read_batches(info, self.stage, 8, embed=self.embed))
                 text, self.captions = b["text"], [c or f"sample {k}" for c, k in zip(b["caption"], b["key"])]
             else:
                 text, self.captions = torch.zeros(8, self.text_dim), ["(no caption)"] * 8
