@@ -129,6 +129,14 @@ def test_prepare_index_sentence_encoder_trains_stage1(tmp_path):
     assert recs[-1]["step"] == 2 and all(np.isfinite(r["d_loss"]) for r in recs)
     assert json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"] == want
     assert os.path.isfile(run / "samples" / "step_00000002.png")
+    # eval on the device-embedded test split: its captions go through the same encoder (the reader refuses a
+    # caller that would leave them zeros, so a finished eval embedded them)
+    from stackgan_dist.evaluation.inception import write_random_weights
+
+    w = write_random_weights(str(tmp_path / "inception_random.pt"), seed=0)
+    res = json.loads(run_cli("eval", run, "--data", idx / "test", "--metrics", "is", "--num-samples", 10,
+                             "--inception-weights", w, "--batch-size", 5, check=True, timeout=900).stdout)
+    assert res["num_samples"] == 10 and np.isfinite(res["is_mean"]), res
 
 
 def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
