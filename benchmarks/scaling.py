@@ -367,7 +367,7 @@ def validate(one: dict, two: list[dict], fit: dict, tol: float) -> list[dict]:
 
 def paper_modules(stage: int):
     cfg = Config()
-    cfg.model.stage = stage
+    cfg.model.stage, cfg.model.text_dim = stage, PAPER["text_dim"]  # char-CNN-RNN embeddings (no dataset here)
     with torch.device("meta"):  # shapes only: no memory, no init cost
         m = build_models(cfg.model)
     return m.G, m.D
