@@ -27,7 +27,12 @@ except Exception:
     sys.exit(1)
 PY
 }
-if up; then echo "ray already up (dashboard http://127.0.0.1:$dash_port)"; exit 0; fi
+# a cluster left running by an earlier checkout whose venv is gone (its raylet binary deleted) starts no worker:
+# such a cluster is stopped and started again from this venv
+stale() { for p in $(pgrep -f 'raylet.*--node_ip_address=127\.0\.0\.1( |$)' || true); do
+  [[ "$(readlink "/proc/$p/exe" 2>/dev/null)" == *"(deleted)" ]] && return 0; done; return 1; }
+if stale; then echo "start_ray.sh: the running cluster's venv is gone; restarting it"; elif up; then
+  echo "ray already up (dashboard http://127.0.0.1:$dash_port)"; exit 0; fi
 "$ray" stop --force >/dev/null 2>&1 || true
 "$ray" start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" \
   --num-cpus "${RAY_NUM_CPUS:-4}" --include-dashboard true --disable-usage-stats

@@ -36,11 +36,17 @@ start_node2() {
 # every process of this cluster (never the one-node cluster's: `ray stop` would end both)
 cluster_pids() { ps -eo pid=,args= | grep -E '/tmp/ray2|node.ip.address=127\.0\.0\.[23]|127\.0\.0\.2:6390' \
   | grep -v grep | awk '{print $1}' || true; }
+stop_cluster() {
+  local pids; pids="$(cluster_pids)"; [ -n "$pids" ] && kill $pids 2>/dev/null; sleep 2
+  pids="$(cluster_pids)"; [ -n "$pids" ] && kill -9 $pids 2>/dev/null; return 0
+}
+# a node left running by an earlier checkout whose venv is gone (its raylet binary deleted) starts no worker
+stale() { for p in $(pgrep -f 'raylet.*--node_ip_address=127\.0\.0\.[23]( |$)' || true); do
+  [[ "$(readlink "/proc/$p/exe" 2>/dev/null)" == *"(deleted)" ]] && return 0; done; return 1; }
 if [ "${1:-}" = "--stop" ]; then
-  pids="$(cluster_pids)"; [ -n "$pids" ] && kill $pids 2>/dev/null; sleep 2
-  pids="$(cluster_pids)"; [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-  echo "two-node ray stopped"; exit 0
+  stop_cluster; echo "two-node ray stopped"; exit 0
 fi
+if stale; then echo "start_ray2.sh: a running node's venv is gone; restarting the cluster"; stop_cluster; fi
 if [ "${1:-}" = "--node2-only" ]; then
   # `ray start` returns once the new raylet has registered; the GCS may list the dead one as alive a while
   [ -n "$(node2_pids)" ] || start_node2
