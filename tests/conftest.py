@@ -45,6 +45,17 @@ def one_line_error(p, *words, rc=None) -> str:
     return lines[0]
 
 
+def loader_view(img, crop: int = 64):
+    """A PIL image as the test loader shows it: resized to 76/64 of the crop, centre crop (uint8 HWC array)."""
+    import numpy as np
+    from PIL import Image
+
+    load = crop * 76 // 64
+    a = np.asarray(img.resize((load, load), Image.BICUBIC))
+    o = (load - crop) // 2
+    return a[o:o + crop, o:o + crop]
+
+
 def snapshot(d) -> dict:
     """Every file under ``d`` with its size and mtime: equal snapshots mean nothing on disk changed."""
     out = {}

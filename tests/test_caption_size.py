@@ -1,17 +1,10 @@
 """The size metric of the synthetic caption evaluation (evaluation/caption.py)."""
 import numpy as np
-from PIL import Image
 
+from conftest import loader_view
 from stackgan_dist.data.synthetic import SHAPES, SIZE_WORDS, caption, draw
 from stackgan_dist.evaluation.caption import CLASSES, caption_scores, classify_size, size_word
 
-
-def _stage1_view(img: Image.Image, crop: int = 64) -> np.ndarray:
-    """As the test loader shows it: resized to 76/64 of the crop, centre crop."""
-    load = crop * 76 // 64
-    a = np.asarray(img.resize((load, load), Image.BICUBIC))
-    o = (load - crop) // 2
-    return a[o:o + crop, o:o + crop]
 
 
 def test_size_words_in_captions():
@@ -29,7 +22,7 @@ def test_size_metric_on_drawn_shapes_at_both_stage_sizes():
         shape = SHAPES[i % 3]
         img = draw("green", shape, "gray", rng, scale=SIZE_WORDS[size])
         for crop in imgs:
-            imgs[crop].append(_stage1_view(img, crop))
+            imgs[crop].append(loader_view(img, crop))
         sizes.append(size)
         classes.append(CLASSES.index(("green", shape)))
     for crop in imgs:
@@ -50,7 +43,7 @@ def test_eval_caption_counts_size_on_named_captions_only():
     batch, imgs = [], []
     for i, (size, phrasing) in enumerate([("small", 0), ("large", 0), ("large", 1), ("small", 2)]):
         shape = SHAPES[i % 3]
-        imgs.append(_stage1_view(draw("red", shape, "black", rng, scale=SIZE_WORDS[size])))
+        imgs.append(loader_view(draw("red", shape, "black", rng, scale=SIZE_WORDS[size])))
         batch.append({"cls": CLASSES.index(("red", shape)), "caption": caption("red", shape, "black", size, phrasing)})
     # phrasing 1 names no size: 3 sized captions, all drawn at the size they name
     assert _caption_counts(np.stack(imgs), batch) == [4, 4, 4, 3, 3]

@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
-from conftest import REPO, run_cli
+from conftest import REPO, loader_view, run_cli
 
 from stackgan_dist.data.synthetic import SIZE_WORDS, draw
 
@@ -15,22 +15,16 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import demo_shape  # noqa: E402
 
 
-def _view(img: Image.Image, crop: int = 64) -> np.ndarray:
-    load = crop * 76 // 64
-    a = np.asarray(img.resize((load, load), Image.BICUBIC))
-    o = (load - crop) // 2
-    return a[o:o + crop, o:o + crop]
-
 
 def test_shape_features_sharpness_and_fringes_on_drawn_shapes():
     rng = np.random.default_rng(0)
-    feats = {s: demo_shape.shape_features(_view(draw("red", s, "gray", rng, scale=SIZE_WORDS["large"]), 256))
+    feats = {s: demo_shape.shape_features(loader_view(draw("red", s, "gray", rng, scale=SIZE_WORDS["large"]), 256))
              for s in ("circle", "square", "triangle")}
     assert feats["square"][0] > 0.95 and 0.7 < feats["circle"][0] < 0.88 and feats["triangle"][0] < 0.7
     assert feats["triangle"][1] < 0.6 < feats["circle"][1] and feats["square"][1] > 0.9
     crisp = draw("yellow", "square", "blue", rng, scale=SIZE_WORDS["large"])
     blurred = crisp.filter(ImageFilter.GaussianBlur(8))
-    a, b = _view(crisp, 256), _view(blurred, 256)
+    a, b = loader_view(crisp, 256), loader_view(blurred, 256)
     assert demo_shape.sharpness(a) > 5 * demo_shape.sharpness(b)  # blur widens the edge
     assert demo_shape.total_variation(a) == pytest.approx(demo_shape.total_variation(b), rel=0.2)  # same step
     assert demo_shape.off_colour_share(a) < 0.01 < demo_shape.off_colour_share(b)
