@@ -137,15 +137,24 @@ def text_probes(train: list[dict], test: list[dict], cond_dim: int) -> dict:
             mu_te = ca(torch.from_numpy(e_te), torch.zeros(len(e_te), cond_dim))[1].numpy()
         spaces[f"ca_mu_init{'_relu' if relu else ''}_{cond_dim}d"] = (mu_tr, mu_te)
     for name, (xtr, xte) in spaces.items():
-        row = {}
-        for k, attr in enumerate(("colour", "shape", "size")):
-            keep_tr = [i for i, a in enumerate(a_tr) if a[k] is not None]
-            keep_te = [i for i, a in enumerate(a_te) if a[k] is not None]
-            row[f"{attr}_probe_acc"] = probe(xtr[keep_tr], [a_tr[i][k] for i in keep_tr], xte[keep_te],
-                                             [a_te[i][k] for i in keep_te])
-            row[f"{attr}_variance_share"] = explained(xte[keep_te], [a_te[i][k] for i in keep_te])
-        out[name] = row
+        out[name] = attribute_probes(xtr, xte, a_tr, a_te)
     return out
+
+
+def _named(attrs, k: int) -> list[int]:
+    """Indices of the captions that name attribute ``k`` (colour, shape, size)."""
+    return [i for i, a in enumerate(attrs) if a[k] is not None]
+
+
+def attribute_probes(xtr, xte, a_tr, a_te) -> dict:
+    """Per attribute: a linear probe's held-out accuracy and the variance share its group means explain."""
+    row = {}
+    for k, attr in enumerate(("colour", "shape", "size")):
+        keep_tr, keep_te = _named(a_tr, k), _named(a_te, k)
+        row[f"{attr}_probe_acc"] = probe(xtr[keep_tr], [a_tr[i][k] for i in keep_tr], xte[keep_te],
+                                         [a_te[i][k] for i in keep_te])
+        row[f"{attr}_variance_share"] = explained(xte[keep_te], [a_te[i][k] for i in keep_te])
+    return row
 
 
 def wrong_pairs(samples: list[dict], batch: int, trials: int = 2000) -> dict:
@@ -314,12 +323,9 @@ def trained_run(run_path: str, train: list[dict], test: list[dict], per_caption:
     mu_tr, mu_te, lv_te = mu_tr.numpy(), mu_te.numpy(), lv_te.numpy()
     ca = {"kl_per_dim_mean": float(np.mean(0.5 * (mu_te ** 2 + np.exp(lv_te) - 1 - lv_te))),
           "sigma_mean": float(np.mean(np.exp(0.5 * lv_te)))}
+    ca.update(attribute_probes(mu_tr, mu_te, a_tr, a_te))
     for k, attr in enumerate(("colour", "shape", "size")):
-        keep_tr = [i for i, a in enumerate(a_tr) if a[k] is not None]
-        keep_te = [i for i, a in enumerate(a_te) if a[k] is not None]
-        ca[f"{attr}_probe_acc"] = probe(mu_tr[keep_tr], [a_tr[i][k] for i in keep_tr], mu_te[keep_te],
-                                        [a_te[i][k] for i in keep_te])
-        ca[f"{attr}_variance_share"] = explained(mu_te[keep_te], [a_te[i][k] for i in keep_te])
+        keep_te = _named(a_te, k)
         # the group means' spread against the noise the CA adds (sigma): signal-to-noise per attribute
         groups = sorted({a_te[i][k] for i in keep_te})
         means = np.stack([mu_te[[i for i in keep_te if a_te[i][k] == g]].mean(0) for g in groups])
