@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 
 import pytest
-
-from conftest import REPO, inspect_run
-from test_slurm import CFG1, STEPS, overrides, reference, sh, wait_done  # noqa: F401 -- reference: a fixture
+from conftest import PY, REPO, committed, inspect_run
+from test_slurm import (  # noqa: F401
+    CFG1,
+    STEPS,
+    job_info,
+    overrides,
+    reference,
+    release_requeued,
+    sh,
+    stepd_alive,  # reference: a fixture
+    wait_done,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -62,3 +73,55 @@ def test_sbatch_two_nodes_matches_torchrun(two_nodes, synth_data, reference, tmp
     assert d["step"] == STEPS and d["world_size"] == 2
     assert d["params_sha256"] == reference
 
+
+
+def test_requeue_moves_the_job_from_two_nodes_to_one(two_nodes, synth_data, tmp_path):
+    """A requeue that lands on fewer nodes: the job (two nodes, one task each) is requeued and held mid-run
+    (`scontrol requeuehold`: SIGTERM, checkpoint, exit 75), shrunk while it pends to one node, one task, one CPU
+    (`scontrol update`), released, and starts again on one node. The run resumes its two-rank checkpoint at
+    world size 1 (train.grad_accum 1 -> 2 keeps the global batch) and ends equal to torchrun resuming a copy of
+    that same checkpoint with one process.
+
+    Why shrink by hand: this Slurm 22.05 starts a `--nodes=1-2` job on one node even with two idle (also with
+    --spread-job or --exclusive), so a range cannot first place the job on two; a pending job's node range is
+    updatable, and the update is what a requeue onto fewer nodes amounts to for the job script."""
+    run, log = tmp_path / "run", str(tmp_path / "job.out")
+    p = sh("sbatch", "--parsable", f"--chdir={REPO}", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+           f"--output={log}", "--job-name=stackgan-2to1", "slurm/train.sbatch", CFG1,
+           *overrides(synth_data, run, STEPS))
+    jid = p.stdout.strip().split(";")[0]
+    try:
+        wait_until(lambda: committed(run, 4) or job_info(jid).get("JobState") not in ("PENDING", "RUNNING"),
+                   "the first checkpoint", jid, log)
+        assert job_info(jid).get("JobState") == "RUNNING" and job_info(jid).get("NumNodes") == "2", job_info(jid)
+        sh("scontrol", "requeuehold", jid)  # SIGTERM to the tasks: checkpoint, exit 75; the job pends, held
+        wait_until(lambda: job_info(jid).get("JobState") == "PENDING" and not stepd_alive(jid),
+                   f"job {jid} to be requeued and its steps to end", jid, log)
+        text = open(log).read()
+        m = re.search(r"checkpoint written at step (\d+)", text)
+        assert m and 4 <= int(m.group(1)) < STEPS, text[-3000:]
+        k = int(m.group(1))
+        ref = tmp_path / "ref"
+        shutil.copytree(run, ref)  # the two-rank checkpoint, before the job touches it again
+        # min_nodes, tasks and CPUs all: Slurm keeps the job's CPU count, which two one-CPU nodes cannot give
+        sh("scontrol", "update", f"JobId={jid}", "NumNodes=1", "NumTasks=1", "NumCPUs=1")
+        sh("scontrol", "release", jid)
+        release_requeued(jid, log)
+        info = wait_done(jid, log)
+    finally:
+        subprocess.run(["scancel", jid], capture_output=True, timeout=60)  # a no-op once it has ended
+    assert info["NumNodes"] == "1" and int(info["Restarts"]) == 1, info
+    text = open(log).read()
+    assert re.search(r"restart 1: 1 task\(s\) on n[12],", text), text[-3000:]
+    assert f"resumed from {run}/checkpoints/step_{k:08d}" in text, text[-3000:]
+    assert "train.grad_accum 1 -> 2 keeps the global batch" in text, text[-3000:]
+    d = inspect_run(run)
+    assert (d["step"], d["world_size"]) == (STEPS, 1), d
+    # the same resume under torchrun, one process, from the copy of the checkpoint the job resumed
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                        "stackgan_dist", "train", CFG1, *overrides(synth_data, ref, STEPS)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert f"step_{k:08d}" in p.stdout + p.stderr
+    assert inspect_run(ref)["params_sha256"] == d["params_sha256"]

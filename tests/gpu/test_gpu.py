@@ -283,3 +283,12 @@ def test_two_rank_nccl_deepspeed_bf16_zero2_sync_bn(data, tmp_path):
     of the CUDA kernels), statistics gathered over NCCL."""
     train(data, tmp_path / "ds2", "train.backend=deepspeed", "train.zero_stage=2", "train.precision=bf16",
           "model.sync_bn=true", nproc=2)
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("hook", ["bf16", "powersgd"])
+def test_two_rank_nccl_ddp_comm_hooks(data, tmp_path, hook):
+    """The communication options of configs/birds and configs/flowers on NCCL (PowerSGD from the first step on,
+    so its compression runs; on CUDA its buckets are not serialised as on gloo)."""
+    train(data, tmp_path / hook, f"distributed.comm_hook={hook}", "distributed.powersgd_start_step=1",
+          "distributed.powersgd_rank=2", "train.precision=bf16", nproc=2, steps=4)
