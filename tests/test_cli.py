@@ -288,9 +288,12 @@ def test_ctrl_c_while_ray_job_submits_is_one_line(tmp_path):
     srv.listen(1)
     port = srv.getsockname()[1]
     e = dict(os.environ, OMP_NUM_THREADS="1")
+    # Ctrl-C as a terminal delivers it: a command started in the background of a non-interactive shell (a CI
+    # script's `cmd &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     p = subprocess.Popen([PY, "launch/ray_job.py", "--address", f"http://127.0.0.1:{port}", "--num-workers", "1",
                           "configs/demo/stage1.yaml", f"run.dir={tmp_path / 'run'}"], cwd=REPO, env=e,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         srv.settimeout(120)
         conn, _ = srv.accept()
