@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import shlex
 import subprocess
@@ -42,7 +41,8 @@ if ROOT not in sys.path:  # `python launch/submitit_job.py` from anywhere: the r
     sys.path.insert(0, ROOT)
 
 from stackgan_dist.checkpoint.signals import EXIT_REQUEUE, last_received  # noqa: E402
-from stackgan_dist.errors import UserError  # noqa: E402
+from stackgan_dist.data.safe_pickle import safe_load  # noqa: E402
+from stackgan_dist.errors import DataError, UserError  # noqa: E402
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED", "SPECIAL_EXIT")  # PREEMPTED: preempt mode CANCEL (with REQUEUE the job pends again)
@@ -233,14 +233,27 @@ def slurm_state(job_id: str) -> str:
     return m.group(1) if m else ""
 
 
+def read_result(path: str) -> tuple[str, object]:
+    """submitit's result file, ``(state, value)``, read as plain data only: it lies in the job folder on shared
+    storage, and a pickle from there must not run code in the launcher (training returns a dict of str and
+    numbers; a failed job's value is a traceback string). -> (state, value); DataError on anything else."""
+    got = safe_load(path)
+    if not (isinstance(got, tuple) and len(got) == 2 and got[0] in ("success", "error")):
+        raise DataError(f"{path}: not a submitit result (expected ('success' | 'error', value))")
+    return got
+
+
 def wait(job, local: bool, timeout_s: float = 0) -> int:
     """Wait for the job's result. submitit reads Slurm state through sacct, which clusters without
     accounting lack, so a job that ended without a result is detected through scontrol here."""
     t0, ended_since = time.monotonic(), 0.0
     while True:
         if job.paths.result_pickle.exists():
-            with job.paths.result_pickle.open("rb") as f:
-                state, value = pickle.load(f)
+            try:
+                state, value = read_result(str(job.paths.result_pickle))
+            except DataError as e:
+                print(f"job {job.job_id}: {e}", file=sys.stderr, flush=True)
+                return 1
             if state == "success":
                 print(f"job {job.job_id} finished: {value}", flush=True)
                 return 0

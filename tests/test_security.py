@@ -380,3 +380,41 @@ def test_deepspeed_engine_files_resume_and_a_tampered_one_runs_no_code(synth_dat
     err = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert len(err) == 1 and "refused to load DeepSpeed engine file" in err[0] and rel in err[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr
+
+
+# -- submitit's result file (launch/submitit_job.py reads it from the job folder on shared storage) ----------
+
+def test_submitit_result_file_is_read_as_plain_data_and_runs_no_code(tmp_path):
+    """Written as submitit writes it (cloudpickle): a finished job's dict and a failed job's traceback load;
+    a result whose value would run a command on loading is refused with one line naming the file, and the
+    command does not run; a pickle that is not a (state, value) pair is refused."""
+    import importlib.util
+
+    from submitit.core.utils import cloudpickle_dump
+
+    from stackgan_dist.errors import DataError
+
+    spec = importlib.util.spec_from_file_location("submitit_job", os.path.join(REPO, "launch", "submitit_job.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    done = ("success", {"stopped": "max_steps", "step": 3})
+    cloudpickle_dump(done, tmp_path / "a_result.pkl")
+    assert job.read_result(str(tmp_path / "a_result.pkl")) == done
+    failed = ("error", "Traceback (most recent call last):\n  ...\nValueError: bad")
+    cloudpickle_dump(failed, tmp_path / "b_result.pkl")
+    assert job.read_result(str(tmp_path / "b_result.pkl")) == failed
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cloudpickle_dump(("success", Evil()), tmp_path / "c_result.pkl")
+    with pytest.raises(DataError) as e:
+        job.read_result(str(tmp_path / "c_result.pkl"))
+    assert "c_result.pkl" in str(e.value) and "refused to load global" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1 and not marker.exists()
+    cloudpickle_dump(["success", 1, 2], tmp_path / "d_result.pkl")
+    with pytest.raises(DataError, match="not a submitit result"):
+        job.read_result(str(tmp_path / "d_result.pkl"))
