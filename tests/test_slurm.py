@@ -111,6 +111,17 @@ def slurm():
     return True
 
 
+def torchrun_train(nproc: int, data, run) -> str:
+    """The launchers' reference path: torchrun, ``nproc`` processes with one thread each, CFG1 on ``data``
+    into ``run`` (a fresh run, or a resume of what is there). -> its stdout and stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                        "stackgan_dist", "train", CFG1, *overrides(data, run)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p.stdout + p.stderr
+
+
 @pytest.fixture(scope="module")
 def reference(synth_data, tmp_path_factory):
     """The uninterrupted run: torchrun, 2 processes, the same config and seed (once per session: the
@@ -119,11 +130,7 @@ def reference(synth_data, tmp_path_factory):
     if cache.is_file():
         return cache.read_text()
     run = tmp_path_factory.mktemp("launcher_ref") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stackgan_dist",
-                        "train", CFG1, *overrides(synth_data, run)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    torchrun_train(2, synth_data, run)
     d = inspect_run(run)
     assert d["step"] == STEPS and d["world_size"] == 2
     cache.write_text(d["params_sha256"])

@@ -14,19 +14,10 @@ import socket
 import subprocess
 
 import pytest
-from conftest import PY, REPO, committed, inspect_run
-from test_slurm import (  # noqa: F401
-    CFG1,
-    STEPS,
-    job_info,
-    overrides,
-    reference,
-    release_requeued,
-    sh,
-    stepd_alive,  # reference: a fixture
-    wait_done,
-    wait_until,
-)
+
+from conftest import REPO, committed, inspect_run
+from test_slurm import (CFG1, STEPS, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
+                        stepd_alive, torchrun_train, wait_done, wait_until)  # reference: a fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -118,10 +109,5 @@ def test_requeue_moves_the_job_from_two_nodes_to_one(two_nodes, synth_data, tmp_
     d = inspect_run(run)
     assert (d["step"], d["world_size"]) == (STEPS, 1), d
     # the same resume under torchrun, one process, from the copy of the checkpoint the job resumed
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                        "stackgan_dist", "train", CFG1, *overrides(synth_data, ref, STEPS)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
-    assert f"step_{k:08d}" in p.stdout + p.stderr
+    assert f"step_{k:08d}" in torchrun_train(1, synth_data, ref)
     assert inspect_run(ref)["params_sha256"] == d["params_sha256"]
