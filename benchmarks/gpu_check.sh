@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command that measures everything a short GPU loan allows.
 #
-#   benchmarks/gpu_check.sh OUTDIR [--phases env,throughput,tests,loader]
+#   benchmarks/gpu_check.sh OUTDIR [--phases env,throughput,tests,loader,comm]
 #
 # Made for a machine that reaches no package registry: the wheels `make gpu-wheels` put into .whl/gpu (on a
 # machine with PyPI) are installed into a scratch folder (pip --no-index --no-deps --target), and the project
@@ -12,16 +12,19 @@
 #               baseline step; then the same compiled                        -> OUTDIR/throughput_*-<tag>.json
 #   tests       pytest tests/gpu                                             -> OUTDIR/tests-<tag>.log
 #   loader      benchmarks/dataloader.py with 16 workers                     -> OUTDIR/dataloader-<tag>.json
+#   comm        PowerSGD's own work per step at the paper widths (benchmarks/hook_work.py), then the scaling
+#               projection of the committed CPU results recomputed with it     -> OUTDIR/hook_work-<tag>.json,
+#               OUTDIR/scaling-projection-<tag>.json and .png
 # and a summary (OUTDIR/gpu-check-<tag>.json and .md; <tag> = device and date, as in benchmarks/results).
-# All phases with the default budgets: under 5 minutes on one H100/H200, the install included.
+# The default budgets add up to 375 s (env 20, throughput 140, tests 110, loader 45, comm 60), plus the install.
 # Without CUDA it stops at once, exit 3, with one line saying so. Exit 0 only when every phase passed.
 set -uo pipefail
 
-usage="usage: benchmarks/gpu_check.sh OUTDIR [--phases env,throughput,tests,loader]"
+usage="usage: benchmarks/gpu_check.sh OUTDIR [--phases env,throughput,tests,loader,comm]"
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 case "$1" in -*) echo "$usage" >&2; exit 2 ;; esac
 out="$1"; shift
-phases="env,throughput,tests,loader"
+phases="env,throughput,tests,loader,comm"
 while [ $# -gt 0 ]; do
   case "$1" in
     --phases) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; phases="$2"; shift 2 ;;
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for p in ${phases//,/ }; do
-  case "$p" in env|throughput|tests|loader) ;; *) echo "gpu_check: unknown phase '$p' (env, throughput, tests, loader)" >&2; exit 2 ;; esac
+  case "$p" in env|throughput|tests|loader|comm) ;; *) echo "gpu_check: unknown phase '$p' (env, throughput, tests, loader, comm)" >&2; exit 2 ;; esac
 done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -76,7 +79,8 @@ d = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
 print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + "-" + d)')"
 
 declare -A budget=([env]="${GPU_CHECK_BUDGET_ENV:-20}" [throughput]="${GPU_CHECK_BUDGET_THROUGHPUT:-140}"
-                   [tests]="${GPU_CHECK_BUDGET_TESTS:-110}" [loader]="${GPU_CHECK_BUDGET_LOADER:-45}")
+                   [tests]="${GPU_CHECK_BUDGET_TESTS:-110}" [loader]="${GPU_CHECK_BUDGET_LOADER:-45}"
+                   [comm]="${GPU_CHECK_BUDGET_COMM:-60}")
 status_file="$out/phases-$tag.tsv"
 : >"$status_file"
 failed=0
@@ -157,7 +161,19 @@ phase_loader() {
   return $rc
 }
 
-for p in env throughput tests loader; do
+phase_comm() {  # the projection's estimated input, measured; then the projection again with it
+  local cpu_json="$repo/benchmarks/results/${SCALING_CPU_JSON:-scaling-2-core-cpu-shared-2026-12-02.json}"
+  "$py" "$repo/benchmarks/hook_work.py" --device cuda --json "$out/hook_work-$tag.json" \
+    >"$out/hook_work-$tag.log" 2>&1 || { tail -n 3 "$out/hook_work-$tag.log" | sed 's/^/  /'; return 1; }
+  "$py" "$repo/benchmarks/scaling.py" --from-json "$cpu_json" --hook-work-json "$out/hook_work-$tag.json" \
+    --json "$out/scaling-projection-$tag.json" --plot "$out/scaling-projection-$tag.png" \
+    >"$out/scaling-projection-$tag.md" 2>"$out/scaling-projection-$tag.log"
+  local rc=$?
+  grep '^- Stage' "$out/scaling-projection-$tag.md" | sed 's/^/  /'
+  return $rc
+}
+
+for p in env throughput tests loader comm; do
   case ",$phases," in *",$p,"*) ;; *) continue ;; esac
   b=${budget[$p]}
   t0=$(date +%s.%N)
@@ -210,6 +226,13 @@ dl = res.get("dataloader", {}).get("dataloader")
 if dl:
     lines += ["", f"loader (Stage II, {dl['workers']} workers): ours {dl.get('ours_total', 0):.0f} samples/s total, "
                   f"{dl['ours_per_worker']:.0f} per worker; reference {dl.get('reference_total', 0):.0f} total"]
+sp = res.get("scaling-projection", {}).get("projection")
+if sp:
+    lines += ["", "scaling projection, PowerSGD work measured here (64 GPUs, 25 GB/s between nodes; a MODEL):"]
+    lines += [f"- Stage {st}: {c['hook']}{' rank ' + str(c['rank']) if c['hook'] == 'powersgd' else ''}, bucket "
+              f"{c['bucket_cap_mb']:g} MB, {c['algo']}: efficiency {c['efficiency']:.2f} "
+              f"({'meets' if c['meets_target'] else 'MISSES'} 0.8; hook work {c['hook_ms']:.2f} ms)"
+              for st, c in sorted(sp["chosen"].items())]
 open(os.path.join(out, f"gpu-check-{tag}.md"), "w").write("\n".join(lines) + "\n")
 EOF
 echo "gpu_check: $( [ $failed -eq 0 ] && echo 'all phases passed' || echo 'some phases FAILED' ) in $total s; summary: $out/gpu-check-$tag.md"

@@ -448,9 +448,16 @@ def t_allreduce(nbytes: int, n: int, algo: str, inter_GBps: float) -> float:
             + 2 * ((g - 1) * li + math.ceil(math.log2(nodes)) * lx))
 
 
-def hook_work_gpu(modules, hook: str, cap_mb: float, rank: int) -> float:
+def hook_work_gpu(modules, hook: str, cap_mb: float, rank: int, stage: int = 0, measured: dict | None = None) -> float:
+    """PowerSGD's own work per step on the GPU: measured (``measured``: (stage, rank, bucket_cap_mb) -> s, from
+    hook_work.py's JSON) or, without a measurement, MODEL_ASSUMPTIONS' estimate."""
     if hook != "powersgd":
         return 0.0
+    if measured is not None:
+        key = (stage, rank, float(cap_mb))
+        if key not in measured:
+            raise KeyError(f"PowerSGD hook work not measured for stage {stage}, rank {rank}, bucket_cap_mb {cap_mb:g}")
+        return measured[key]
     shapes = powersgd_shapes(modules, rank)
     nb = sum(len(buckets_of(m, cap_mb)) for m in modules)
     flops = sum(6 * n * m * r for n, m, r in shapes)
@@ -458,7 +465,7 @@ def hook_work_gpu(modules, hook: str, cap_mb: float, rank: int) -> float:
 
 
 def predict(stage: int, n: int, opt: dict, overlap: float, flops_img: float, inter_GBps: float,
-            modules=None) -> dict:
+            modules=None, hook_work: dict | None = None) -> dict:
     """Step time and efficiency at ``n`` GPUs with options ``opt`` (hook, bucket_cap_mb, algo, rank)."""
     A = MODEL_ASSUMPTIONS
     modules = modules or paper_modules(stage)
@@ -468,7 +475,8 @@ def predict(stage: int, n: int, opt: dict, overlap: float, flops_img: float, int
                   for mod in colls]
     t_comm = sum(sum(m) for m in per_bucket)
     t_tail = sum(m[-1] for m in per_bucket if m)  # each module's last bucket: after its backward
-    t_hook = hook_work_gpu(modules, opt["hook"], opt["bucket_cap_mb"], opt.get("rank", 1)) if n > 1 else 0.0
+    t_hook = (hook_work_gpu(modules, opt["hook"], opt["bucket_cap_mb"], opt.get("rank", 1), stage, hook_work)
+              if n > 1 else 0.0)
     bn_bytes = sum(b.numel() * 4 for mod in modules for b in mod.buffers() if b.is_floating_point())
     t_bn = t_allreduce(bn_bytes, n, opt["algo"], inter_GBps)
     work = t_comm + t_hook
@@ -482,7 +490,8 @@ def predict(stage: int, n: int, opt: dict, overlap: float, flops_img: float, int
 
 
 def projection(stage: int, grad_bytes: int, inter_node_GBps: list[float], sizes: list[int],
-               opt: dict | None = None, overlap: float = 0.0, flops_img: float | None = None) -> list[dict]:
+               opt: dict | None = None, overlap: float = 0.0, flops_img: float | None = None,
+               hook_work: dict | None = None) -> list[dict]:
     """Efficiency rows over ``sizes`` GPUs (default options: today's: no hook, DDP's default buckets, ring).
     ``grad_bytes`` scales the paper model's gradients (the suite's call passes the paper's own)."""
     opt = opt or {"hook": "none", "bucket_cap_mb": 0.0, "algo": "ring", "rank": 1}
@@ -492,7 +501,7 @@ def projection(stage: int, grad_bytes: int, inter_node_GBps: list[float], sizes:
     rows = []
     for bw in inter_node_GBps:
         for n in sizes:
-            r = predict(stage, n, opt, overlap, flops_img, bw, modules)
+            r = predict(stage, n, opt, overlap, flops_img, bw, modules, hook_work)
             if scale != 1.0:  # a hypothetical model of another size: communication scaled with it
                 t_comp = r["compute_ms"]
                 exposed = r["exposed_ms"] * scale
@@ -502,7 +511,7 @@ def projection(stage: int, grad_bytes: int, inter_node_GBps: list[float], sizes:
 
 
 def choose(stage: int, overlaps: dict, flops_img: float, ranks=(1, 2, 4, 8), caps=(0.0, 5.0, 25.0, 100.0, 400.0),
-           algos=("ring", "hierarchical")) -> dict:
+           algos=("ring", "hierarchical"), hook_work: dict | None = None) -> dict:
     """The least lossy option that reaches the target (no compression before bf16 before fp16 before PowerSGD,
     and PowerSGD's highest rank); when none does, the most efficient. -> the chosen row and every row."""
     modules = paper_modules(stage)
@@ -513,7 +522,7 @@ def choose(stage: int, overlaps: dict, flops_img: float, ranks=(1, 2, 4, 8), cap
             for cap in caps:
                 opt = {"hook": hook, "bucket_cap_mb": cap, "algo": algo, "rank": rank}
                 r = predict(stage, TARGET["gpus"], opt, overlaps.get(hook, 0.0), flops_img, TARGET["inter_node_GBps"],
-                            modules)
+                            modules, hook_work)
                 r["order"] = order
                 rows.append(r)
     ok = [r for r in rows if r["efficiency"] >= TARGET["efficiency"]]
@@ -524,7 +533,7 @@ def choose(stage: int, overlaps: dict, flops_img: float, ranks=(1, 2, 4, 8), cap
 
 # -- output --------------------------------------------------------------------------------------------
 
-def plot(measured: list[dict], validation: list[dict], proj: list[dict], path: str) -> None:
+def plot(measured: list[dict], validation: list[dict], proj: list[dict], path: str, hook_note: str = "estimated") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -561,7 +570,7 @@ def plot(measured: list[dict], validation: list[dict], proj: list[dict], path: s
                                 f"{A['gpus_per_node']} GPUs/node, NVLink {A['intra_node_busbw_GBps']:g} GB/s, "
                                 f"{TARGET['inter_node_GBps']:g} GB/s between nodes; latency "
                                 f"{A['latency_us_intra']:g}/{A['latency_us_inter']:g} us per hop;\noverlap measured "
-                                "on CPU where resolved, else 0; PowerSGD hook work estimated"))
+                                f"on CPU where resolved, else 0; PowerSGD hook work {hook_note}"))
     ax.legend(fontsize=6.5, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -633,6 +642,51 @@ def _group(proj):
     return out
 
 
+SIZES = [8, 16, 32, 64, 128, 256, 512]
+
+
+def project(ov: dict, flops: dict, inter_node_GBps: list[float], hook_work: dict | None = None) -> tuple[dict, list]:
+    """Per stage: the option ``choose`` picks and the rows over SIZES of it ("chosen") and of no option ("today")."""
+    chosen, proj = {}, []
+    for st in (1, 2):
+        c = choose(st, ov[st], flops[st], hook_work=hook_work)
+        chosen[st] = c
+        today = {"hook": "none", "bucket_cap_mb": 0.0, "algo": "ring", "rank": 1}
+        pick = {k: c["chosen"][k] for k in ("hook", "bucket_cap_mb", "algo", "rank")}
+        for kind, opt in (("today", today), ("chosen", pick)):
+            for r in projection(st, paper_grad_bytes(st), inter_node_GBps, SIZES, opt,
+                                ov[st].get(opt["hook"], 0.0), flops[st], hook_work):
+                r["kind"] = kind
+                proj.append(r)
+    return chosen, proj
+
+
+def load_hook_work(path: str) -> tuple[dict, str]:
+    """hook_work.py's JSON -> ({(stage, rank, bucket_cap_mb): seconds}, a line saying where it was measured)."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    table = {(int(r["stage"]), int(r["rank"]), float(r["bucket_cap_mb"])): float(r["t_hook_ms"]) / 1e3
+             for r in data["rows"]}
+    return table, (f"measured on {data['device']} ({data['date']}, commit {data['commit']}) by benchmarks/hook_work.py "
+                   f"({os.path.basename(path)}): {data['method']}")
+
+
+def reproject(data: dict, hook_work: dict, note: str, inter_node_GBps: list[float]) -> dict:
+    """A scaling results JSON with its projection recomputed from its own measured inputs (overlap, FLOPs) and
+    PowerSGD's hook work measured on a GPU instead of estimated."""
+    pr = data["projection"]
+    ov = {int(k): v for k, v in pr["overlap_used"].items()}
+    flops = {int(k): float(v) for k, v in pr["flops_per_img_paper"].items()}
+    chosen, proj = project(ov, flops, inter_node_GBps, hook_work)
+    pr.update(assumptions={**pr["assumptions"], "powersgd_hook_work": note}, hook_work_measured=True,
+              chosen={str(st): {"meets_target": c["meets_target"], **c["chosen"]} for st, c in chosen.items()},
+              candidates={str(st): c["candidates"] for st, c in chosen.items()},
+              rows=[r for r in proj if r["kind"] == "chosen"], rows_today=[r for r in proj if r["kind"] == "today"])
+    return data
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-procs", type=int, default=2)
@@ -660,16 +714,25 @@ def main(argv=None) -> dict:
     p.add_argument("--plot", default="")
     p.add_argument("--md", default="", help="write the markdown section here")
     p.add_argument("--from-json", default="", help="no measurement: the markdown section of a results JSON")
+    p.add_argument("--hook-work-json", default="",
+                   help="with --from-json: recompute its projection with PowerSGD's work measured by hook_work.py")
     a = p.parse_args(argv)
+    if a.hook_work_json and not a.from_json:
+        p.error("--hook-work-json recomputes the projection of --from-json's results; give both")
     if a.from_json:
         import json
 
         with open(a.from_json) as f:
             data = json.load(f)
+        if a.hook_work_json:
+            table, note = load_hook_work(a.hook_work_json)
+            data = reproject(data, table, note, a.inter_node_GBps)
+            common.write_json(data, a.json)
         text = markdown(data)
         if a.plot:
             plot(data["measured"], data["validation"]["rows"],
-                 data["projection"]["rows"] + data["projection"].get("rows_today", []), a.plot)
+                 data["projection"]["rows"] + data["projection"].get("rows_today", []), a.plot,
+                 hook_note="measured on a GPU" if data["projection"].get("hook_work_measured") else "estimated")
         if a.md:
             with open(a.md, "w") as f:
                 f.write(text)
@@ -687,18 +750,7 @@ def main(argv=None) -> dict:
     ov = {st: {m["hook"]: m["overlap_for_projection"] for m in two_rows if m["stage"] == st} for st in (1, 2)}
     for st in (1, 2):
         ov[st] = ov[st] or ov[3 - st]
-    sizes = [8, 16, 32, 64, 128, 256, 512]
-    chosen, proj = {}, []
-    for st in (1, 2):
-        c = choose(st, ov[st], flops[st])
-        chosen[st] = c
-        today = {"hook": "none", "bucket_cap_mb": 0.0, "algo": "ring", "rank": 1}
-        pick = {k: c["chosen"][k] for k in ("hook", "bucket_cap_mb", "algo", "rank")}
-        for kind, opt in (("today", today), ("chosen", pick)):
-            for r in projection(st, paper_grad_bytes(st), a.inter_node_GBps, sizes, opt,
-                                ov[st].get(opt["hook"], 0.0), flops[st]):
-                r["kind"] = kind
-                proj.append(r)
+    chosen, proj = project(ov, flops, a.inter_node_GBps)
     # weak-scaling points of the default option (no hook), kept in the suite's shape
     measured = [{"workers": 1, "step_ms_p50": 1e3 * one[1]["step_s"],
                  "img_per_s_per_worker": one[1]["batch_per_worker"] / one[1]["step_s"],

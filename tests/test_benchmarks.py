@@ -142,6 +142,50 @@ def test_scaling_projection_model():
     assert scaling.paper_grad_bytes(2) > scaling.paper_grad_bytes(1) > 0
 
 
+def test_hook_work_measures_powersgd_and_the_projection_uses_it(tmp_path):
+    """hook_work.py times torch's PowerSGD hook (as wrap.comm_hook_for makes it) in a world-size-1 DDP, for
+    every rank and bucket cap the projection searches; scaling.py --from-json --hook-work-json recomputes the
+    committed CPU results' projection with those times in place of the estimate."""
+    import scaling
+
+    hw = tmp_path / "hook_work.json"
+    ranks, caps = ["1", "2", "4", "8"], ["0", "5", "25", "100", "400"]
+    p = subprocess.run([PY, os.path.join(BENCH, "hook_work.py"), "--device", "cpu", "--gf-dim", "8", "--df-dim", "4",
+                        "--condition-dim", "8", "--z-dim", "8", "--text-dim", "16", "--warmup", "0", "--steps", "2",
+                        "--ranks", *ranks, "--caps", *caps, "--json", str(hw)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(hw.read_text())
+    assert {(r["stage"], r["rank"], r["bucket_cap_mb"]) for r in data["rows"]} == \
+        {(s, int(r), float(c)) for s in (1, 2) for r in ranks for c in caps}
+    for r in data["rows"]:
+        assert r["t_hook_ms"] == pytest.approx(sum(m["t_hook_ms"] for m in r["modules"].values()))
+        for m in r["modules"].values():
+            assert m["buckets"] >= 1 and m["compression_rate"] > 1  # PowerSGD ran, past its warm-up
+            assert m["t_hook_ms"] == max(0.0, m["t_hook_raw_ms"])
+
+    src = os.path.join(BENCH, "results", "scaling-2-core-cpu-shared-2026-12-02.json")
+    out = tmp_path / "proj.json"
+    p = subprocess.run([PY, os.path.join(BENCH, "scaling.py"), "--from-json", src, "--hook-work-json", str(hw),
+                        "--json", str(out), "--plot", str(tmp_path / "proj.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pr = json.loads(out.read_text())["projection"]
+    assert pr["hook_work_measured"] and "hook_work.py" in pr["assumptions"]["powersgd_hook_work"]
+    table, _ = scaling.load_hook_work(str(hw))
+    for st in ("1", "2"):
+        for r in pr["candidates"][st]:  # every PowerSGD candidate carries the measured time, no other one any
+            want = table[(int(st), r["rank"], float(r["bucket_cap_mb"]))] if r["hook"] == "powersgd" else 0.0
+            assert r["hook_ms"] == pytest.approx(1e3 * want)
+            assert r["efficiency"] == pytest.approx(r["compute_ms"] / (r["compute_ms"] + r["exposed_ms"]))
+    assert (tmp_path / "proj.png").stat().st_size > 0
+    with pytest.raises(KeyError, match="not measured for stage 1, rank 3"):
+        scaling.hook_work_gpu(scaling.paper_modules(1), "powersgd", 25.0, 3, 1, table)
+    p = subprocess.run([PY, os.path.join(BENCH, "scaling.py"), "--hook-work-json", str(hw)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "give both" in p.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_suite_tiny_end_to_end(tmp_path):
     """run_suite.py --tiny: every benchmark script in its own process, JSON + markdown + scaling plot."""
