@@ -263,3 +263,50 @@ def test_deepspeed_maps_bf16_hook_and_bucket_size(tmp_path):
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
         _worker(sys.argv[2])
+
+
+RESCALE = r"""
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from stackgan_dist.config import DistributedConfig
+from stackgan_dist.distributed.wrap import DDPPhase, comm_hook_for
+
+torch.manual_seed(0)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+w = nn.parallel.DistributedDataParallel(m)
+d = DistributedConfig()
+d.comm_hook, d.powersgd_rank, d.powersgd_start_step = "powersgd", 1, 2
+hook, state = comm_hook_for(d, serialize=True)
+w.register_comm_hook(state, hook)
+scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)  # doubles after every clean step
+phase = DDPPhase("g", w, m, torch.optim.Adam(m.parameters(), lr=1e-3), torch.device("cpu"), scaler, state)
+x = torch.randn(8, 16)
+rows = []
+for i in range(5):
+    phase.backward(w(x).pow(2).mean())
+    err = {k: v.clone() for k, v in state.error_dict.items()}
+    s0 = scaler.get_scale()
+    phase.step()
+    rows.append({"scale_ratio": scaler.get_scale() / s0, "buckets": len(err),
+                 "rescaled": all(torch.equal(state.error_dict[k], v * 2) for k, v in err.items()),
+                 "nonzero": all(bool(v.abs().sum() > 0) for v in err.values())})
+dist.destroy_process_group()
+print(json.dumps(rows))
+"""
+
+
+def test_fp16_loss_scale_change_rescales_powersgd_error_feedback(tmp_path):
+    """A world-size-1 DDP with PowerSGD and a GradScaler whose scale doubles after every clean step: once PowerSGD
+    has error to feed back, each step's scale change multiplies that error by the same factor, so error feedback
+    stays in the units of the next step's scaled gradients."""
+    import json
+
+    p = subprocess.run([PY, "-c", RESCALE, str(tmp_path / "store")], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert all(r["scale_ratio"] == 2.0 for r in rows)
+    with_error = [r for r in rows if r["buckets"]]
+    assert len(with_error) >= 2 and all(r["nonzero"] and r["rescaled"] for r in with_error), rows

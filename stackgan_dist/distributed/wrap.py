@@ -20,7 +20,8 @@ only when a module's reducer fires: never under ``no_sync`` (accumulation micro-
 gradients; the hook sees the accumulated sum once) and never in G's phase for D (unwrapped D). PowerSGD's
 error feedback and warm-start memory are per-rank state that is not checkpointed: a resumed (or resized) run
 starts with plain all-reduce for ``powersgd_start_step`` steps again, then fresh error feedback; a step the
-guard skips clears that state too (it would carry the NaN into every later step). On CPU (gloo) PowerSGD
+guard skips clears that state too (it would carry the NaN into every later step), and with fp16 loss scaling a
+change of the scale rescales the error it keeps (``rescale_powersgd_error``). On CPU (gloo) PowerSGD
 runs one bucket at a time (``_one_bucket_at_a_time``: torch's hook deadlocks gloo with two in flight).
 
 The non-finite guard decides on the device: the optimizer step is skipped through fused Adam's
@@ -189,6 +190,15 @@ def reset_powersgd(state) -> None:
     state.q_memory_dict.clear()
 
 
+def rescale_powersgd_error(state, factor: float) -> None:
+    """After the loss scale changed by ``factor``: the next step's gradients are scaled by the new scale, so the
+    error PowerSGD kept (the part of the last scaled gradients its approximation left out) is rescaled with them;
+    without this a scale growth halves, a backoff doubles, what error feedback adds back."""
+    if factor != 1.0:
+        for e in state.error_dict.values():
+            e.mul_(factor)
+
+
 class Phase:
     """One side of the GAN update: the module the step calls (maybe wrapped), the unwrapped module, its
     optimizer and scaler, and how backward, gradient sync and the optimizer step run on this backend.
@@ -243,10 +253,15 @@ class DDPPhase(Phase):
     def step(self) -> None:
         opt = self.optimizer
         if self.scaler is not None:
+            # PowerSGD's error feedback is kept in units of the loss scale it was computed at: read the scale
+            # before and after the update (host reads, only with PowerSGD, whose hook already synchronises)
+            before = self.scaler.get_scale() if self.powersgd is not None else None
             self.scaler.step(opt)  # unscales and skips on inf/nan (sync-free with a fused optimizer)
             found = sum(v.float() for v in self.scaler._found_inf_per_device(opt).values())
             self.skipped += found
             self.scaler.update()
+            if before is not None:
+                rescale_powersgd_error(self.powersgd, self.scaler.get_scale() / before)
         else:
             # DDP already all-reduced the gradients: a NaN on any rank is a NaN on all, so all skip
             found = nonfinite_flag([p for g in opt.param_groups for p in g["params"]])
