@@ -21,16 +21,16 @@ import os
 import tempfile
 import time
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # also puts the repo on sys.path
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from scaling import PAPER
+
 from stackgan_dist.config import Config, DistributedConfig
 from stackgan_dist.distributed.wrap import comm_hook_for
 from stackgan_dist.models.build import build_models
-
-PAPER = {"gf_dim": 128, "df_dim": 64, "condition_dim": 128, "z_dim": 100, "text_dim": 1024}
 
 
 class EveryParameter(nn.Module):
@@ -74,12 +74,6 @@ def _step(w, s: torch.Tensor, device: torch.device) -> float:
     return dt
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def measure_module(module: nn.Module, rank: int, cap_mb: float, start_step: int, warmup: int, steps: int,
                    device: torch.device) -> dict:
     dcfg = DistributedConfig()
@@ -97,10 +91,11 @@ def measure_module(module: nn.Module, rank: int, cap_mb: float, start_step: int,
     state = psgd[1]
     assert state.iter > start_step, "PowerSGD never started: the measurement would time plain all-reduce"
     compress_rate = state.compression_stats()[0]
-    raw = median(t_psgd) - median(t_noop)
+    med_psgd, med_noop = common.percentile(t_psgd, 0.5), common.percentile(t_noop, 0.5)
+    raw = med_psgd - med_noop
     return {"rank": rank, "bucket_cap_mb": cap_mb, "buckets": len(state.error_dict),
             "params": sum(p.numel() for p in module.parameters()), "compression_rate": compress_rate,
-            "t_powersgd_step_ms": 1e3 * median(t_psgd), "t_noop_step_ms": 1e3 * median(t_noop),
+            "t_powersgd_step_ms": 1e3 * med_psgd, "t_noop_step_ms": 1e3 * med_noop,
             "t_hook_raw_ms": 1e3 * raw, "t_hook_ms": 1e3 * max(0.0, raw)}
 
 

@@ -661,6 +661,14 @@ def project(ov: dict, flops: dict, inter_node_GBps: list[float], hook_work: dict
     return chosen, proj
 
 
+def projection_fields(chosen: dict, proj: list) -> dict:
+    """``project``'s result as the results JSON keeps it under "projection"."""
+    return {"chosen": {str(st): {"meets_target": c["meets_target"], **c["chosen"]} for st, c in chosen.items()},
+            "candidates": {str(st): c["candidates"] for st, c in chosen.items()},
+            # rows: the chosen options (what run_suite.py tabulates); rows_today: no options
+            "rows": [r for r in proj if r["kind"] == "chosen"], "rows_today": [r for r in proj if r["kind"] == "today"]}
+
+
 def load_hook_work(path: str) -> tuple[dict, str]:
     """hook_work.py's JSON -> ({(stage, rank, bucket_cap_mb): seconds}, a line saying where it was measured)."""
     import json
@@ -681,9 +689,7 @@ def reproject(data: dict, hook_work: dict, note: str, inter_node_GBps: list[floa
     flops = {int(k): float(v) for k, v in pr["flops_per_img_paper"].items()}
     chosen, proj = project(ov, flops, inter_node_GBps, hook_work)
     pr.update(assumptions={**pr["assumptions"], "powersgd_hook_work": note}, hook_work_measured=True,
-              chosen={str(st): {"meets_target": c["meets_target"], **c["chosen"]} for st, c in chosen.items()},
-              candidates={str(st): c["candidates"] for st, c in chosen.items()},
-              rows=[r for r in proj if r["kind"] == "chosen"], rows_today=[r for r in proj if r["kind"] == "today"])
+              **projection_fields(chosen, proj))
     return data
 
 
@@ -781,12 +787,7 @@ def main(argv=None) -> dict:
                           "flops_per_img_paper": {str(k): v for k, v in flops.items()},
                           "flops_source": a.paper_flops, "overlap_used": {str(k): v for k, v in ov.items()},
                           "grad_bytes_paper": {"1": paper_grad_bytes(1), "2": paper_grad_bytes(2)},
-                          "chosen": {str(st): {"meets_target": c["meets_target"], **c["chosen"]}
-                                     for st, c in chosen.items()},
-                          "candidates": {str(st): c["candidates"] for st, c in chosen.items()},
-                          # rows: the chosen options (what run_suite.py tabulates); rows_today: no options
-                          "rows": [r for r in proj if r["kind"] == "chosen"],
-                          "rows_today": [r for r in proj if r["kind"] == "today"]}}
+                          **projection_fields(chosen, proj)}}
     common.write_json(out, a.json)
     if a.md:
         with open(a.md, "w") as f:
