@@ -275,3 +275,27 @@ def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
     p = subprocess.run(["make", "test-gpu", f"GPU_OUT={tmp_path / 'gc'}"], capture_output=True, text=True,
                        timeout=120, cwd=REPO, env=dict(clean, PATH="/usr/bin:/bin"))
     assert p.returncode != 0 and "gpu_check: no CUDA device" in p.stderr, p.stderr
+
+
+def test_demo_targets_run_the_measured_recipes():
+    """`make demo` and `make demo-shape` are one pipeline with the overrides README "Demo results" measured:
+    the shape recipe is Stage-I at 2 x 64 for 5,000 steps and Stage-II with replicate padding, each under its
+    own run directory, and both targets score Stage-I and Stage-II on the held-out captions."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    recipes = {}
+    for target in ("demo", "demo-shape"):
+        p = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/bin/.core", target],
+                           capture_output=True, text=True, timeout=60, cwd=REPO, env=clean)
+        assert p.returncode == 0, p.stderr
+        recipes[target] = [ln.split() for ln in p.stdout.splitlines()]
+    for target, run, s1, s2 in (("demo", "runs/demo", [], []),
+                                ("demo-shape", "runs/demo-shape", ["train.batch_size=64", "train.max_steps=5000"],
+                                 ["model.g_padding=replicate"])):
+        train = [ln for ln in recipes[target] if "train" in ln and "-m" in ln]
+        assert [ln[ln.index("train") + 1] for ln in train] == ["configs/demo/stage1.yaml", "configs/demo/stage2.yaml"]
+        one, two = (ln[ln.index("train") + 2:] for ln in train)
+        assert one == [f"run.dir={run}/stage1", *s1], one
+        assert two == [f"run.dir={run}/stage2", f"model.stage1_checkpoint={run}/stage1", *s2], two
+        evals = [ln for ln in recipes[target] if ln[1:2] == ["eval"]]
+        assert [(ln[2], ln[-1]) for ln in evals] == [(f"{run}/stage1", f"{run}/eval_stage1.json"),
+                                                     (f"{run}/stage2", f"{run}/eval.json")], evals
