@@ -49,8 +49,8 @@ endef
 demo: $(BIN)/.core
 	$(call demo_pipeline,$(DEMO_RUN),,)
 
-# the recipe that learns shape as well, about 35 minutes on 2 cores: Stage-I at a per-worker batch of 64 for 5,000
-# steps, Stage-II with replicate padding (README "Demo results", docs/demo-shape.md section A)
+# the recipe that learns shape as well, about 40 minutes on 2 cores (38 min 29 s measured): Stage-I at a per-worker
+# batch of 64 for 5,000 steps, Stage-II with replicate padding (README "Demo results", docs/demo-shape.md A and B)
 demo-shape: $(BIN)/.core
 	$(call demo_pipeline,$(DEMO_SHAPE_RUN),train.batch_size=64 train.max_steps=5000,model.g_padding=replicate)
 

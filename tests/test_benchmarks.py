@@ -254,11 +254,16 @@ def test_gpu_check_usage_errors():
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
 
 
+def _make_env() -> dict:
+    """The environment of `make` as from a shell, also when this test runs under `make test` (a nested make
+    prints "Entering directory" and inherits the outer make's flags)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+
+
 def test_gpu_make_targets_never_see_the_cpu_torch_constraint(tmp_path):
     """The Makefile exports PIP_CONSTRAINT (the CPU torch) to every recipe: test-gpu and gpu-wheels unset it
     first; test-gpu installs nothing from a registry and runs the GPU check with the system python."""
-    # as from a shell, also when this test runs under `make test` (a nested make prints "Entering directory")
-    clean = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    clean = _make_env()
     for target in ("test-gpu", "gpu-wheels"):
         p = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/bin/.full", "-o", ".venv/bin/.core",
                             target, f"GPU_OUT={tmp_path}"], capture_output=True, text=True, timeout=60, cwd=REPO,
@@ -281,7 +286,7 @@ def test_demo_targets_run_the_measured_recipes():
     """`make demo` and `make demo-shape` are one pipeline with the overrides README "Demo results" measured:
     the shape recipe is Stage-I at 2 x 64 for 5,000 steps and Stage-II with replicate padding, each under its
     own run directory, and both targets score Stage-I and Stage-II on the held-out captions."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    clean = _make_env()
     recipes = {}
     for target in ("demo", "demo-shape"):
         p = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/bin/.core", target],
