@@ -381,11 +381,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     flags = [x for x in extra if x.startswith("--")]
-    hints = [h for h in (_flag_as_key(argv, f) for f in flags) if h]
+    takes_overrides = hasattr(args, "overrides")  # train (and commands like it) take key=value overrides
+    hints = [h for h in (_flag_as_key(argv, f) for f in flags) if h] if takes_overrides else []
     if hints:  # a config key written as a flag: say how to write it
-        stray = {h.split("=", 1)[1] for h in hints}
-        if args.cmd == "train":  # the flag's value was taken as an override or the config
-            args.overrides = [o for o in args.overrides if o not in stray]
         _subparser(parser, args).error(
             f"unrecognized arguments: {' '.join(flags)}; config keys are set as key=value: write {' '.join(hints)}")
     if extra:  # key=value overrides may come after flags (`train CONFIG --fresh a=b`)

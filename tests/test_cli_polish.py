@@ -43,6 +43,8 @@ def test_a_config_key_written_as_a_flag_gets_its_key_value_form(capsys, argv, hi
 def test_an_unknown_flag_that_is_no_config_key_gets_no_hint(capsys):
     rc, _, err = _run(capsys, "train", os.path.join(REPO, "configs", "demo", "stage1.yaml"), "--frobnicate")
     assert rc == 2 and "unrecognized arguments: --frobnicate" in err and "write" not in err
+    rc, _, err = _run(capsys, "eval", "somerun", "--data", "d", "--max-steps", "3")  # eval takes no overrides
+    assert rc == 2 and "unrecognized arguments: --max-steps 3" in err and "train.max_steps" not in err
 
 
 def test_a_directory_as_the_config_lists_its_yaml_files(capsys, tmp_path):
