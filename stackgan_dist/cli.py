@@ -127,7 +127,9 @@ def _cmd_sample(a) -> int:
     check_output_path(a.out, "--out", (".png",))
     run = load_run(a.run)
     if a.from_data:
-        a.text, emb = _test_captions(run, a.data, a.n)
+        from .from_data import captions_from_split
+
+        a.text, emb = captions_from_split(run, a.data, a.n)
     elif a.embeddings:
         emb = torch.from_numpy(_load_embeddings(a.embeddings, run.model_config.text_dim))
         a.text = [f"embedding {i} of {os.path.basename(a.embeddings)}" for i in range(emb.shape[0])]
@@ -159,43 +161,6 @@ def _cmd_sample(a) -> int:
                       "captions": a.text,
                       "rows": "stage-I, stage-II per caption" if run.stage == 2 else "stage-I per caption"}))
     return 0
-
-
-def _run_test_split(run) -> str:
-    """``data.test`` of the run's own config.yaml (read as any config: safe YAML, validated, size-bounded)."""
-    from .config import load_config
-    from .inference import run_dir_of
-
-    root = run_dir_of(run.path)
-    cfg_file = os.path.join(root, "config.yaml") if root else ""
-    if not cfg_file or not os.path.isfile(cfg_file) or os.path.getsize(cfg_file) > 1 << 20:
-        raise UserError(f"{run.path} has no readable run config.yaml beside its checkpoints to name its test split; "
-                        "give the split with --data DIR")
-    test = load_config(cfg_file).data.test
-    if not test:
-        raise UserError(f"the run's config {cfg_file} sets no data.test; give the split with --data DIR")
-    return test
-
-
-def _test_captions(run, data: str, n: int):
-    """The first ``n`` samples of a test split (the run's own unless ``data``): their first captions and the
-    embeddings the model was trained on (stored, or embedded as in training)."""
-    import torch
-
-    from .data.device_text import caption_embedder
-    from .data.index import resolve_dataset
-    from .data.reader import read_batches
-
-    info = resolve_dataset(data or _run_test_split(run), key="--data" if data else "the run's data.test")
-    if info.text_dim != run.model_config.text_dim:
-        raise UserError(f"data {info.root or data} has text_dim {info.text_dim}, the model expects "
-                        f"{run.model_config.text_dim}: it was trained on other data")
-    if info.num_samples < 1:
-        raise UserError(f"the test split {info.root or data} holds no samples")
-    embed = caption_embedder(info.manifest, torch.device("cpu"))
-    b = next(read_batches(info, run.stage, min(n, info.num_samples), embed=embed))
-    captions = [c or f"sample {k}" for c, k in zip(b["caption"], b["key"])]
-    return captions, b["text"].float().cpu()
 
 
 def _cmd_eval(a) -> int:

@@ -137,6 +137,20 @@ def test_sample_from_data_labels_the_grid_with_the_test_captions(capsys, tiny_ru
     assert rc == 2 and "--from-data" in err
 
 
+def test_sample_from_data_runs_no_command_named_by_the_run(capsys, tiny_run, tmp_path):
+    """A run's config.yaml is untrusted: a ``pipe:`` data.test in a copied run is refused, not run."""
+    import shutil
+
+    copy = tmp_path / "copied"
+    shutil.copytree(tiny_run, copy)
+    marker = tmp_path / "ran"
+    cfg = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(cfg.replace("test: ", f"test: 'pipe:touch {marker}; cat' # ", 1))
+    rc, _, err = _run(capsys, "sample", str(copy), "--from-data", "--out", str(tmp_path / "g.png"))
+    assert rc == 2 and "--data" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+
+
 def test_eval_on_data_without_caption_labels_suggests_fid_and_is(capsys, tiny_run, tmp_path):
     from PIL import Image
 
