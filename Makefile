@@ -45,12 +45,12 @@ define demo_pipeline
 	$(BIN)/stackgan eval $(1)/stage2 --data $(DEMO_DATA)/test --metrics caption --out $(1)/eval.json
 endef
 
-# the 15-minute demo: colour, not yet shape (README "Demo results")
+# the 15-minute demo: colour, not yet shape (docs/demo.md)
 demo: $(BIN)/.core
 	$(call demo_pipeline,$(DEMO_RUN),,)
 
 # the recipe that learns shape as well, about 40 minutes on 2 cores (38 min 29 s measured): Stage-I at a per-worker
-# batch of 64 for 5,000 steps, Stage-II with replicate padding (README "Demo results", docs/demo-shape.md A and B)
+# batch of 64 for 5,000 steps, Stage-II with replicate padding (docs/demo.md)
 demo-shape: $(BIN)/.core
 	$(call demo_pipeline,$(DEMO_SHAPE_RUN),train.batch_size=64 train.max_steps=5000,model.g_padding=replicate)
 

@@ -1,4 +1,4 @@
-"""Cheap measurements for "why does the demo not learn shape" (docs/demo-shape.md). No training.
+"""Cheap measurements for "why does the demo not learn shape" (docs/demo.md). No training.
 
 1. The caption metric on real held-out images at Stage-I size (64), Stage-II size (256) and 64 upscaled to
    256: colour, shape and the new size metric, and the extent distribution of small and large shapes.

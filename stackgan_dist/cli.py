@@ -1,8 +1,9 @@
 """``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
 
-Exit codes (stackgan_dist/errors.py, README "Exit codes"): 0 done; 2 the user must act (UserError: one line
+Exit codes (stackgan_dist/errors.py, docs/checkpoints.md "Exit codes"): 0 done; 2 the user must act (UserError: one line
 on stderr, no traceback); 75 requeue me (checkpointed on a scheduler signal, or a transient failure such as
-a checkpoint write on a full disk); 130 Ctrl-C; anything else a crash.
+a checkpoint write on a full disk); 130 Ctrl-C; 141 stdout closed early (`stackgan ... | head`); anything
+else a crash. Every option's help shows its default the same way (_Help); see docs/README.md "Commands".
 """
 from __future__ import annotations
 
@@ -21,12 +22,34 @@ def _cmd_prepare(a) -> int:
 
         if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
             raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
-        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard)
+        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard,
+                              progress=_progress(a))
         print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
         return 0
     if hasattr(a, "func"):  # sources added by data/prepare_cli.py
         return a.func(a)
     raise UserError(f"unknown prepare source {a.source}")
+
+
+def _progress(a) -> bool:
+    """A prepare command's progress bar: ``--progress auto|on|off`` where the command has it, else
+    ``--no-progress``; auto: a bar only on a terminal (a log gets no carriage-return line)."""
+    mode = getattr(a, "progress", None)
+    if mode is None:
+        return not getattr(a, "no_progress", False)
+    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+
+
+def _check_config_path(path: str) -> None:
+    """A directory given as the config: name the YAML files in it (the user meant one of them)."""
+    if os.path.isdir(path):
+        try:
+            names = sorted(n for n in os.listdir(path) if n.endswith((".yaml", ".yml")))
+        except OSError:
+            names = []
+        hint = f"give one of its YAML files: {', '.join(os.path.join(path, n) for n in names)}" if names else \
+            "it holds no YAML file"
+        raise UserError(f"config {path} is a directory; {hint}")
 
 
 def _cmd_train(a) -> int:
@@ -36,6 +59,7 @@ def _cmd_train(a) -> int:
     from .config import load_config, preset_overrides
     from .train import run_training
 
+    _check_config_path(a.config)
     if a.dry_run:
         return _dry_run(a)
     cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
@@ -88,8 +112,13 @@ def _cmd_sample(a) -> int:
     from .inference import check_output_path, generate, load_run
     from .observability.images import labelled_grid, save_png, to_uint8
 
-    if bool(a.text) == bool(a.embeddings):
-        raise UserError("give captions with --text (repeatable) or precomputed embeddings with --embeddings FILE.npy")
+    if (bool(a.text) + bool(a.embeddings) + a.from_data) != 1:
+        raise UserError("give captions with --text (repeatable), precomputed embeddings with --embeddings FILE.npy, "
+                        "or --from-data (the run's test split)")
+    if a.data and not a.from_data:
+        raise UserError("--data names the split that --from-data reads; add --from-data")
+    if not 1 <= a.n <= 64:
+        raise UserError(f"--n {a.n}: captions taken with --from-data must be between 1 and 64")
     empty = [i for i, t in enumerate(a.text) if not t.strip()]
     if empty:
         raise UserError(f"--text number {empty[0] + 1} is empty; give each --text a caption")
@@ -97,7 +126,11 @@ def _cmd_sample(a) -> int:
         raise UserError(f"--num {a.num}: images per caption must be between 1 and 64")
     check_output_path(a.out, "--out", (".png",))
     run = load_run(a.run)
-    if a.embeddings:
+    if a.from_data:
+        from .from_data import captions_from_split
+
+        a.text, emb = captions_from_split(run, a.data, a.n)
+    elif a.embeddings:
         emb = torch.from_numpy(_load_embeddings(a.embeddings, run.model_config.text_dim))
         a.text = [f"embedding {i} of {os.path.basename(a.embeddings)}" for i in range(emb.shape[0])]
     else:
@@ -163,12 +196,41 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _Help(argparse.HelpFormatter):
+    """One help style for every subcommand: ``(default: X)`` after an option's help when it has a default
+    worth showing and its help does not state one already (a help that depends on the machine says
+    ``default: auto (...)`` itself), so no option shows two defaults and none shows ``None`` or ``False``."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        unset = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d)
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _SubParser(argparse.ArgumentParser):
-    """A subcommand's parser: its errors print its own usage (``stackgan train ...``), not the top level's."""
+    """A subcommand's parser: its errors print its own usage (``stackgan train ...``), not the top level's;
+    its help uses _Help; a missing-arguments error names only the required ones (argparse also lists
+    optional positionals such as train's ``overrides``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = _Help
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        prefix = "the following arguments are required: "
+        if message.startswith(prefix):
+            optional = {a.dest for a in self._actions if not a.option_strings and a.nargs in ("*", "?")}
+            optional |= {a.metavar for a in self._actions if not a.option_strings and a.nargs in ("*", "?")}
+            names = [n for n in message[len(prefix):].split(", ") if n not in optional]
+            message = prefix + ", ".join(names)
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+    fmt = _Help  # every option's help shows its default, one way (subparsers get it from _SubParser)
     p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_SubParser,
@@ -193,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         prepare_cli.add_parsers(psub)
     except ImportError:
         pass
+    for sp in psub.choices.values():  # every prepare command can run quietly in a log
+        if "--no-progress" not in sp._option_string_actions and "--progress" not in sp._option_string_actions:
+            sp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pt = sub.add_parser("train", help="train one stage (resumes from RUN/checkpoints when present)",
                         formatter_class=fmt)
@@ -210,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--embeddings", default="",
                     help="an (N, text_dim) .npy of precomputed text embeddings instead of --text (models trained "
                          "on the release's char-CNN-RNN embeddings)")
+    pm.add_argument("--from-data", action="store_true",
+                    help="captions and embeddings of the first --n samples of the run's test split (data.test of "
+                         "RUN/config.yaml, or --data): grids labelled with real captions")
+    pm.add_argument("--data", default="", help="with --from-data: the split folder to read instead of the run's")
+    pm.add_argument("--n", type=int, default=8, help="with --from-data: how many test captions")
     pm.add_argument("--encoder", default="",
                     help="override the run's recorded text encoder, e.g. sentence-transformers:PATH")
     pm.add_argument("--out", default="samples.png", help="PNG path; the captions go beside it as .captions.json")
@@ -255,19 +325,60 @@ COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample,
             "inspect": _cmd_inspect, "report": _cmd_report}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _flag_as_key(argv: list[str], flag: str) -> str | None:
+    """``--max-steps 10`` -> ``train.max_steps=10`` when the flag's dotted form is a config key, else None."""
+    from .config_doc import all_keys
+
+    name, _, value = flag[2:].partition("=")
+    leaf = name.replace("-", "_")
+    keys = [k for k in all_keys() if k.split(".", 1)[1] == leaf or k.replace(".", "_") == leaf]
+    if not keys:
+        return None
+    if not value:
+        i = argv.index(flag)
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1] \
+            else "VALUE"
+    return f"{keys[0]}={value}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as ``main`` reads it; a bad one exits 2 with the subcommand's usage (SystemExit)."""
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:  # `stackgan` alone: the commands, not "the following arguments are required: cmd"
-        parser.print_help(sys.stderr)
-        return 2
     args, extra = parser.parse_known_args(argv)
+    flags = [x for x in extra if x.startswith("--")]
+    takes_overrides = hasattr(args, "overrides")  # train (and commands like it) take key=value overrides
+    hints = [h for h in (_flag_as_key(argv, f) for f in flags) if h] if takes_overrides else []
+    if hints:  # a config key written as a flag: say how to write it
+        _subparser(parser, args).error(
+            f"unrecognized arguments: {' '.join(flags)}; config keys are set as key=value: write {' '.join(hints)}")
     if extra:  # key=value overrides may come after flags (`train CONFIG --fresh a=b`)
         if args.cmd == "train" and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = list(args.overrides) + extra
         else:  # the subcommand's usage, which names the flags it does take
-            sub = _subparser(parser, args)
-            sub.error(f"unrecognized arguments: {' '.join(extra)}")
+            _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whose reader went away
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader gone at exit is the same broken pipe
+        return rc
+    except BrokenPipeError:  # `stackgan ... | head`: the reader has what it wanted; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str]) -> int:
+    if not argv:  # `stackgan` alone: the commands, not "the following arguments are required: cmd"
+        build_parser().print_help(sys.stderr)
+        return 2
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
     where = f" (rank {rank})" if rank else ""

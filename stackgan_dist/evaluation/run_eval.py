@@ -96,8 +96,9 @@ def evaluate(run_path: str, data: str, metrics: str, num_samples: int = 0, incep
         raise UserError(f"data {data} stores {store}px images; Stage-{run.stage} is scored at "
                         f"{CROP_SIZES[run.stage]}px")
     if "caption" in names and "synthetic" not in info.manifest:
-        raise UserError(f"the caption metric needs the synthetic dataset (colours/shapes); {data} is "
-                        f"'{info.manifest.get('source', 'unknown')}'")
+        raise UserError(f"the caption metric scores the colour and shape labels of the synthetic dataset, and "
+                        f"{data} ('{info.manifest.get('source', 'unknown')}') has none: use --metrics fid,is "
+                        "(with --inception-weights)")
     n = num_samples or info.num_samples
     if "is" in names and n < IS_SPLITS:
         raise UserError(f"{n} samples are fewer than the {IS_SPLITS} Inception Score splits (raise --num-samples)")
