@@ -41,9 +41,13 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+site="${STACKGAN_SITE_ENV:-$root/slurm/site.env}"  # first: its SBATCH_GPUS_PER_NODE is part of the shape
+# shellcheck disable=SC1090
+[ -f "$site" ] && source "$site"
 
-# The job shape: pipeline options, else sbatch's own options after --, else train.sbatch's defaults
-# (1 node, 1 task, 8 CPUs per task). Each sbatch option is read once; giving it both ways is refused.
+# The job shape: pipeline options, else sbatch's own options after --, else slurm/site.env's
+# SBATCH_GPUS_PER_NODE (tasks per node set to match), else train.sbatch's defaults (1 node, 1 task, 8 CPUs
+# per task). Each sbatch option is read once; giving it both ways is refused.
 sb_value() {  # sb_value LONG SHORT: the value of --LONG=V / --LONG V / -S V / -SV in the sbatch options
   local long="$1" short="$2" i v=""
   for ((i = 0; i < ${#sb[@]}; i++)); do
@@ -58,6 +62,10 @@ sb_value() {  # sb_value LONG SHORT: the value of --LONG=V / --LONG V / -S V / -
 }
 positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "pipeline.sh: $1 must be a positive whole number, got '$2'" >&2; exit 2; }; }
 sb_nodes="$(sb_value nodes N)"; sb_tasks="$(sb_value ntasks-per-node "")"; sb_gpus="$(sb_value gpus-per-node "")"
+if [ -z "$gpn" ] && [ -z "$sb_gpus" ] && [ -z "$sb_tasks" ] && [ -n "${SBATCH_GPUS_PER_NODE:-}" ]; then
+  gpn="${SBATCH_GPUS_PER_NODE##*:}"  # "a100:4" -> 4: sbatch would ask for these GPUs and start one task
+fi
+[ -n "$sb_gpus" ] || sb_gpus="${SBATCH_GPUS_PER_NODE:-}"  # with an explicit --ntasks-per-node: checked below
 if [ -n "$gpn" ]; then
   positive --gpus-per-node "$gpn"
   for o in ntasks-per-node gpus-per-node; do
@@ -84,9 +92,6 @@ cpus="$(sb_value cpus-per-task c)"; cpus="${cpus:-8}"
 positive --cpus-per-task "$cpus"
 world=$((nodes * tasks))
 
-site="${STACKGAN_SITE_ENV:-$root/slurm/site.env}"
-# shellcheck disable=SC1090
-[ -f "$site" ] && source "$site"
 py="${STACKGAN_PYTHON:-$root/.venv/bin/python}"
 if [ ! -x "$py" ]; then
   echo "pipeline.sh: python $py not found: create the venv (make venv) or set STACKGAN_PYTHON (slurm/site.env)" >&2

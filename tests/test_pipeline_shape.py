@@ -23,8 +23,8 @@ def data_overrides(data, tmp_path):
             f"stage1.run.dir={tmp_path / 's1'}", f"stage2.run.dir={tmp_path / 's2'}"]
 
 
-def pipeline(tmp_path, *args, real_sbatch=False):
-    env = dict(os.environ, PYTHONPATH=REPO)
+def pipeline(tmp_path, *args, real_sbatch=False, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
     if not real_sbatch:
         fake = tmp_path / "bin"
         fake.mkdir(exist_ok=True)
@@ -56,6 +56,14 @@ def refused(p, *words) -> str:
 ])
 def test_bad_shapes_are_refused_before_anything_runs(tmp_path, args, words):
     refused(pipeline(tmp_path, *args), *words)
+
+
+def test_site_env_gpus_need_matching_tasks(tmp_path):
+    """SBATCH_GPUS_PER_NODE in slurm/site.env is part of the shape: sbatch has no variable for tasks per node."""
+    site = tmp_path / "site.env"
+    site.write_text("export SBATCH_GPUS_PER_NODE=a100:4\n")
+    p = pipeline(tmp_path, "--", "--ntasks-per-node=1", env_extra={"STACKGAN_SITE_ENV": str(site)})
+    refused(p, "--gpus-per-node=a100:4 with --ntasks-per-node=1", "--gpus-per-node 4")
 
 
 def test_stage2_data_is_checked_at_the_job_shape(synth_data, tmp_path):
