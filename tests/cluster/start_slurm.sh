@@ -2,11 +2,11 @@
 # A one-node Slurm cluster on localhost (Debian slurm-wlm + munge), for the integration tests and for
 # trying slurm/train.sbatch on a laptop. Idempotent: installs what is missing, (re)starts what is down.
 # Needs root. Everything listens on loopback / the local hostname only.
-# The node also declares 8 GPUs that are not there (GRES gpu:8 on eight aliases of /dev/null): jobs never
+# The node also declares 8 GPUs that are not there (GRES gpu:8 on eight links to /dev/null): jobs never
 # touch them (task/none binds no devices; CPU training ignores CUDA_VISIBLE_DEVICES), but Slurm then grants
 # --gpus-per-node and sets SLURM_GPUS_ON_NODE exactly as on a GPU node, which the job-shape guard in
 # slurm/train.sbatch reads (tests/test_job_shape.py). Slurm 22.05 drops a file-less GPU from gres.conf
-# ("Removing file-less GPU"), hence the device nodes.
+# ("Removing file-less GPU"), hence the device files.
 #   bash tests/cluster/start_slurm.sh        # then: sinfo; sbatch slurm/train.sbatch ...
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "start_slurm.sh: run as root" >&2; exit 1; }
@@ -39,11 +39,12 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   munge -n | unmunge >/dev/null
 fi
 
-# count-only GPUs: character devices Slurm accepts in gres.conf, each the same harmless device as /dev/null
+# count-only GPUs: gres.conf wants character devices; links to /dev/null are accepted (slurmd follows them)
+# and need no mknod capability (containers often lack it)
 fake_gpus=/var/lib/stackgan-slurm/fakegpu
 mkdir -p "$fake_gpus"
 for i in 0 1 2 3 4 5 6 7; do
-  [ -c "$fake_gpus/nvidia$i" ] || mknod -m 666 "$fake_gpus/nvidia$i" c 1 3
+  [ -c "$fake_gpus/nvidia$i" ] || ln -sfn /dev/null "$fake_gpus/nvidia$i"
 done
 
 conf="$conf_dir/slurm.conf"
