@@ -48,7 +48,8 @@ def parse_args(argv):
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
                    help="Ray Jobs API (dashboard) address (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--num-workers", type=int, required=True, help="training workers (= world size)")
-    p.add_argument("--gpus-per-worker", type=float, default=0, help="0: CPU training with gloo")
+    p.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="0: CPU training with gloo; 1: one GPU per worker (N nodes x G GPUs: --num-workers N*G)")
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--placement-strategy", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="how Ray places the workers: STRICT_SPREAD puts each on its own node")
@@ -105,6 +106,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def submit(a) -> tuple[object, str, str]:
+    from stackgan_dist.launch_ray import check_worker_shape
+
+    check_worker_shape(a.num_workers, a.gpus_per_worker)  # before the config, the address and Ray
     from ray.job_submission import JobSubmissionClient
 
     config, overrides, run_dir = resolve_config(a.config, a.overrides)

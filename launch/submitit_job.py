@@ -295,6 +295,13 @@ def check_args(a) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be >= {low}")
     if a.wait_timeout_s < 0:
         raise UserError(f"--wait-timeout-s {a.wait_timeout_s}: must be >= 0 (0: wait without a limit)")
+    # one task trains on one GPU: more GPUs than tasks leave GPUs idle, fewer put two ranks on one (NCCL refuses)
+    if a.gpus_per_node and a.tasks_per_node and a.tasks_per_node != a.gpus_per_node:
+        idle = (f"{a.gpus_per_node - a.tasks_per_node} GPU(s) per node would sit idle" if a.gpus_per_node > a.tasks_per_node
+                else "two tasks would share a GPU, which NCCL refuses")
+        raise UserError(f"--gpus-per-node {a.gpus_per_node} with --tasks-per-node {a.tasks_per_node}: each task trains "
+                        f"on one GPU, so {idle}; use --tasks-per-node {a.gpus_per_node} (or leave it out: it defaults "
+                        "to the GPUs per node)")
 
 
 def main(argv: list[str] | None = None) -> int:

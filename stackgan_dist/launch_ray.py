@@ -105,6 +105,23 @@ def train_func(loop_config: dict) -> None:
     run_training(cfg, on_checkpoint=_report_checkpoint)
 
 
+def check_worker_shape(num_workers: int, gpus_per_worker: float) -> None:
+    """A Ray worker is one rank and a rank trains on one GPU: refuse the shapes that would leave GPUs idle
+    (``--gpus-per-worker 8`` read as "8 GPUs per node") or put two ranks on one GPU (NCCL refuses those), in
+    one line that names the shape that works, before anything is submitted or placed."""
+    if num_workers < 1:
+        raise UserError(f"--num-workers {num_workers}: must be >= 1")
+    if gpus_per_worker < 0:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: must be 0 (CPU) or 1")
+    if gpus_per_worker > 1:
+        raise UserError(f"--num-workers {num_workers} --gpus-per-worker {gpus_per_worker:g}: each worker is one rank "
+                        f"that trains on one GPU, so {gpus_per_worker - 1:g} of every worker's GPUs would sit idle; "
+                        f"use --num-workers {num_workers * gpus_per_worker:g} --gpus-per-worker 1 (one worker per GPU)")
+    if 0 < gpus_per_worker < 1:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: a fraction of a GPU puts several ranks on one GPU, "
+                        "which NCCL refuses; use --gpus-per-worker 1 (or 0 for CPU training)")
+
+
 def _probe_resources(num_workers: int, bundle: dict, timeout_s: float, strategy: str = "PACK") -> None:
     """A job whose workers cannot be placed waits forever (a known Ray failure mode). Reserve the same bundles
     first with a deadline, so that an impossible request becomes a clear error. On an autoscaling cluster the
@@ -167,6 +184,7 @@ def drive(argv: list[str] | None = None) -> int:
 
     from .config import load_config
 
+    check_worker_shape(a.num_workers, a.gpus_per_worker)
     cfg = load_config(a.config, a.overrides)
     if not os.path.isabs(cfg.run.dir):
         raise UserError(f"run.dir must be an absolute path on shared storage inside a Ray job, got {cfg.run.dir}")

@@ -75,6 +75,10 @@ def add_parsers(psub) -> None:
     _shard_args(p)
     p.set_defaults(func=_cmd_stackgan)
 
+    from .coco_release import add_coco_parser  # `prepare coco`: the authors' COCO release
+
+    add_coco_parser(psub, _shard_args, _check_out, _summary)
+
     p = psub.add_parser("captions", help="a folder of images with .txt captions beside them, or + captions.jsonl/.csv",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", required=True, help="the images folder ('file' entries are relative to it)")
