@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stackgan_dist.data.loader import decode  # noqa: E402
-from stackgan_dist.data.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS  # noqa: E402
+from stackgan_dist.data.read.decode import decode  # noqa: E402
+from stackgan_dist.data.prepare.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS  # noqa: E402
 from stackgan_dist.evaluation.caption import caption_scores, extent, size_word  # noqa: E402
 from stackgan_dist.losses import mismatched_conditions  # noqa: E402
 from stackgan_dist.models.conditioning import CondAugment  # noqa: E402

@@ -17,7 +17,7 @@ from .errors import EXIT_INTERRUPTED, TransientError, UserError
 
 def _cmd_prepare(a) -> int:
     if a.source == "synthetic":
-        from .data.synthetic import prepare_synthetic
+        from .data.prepare.synthetic import prepare_synthetic
 
         if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
             raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
@@ -84,7 +84,7 @@ def _load_embeddings(path: str, text_dim: int):
 def _cmd_sample(a) -> int:
     import torch
 
-    from .data.text_encoders import make_encoder
+    from .data.text.text_encoders import make_encoder
     from .inference import check_output_path, generate, load_run
     from .observability.images import labelled_grid, save_png, to_uint8
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
     ps.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     try:
-        from .data import prepare_cli
+        from .data.prepare import prepare_cli
 
         prepare_cli.add_parsers(psub)
     except ImportError:

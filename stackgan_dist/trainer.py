@@ -23,9 +23,10 @@ from .checkpoint.lock import RunLock, on_main_agreed
 from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
-from .data.device_text import caption_embedder
-from .data.loader import dataset_text_dim, first_sample_check, make_loader, make_order, resolve_dataset
-from .data.slots import cursor_after_batches, merge_cursors
+from .data.text.device_text import caption_embedder
+from .data.read.index import resolve_dataset
+from .data.read.loader import dataset_text_dim, first_sample_check, make_loader, make_order
+from .data.read.slots import cursor_after_batches, merge_cursors
 from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all

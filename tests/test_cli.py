@@ -73,7 +73,8 @@ def test_stage2_train_sample_eval(stage1_run, synth_data, tmp_path):
 
 
 def test_caption_metric_scores_real_images(synth_data):
-    from stackgan_dist.data.loader import make_loader, resolve_dataset
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import make_loader
     from stackgan_dist.evaluation.caption import caption_scores
 
     for stage in (1, 2):

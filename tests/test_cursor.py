@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.loader import make_loader
-from stackgan_dist.data.slots import CursorTracker, Order, buffer_shuffle_order, merge_cursors, plan
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.loader import make_loader
+from stackgan_dist.data.read.slots import CursorTracker, Order, buffer_shuffle_order, merge_cursors, plan
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM, B = 103, 8, 4

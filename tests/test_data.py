@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.decode import check_sample
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.loader import ShardStream, first_sample_check, make_loader
-from stackgan_dist.data.samples import iter_samples
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.decode import check_sample
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.loader import ShardStream, first_sample_check, make_loader
+from stackgan_dist.data.read.samples import iter_samples
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM, CAPS = 100, 8, 3
@@ -206,7 +206,7 @@ def test_too_small_for_slots_is_clear(idset):
 
 
 def test_sequential_reader_file_order_start_and_cycle(idset):
-    from stackgan_dist.data.reader import read_batches, read_samples
+    from stackgan_dist.data.read.reader import read_batches, read_samples
 
     info = resolve_dataset(idset)
     every = list(read_samples(info, 1))

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.index import resolve_dataset, validate_manifest
-from stackgan_dist.data.loader import make_loader
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.index import resolve_dataset, validate_manifest
+from stackgan_dist.data.read.loader import make_loader
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM = 12, 8
@@ -203,8 +203,8 @@ def test_random_json_only_ever_gives_the_clear_error(split, data):
 def test_an_empty_split_is_valid_and_says_so(tmp_path):
     """A held-out split may be empty (a small own-data set): it resolves with no samples, and a loader over it
     is refused with a line saying so (evaluation is skipped, training cannot start on it)."""
-    from stackgan_dist.data.index import resolve_dataset
-    from stackgan_dist.data.loader import make_loader
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import make_loader
     from stackgan_dist.errors import DataError
 
     d = tmp_path / "empty"

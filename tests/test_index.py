@@ -113,7 +113,7 @@ def test_prepare_index_sentence_encoder_trains_stage1(tmp_path):
     version and dim 384 (never a path) and that captions are embedded on the device; Stage-I trains on it
     through the CLI."""
     pytest.importorskip("sentence_transformers")
-    from stackgan_dist.data.text_encoders import SentenceTransformerEncoder
+    from stackgan_dist.data.text.text_encoders import SentenceTransformerEncoder
 
     _, idx = _sentence_index(tmp_path)
     want = SentenceTransformerEncoder().spec()
@@ -147,9 +147,10 @@ def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.data.loader import make_loader, resolve_dataset
-    from stackgan_dist.data.reader import read_samples
-    from stackgan_dist.data.text_encoders import HashingEncoder, SentenceTransformerEncoder
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import make_loader
+    from stackgan_dist.data.read.reader import read_samples
+    from stackgan_dist.data.text.text_encoders import HashingEncoder, SentenceTransformerEncoder
     from stackgan_dist.distributed.env import DistEnv
     from stackgan_dist.errors import DataError
     from stackgan_dist.trainer import Trainer

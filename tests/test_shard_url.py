@@ -9,8 +9,8 @@ import torch
 
 from conftest import CFG1, run_cli, tiny_overrides
 from stackgan_dist.config import ConfigError, load_config
-from stackgan_dist.data.index import resolve_dataset, shard_from_template
-from stackgan_dist.data.loader import make_loader
+from stackgan_dist.data.read.index import resolve_dataset, shard_from_template
+from stackgan_dist.data.read.loader import make_loader
 from stackgan_dist.errors import DataError
 
 CAT = "pipe:cat {path}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from ..errors import DataError
+from ...errors import DataError
 from .tar_reader import iter_tar_files
 
 

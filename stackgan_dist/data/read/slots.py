@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DataError
+from ...errors import DataError
 
 CURSOR_FORMAT = "stackgan_dist.cursor"
 CURSOR_VERSION = 1

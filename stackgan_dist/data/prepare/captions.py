@@ -25,9 +25,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .index import utf8_text
-from .text_encoders import make_encoder
+from ...errors import DataError
+from ..read.index import utf8_text
+from ..text.text_encoders import make_encoder
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
+from ...errors import DataError
+from ..format import REQUIRED
 
-REQUIRED = ("jpg", "emb.npy")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # what an indexed shard's image member may be called
-CAPTION_KEYS = ("txt", "json")  # a text file (one caption a line) or img2dataset's JSON with "caption"
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,7 @@ class OnTheFly:
     (``KEY.jpg``, ``KEY.txt``, ``KEY.json``). ``embed_on`` "worker": the chosen caption is embedded here, in the
     loader worker, with the hashing encoder that the dataset file names; "device": it is not embedded here
     (the text is a zero placeholder) and travels as a string, embedded on the training device
-    (data/device_text.py)."""
+    (data/text/device_text.py)."""
 
     image_keys: tuple[str, ...]
     caption_key: str
@@ -30,7 +28,7 @@ class OnTheFly:
 
     def encode(self, captions: list[str]) -> np.ndarray:
         if not self._enc:  # one encoder per process (workers are forked)
-            from .text_encoders import HashingEncoder
+            from ..text.text_encoders import HashingEncoder
 
             self._enc.append(HashingEncoder(self.dim))
         return self._enc[0].encode(captions)
@@ -112,7 +110,7 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
         if img.format == "JPEG":
             img.draft("RGB", (load_size, load_size))  # decode at 1/2, 1/4 ... scale: no full-size decode
         if fmt is not None:  # images as they come: upright, 8-bit RGB, the short side to load_size, centre crop
-            from .writer import fit_square, to_rgb8
+            from ..images import fit_square, to_rgb8
 
             img = fit_square(to_rgb8(img), load_size, "crop")
         if img.mode != "RGB":  # convert() copies even when there is nothing to convert

@@ -5,8 +5,9 @@ import argparse
 import json
 import os
 
-from ..errors import UserError
-from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, MANIFEST
+from ...errors import UserError
+from ..format import MANIFEST
+from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT
 
 
 def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ...errors import DataError
+from ..format import CROP_SIZES, LOAD_SIZES
 from .decode import BadSample, check_sample, decode, sample_format
-from .index import DatasetInfo, Shard, expand_braces, resolve_dataset  # noqa: F401 - re-exported
+from .index import DatasetInfo, Shard
 from .samples import iter_samples
 from .slots import CursorTracker, Order, auto_slots, cursor_after_batches, fresh_start, plan, resume
-from .writer import CROP_SIZES, LOAD_SIZES
 
 log = logging.getLogger("stackgan_dist.data")
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .text_encoders import HashingEncoder
+from ..text.text_encoders import HashingEncoder
 from .writer import DEFAULT_SHARD_BYTES, make_sample, write_manifest, write_parallel
 
 # Well separated in RGB so the dominant colour of a blurry generated image is still unambiguous.

@@ -11,7 +11,7 @@ Layout read (as the authors' loaders expect it)::
 
 Birds are cropped as the original loader does: a square of side 1.5 x the box's larger side, centred on
 the box, clipped to the image; then resized (aspect not kept, as the authors do) to the stored size.
-Pickles are read with the restricted unpickler (safe_pickle), never ``pickle.load``.
+Pickles are read with the restricted unpickler (safety/unpickle.py), never ``pickle.load``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .safe_pickle import safe_load
+from ...errors import DataError
+from ...safety.unpickle import safe_load
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
 EMB_FILE = "char-CNN-RNN-embeddings.pickle"

@@ -38,15 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DataError
-from .decode import CAPTION_KEYS, IMAGE_KEYS, REQUIRED, check_sample
+from ...errors import DataError
+from ..format import (CAPTION_KEYS, DATASET_FORMAT, DATASET_VERSION, IMAGE_KEYS, MANIFEST, MAX_SAMPLES,
+                      MAX_TEXT_DIM, REQUIRED, sha256_file)
+from .decode import check_sample
 from .samples import iter_samples
-from .writer import FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger("stackgan_dist.data")
-FORMAT = "stackgan_dist.webdataset"
-MAX_SAMPLES = 1 << 40
-MAX_TEXT_DIM = 1 << 16
 ENCODERS = ("precomputed", "hashing", "sentence-transformers")
 # indexed shards: where their captions are embedded -> the encoder that does it
 EMBED_ON = {"worker": "hashing", "device": "sentence-transformers"}
@@ -131,11 +129,11 @@ def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
     """Schema of a dataset file -> (shards, num_samples, text_dim). Raises ValueError naming the field."""
     if not isinstance(m, dict):
         raise ValueError(f"the file must hold a JSON object, got {type(m).__name__}")
-    if m.get("format") != FORMAT:
-        raise ValueError(f"'format' must be {FORMAT!r}, got {_short(m.get('format'))}")
+    if m.get("format") != DATASET_FORMAT:
+        raise ValueError(f"'format' must be {DATASET_FORMAT!r}, got {_short(m.get('format'))}")
     version = _int(m.get("version"), "'version'", 1, 1 << 30)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"'version' {version} is newer than this stackgan_dist reads ({FORMAT_VERSION}): "
+    if version > DATASET_VERSION:
+        raise ValueError(f"'version' {version} is newer than this stackgan_dist reads ({DATASET_VERSION}): "
                          "upgrade stackgan_dist, or prepare the data again")
     text_dim = _int(m.get("text_dim"), "'text_dim'", 1, MAX_TEXT_DIM)
     enc = m.get("text_encoder")
