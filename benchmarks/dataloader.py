@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from stackgan_dist.data.read.index import resolve_dataset
-from stackgan_dist.data.read.loader import make_loader
+from stackgan_dist.data.read.loader import LoaderSpec, make_loader
 from stackgan_dist.data.read.tar_reader import iter_tar_files
 from stackgan_dist.safety.unpickle import safe_load
 from stackgan_dist.data.prepare.stackgan_release import crop_box, load_bboxes, prepare_stackgan
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         B = a.batch_size
 
         def ours_iter(workers: int):
-            _, dl = make_loader(info, 2, B, seed=0, num_workers=workers, shuffle_buffer=64)
+            _, dl = make_loader(info, LoaderSpec(2, B, seed=0, num_workers=workers, shuffle_buffer=64))
             return iter(dl)
 
         def ref_iter(workers: int):

@@ -71,7 +71,7 @@ def real_metric(samples: list[dict]) -> dict:
     imgs = {64: [], 256: []}
     for s in samples:
         for load, crop in ((76, 64), (304, 256)):
-            imgs[crop].append(decode(s, load, crop, rng, 256, train=False)[0].transpose(1, 2, 0))
+            imgs[crop].append(decode(s, load, crop, rng, 256, train=False).image.transpose(1, 2, 0))
     classes = [int(s["cls"]) for s in samples]
     caps = [json.loads(s["txt.json"])[0] for s in samples]
     sizes = [size_word(c) for c in caps]

@@ -148,7 +148,7 @@ def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
 
     from stackgan_dist.config import load_config
     from stackgan_dist.data.read.index import resolve_dataset
-    from stackgan_dist.data.read.loader import make_loader
+    from stackgan_dist.data.read.loader import LoaderSpec, make_loader
     from stackgan_dist.data.read.reader import read_samples
     from stackgan_dist.data.text.text_encoders import HashingEncoder, SentenceTransformerEncoder
     from stackgan_dist.distributed.env import DistEnv
@@ -178,8 +178,9 @@ def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
     # the same draw as the hashing encoder's loader: its text is the hashing encoding of these captions
     run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--encoder", "hashing:64", "--out",
             tmp_path / "hidx", "--test-fraction", "0.3", "--no-progress", check=True)
-    _, hl = make_loader(resolve_dataset(str(tmp_path / "hidx" / "train")), 1, 4, cfg.train.seed, num_workers=0,
-                        shuffle_buffer=cfg.data.shuffle_buffer, slots=cfg.data.slots)
+    _, hl = make_loader(resolve_dataset(str(tmp_path / "hidx" / "train")),
+                        LoaderSpec(1, 4, cfg.train.seed, num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   slots=cfg.data.slots))
     hashing = HashingEncoder(64)
     for b, hb in zip(fed, iter(hl)):
         assert torch.allclose(hb["text"], torch.from_numpy(hashing.encode(b["caption"])))

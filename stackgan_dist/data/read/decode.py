@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -77,6 +78,16 @@ def embedded_on_device(manifest: dict) -> bool:
     return fmt is not None and fmt.embed_on == "device"
 
 
+class Decoded(NamedTuple):
+    """One decoded sample, as the loader and the sequential reader use it."""
+
+    image: np.ndarray  # uint8 (3, crop, crop)
+    text: np.ndarray  # float32 (text_dim,): the chosen caption's embedding (zeros when embedded on the device)
+    cls: int  # class id, -1 when unknown
+    caption_index: int  # which of the sample's captions
+    caption: str  # its text ("" where the sample stores embeddings)
+
+
 class BadSample(Exception):
     """A sample that does not decode: the loader fills its place and counts it."""
 
@@ -99,9 +110,8 @@ def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> No
 
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
-           train: bool = True, fmt: OnTheFly | None = None):
-    """-> image uint8 (3, crop, crop), text embedding float32 (text_dim,), class id, caption index, caption
-    text ("" where the sample stores embeddings). For captions embedded on the device (``fmt.embed_on``
+           train: bool = True, fmt: OnTheFly | None = None) -> Decoded:
+    """-> the sample as a ``Decoded``. For captions embedded on the device (``fmt.embed_on``
     "device") the embedding is a zero placeholder and the caption text is the one to embed.
 
     ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption."""
@@ -149,4 +159,4 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
     a = a[y:y + crop, x:x + crop]
     if flip:
         a = a[:, ::-1]
-    return np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap, caption
+    return Decoded(np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap, caption)

@@ -1,11 +1,12 @@
 """The training loader: per rank, an infinite stream of decoded batches that follows slots.py's plan.
 
-Reader g = rank K + i (K = max(1, num_workers)) reads its share of each epoch: for each run (slot, lo, hi)
-of the share it computes the slot's shuffled order, reads from the shards only the inputs that the run
-needs (the others are seeked over), and emits them in order. The DataLoader pulls from its workers
-round-robin, so worker w serves reader (w + rotation) mod K: after a same-layout resume the batches are
-exactly those of an uninterrupted run. Every batch carries ``epoch`` and ``cursor`` (int64 (m, 3): the
-slot, lo, hi runs it holds) for ``CursorTracker``.
+A rank's stream is its share of each epoch (a contiguous run of whole batches), epoch after epoch. Its K
+loader workers (K = max(1, num_workers)) share that stream: worker k decodes the stream's batches k,
+k + K, k + 2K, ... (counted from where this loader started), and torch's DataLoader takes one batch from
+each worker in turn, so the rank yields its batches in stream order whatever K, also across epochs whose
+batch count is no multiple of K. A worker reads, per slot, only the inputs its batches need (the others are
+seeked over), in one pass. Every batch carries ``epoch`` and ``cursor`` (int64 (m, 3): the slot, lo, hi
+runs it holds) for ``CursorTracker``.
 
 Samples a damaged shard cannot deliver become holes: counted in ``bad``, replaced by the last good sample
 of the batch (or zeros), so that batch size and batch count never change.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,55 +23,76 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...errors import DataError
 from ..format import CROP_SIZES, LOAD_SIZES
-from .decode import BadSample, check_sample, decode, sample_format
+from .decode import BadSample, Decoded, check_sample, decode, sample_format
 from .index import DatasetInfo, Shard
 from .samples import iter_samples
-from .slots import CursorTracker, Order, auto_slots, cursor_after_batches, fresh_start, plan, resume
+from .cursor import CursorTracker, cursor_after_batches, fresh_start, resume
+from .slots import Order, auto_slots, batches_of, check_slots, plan, plan_numbers
 
 log = logging.getLogger("stackgan_dist.data")
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a rank's training loader reads and how (everything but the dataset).
+
+    ``cursor``: a merged cursor (cursor.merge_cursors) to resume from, at any world size; ``start_batches``:
+    batches per rank an uninterrupted run of this layout consumed (checkpoints that only counted batches);
+    ``grad_accum``: micro-batches per optimizer step, so that a rank's epoch is whole optimizer steps."""
+
+    stage: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 512
+    slots: int = 0
+    grad_accum: int = 1
+    prefetch_factor: int = 4
+    pin_memory: bool = False
+    train: bool = True
+    start_batches: int = 0
+    cursor: dict | None = None
+
+
 def make_order(info: DatasetInfo, seed: int, shuffle_buffer: int, slots: int = 0, train: bool = True) -> Order:
     n = info.num_samples
+    check_slots(slots, n)
     return Order(n, slots or auto_slots(n, shuffle_buffer), seed, shuffle_buffer if train else 1, train)
 
 
 class ShardStream(IterableDataset):
     """Infinite stream of ready batches for one rank (see the module docstring and slots.py)."""
 
-    def __init__(self, info: DatasetInfo, stage: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 512,
-                 start_batches: int = 0, train: bool = True, cursor: dict | None = None, slots: int = 0):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or slots < 0:
-            raise ValueError(f"bad loader layout: batch {batch_size}, rank {rank} of {world_size}, "
-                             f"{num_workers} workers, {slots} slots")
-        self.info = info
+    def __init__(self, info: DatasetInfo, spec: LoaderSpec):
+        sp = spec
+        if (min(sp.batch_size, sp.world_size, sp.grad_accum) < 1 or not 0 <= sp.rank < sp.world_size
+                or sp.num_workers < 0 or sp.slots < 0):
+            raise ValueError(f"bad loader layout: batch {sp.batch_size} x {sp.grad_accum}, rank {sp.rank} of "
+                             f"{sp.world_size}, {sp.num_workers} workers, {sp.slots} slots")
+        self.info, self.spec = info, sp
         self.fmt = sample_format(info.manifest)  # None: stored embeddings; else captions embedded on the fly
         # captions embedded on the training device: batches carry them as "caption" and a zero "text"
         self.captions_out = self.fmt is not None and self.fmt.embed_on == "device"
-        self.stage = stage
-        self.load_size, self.crop = LOAD_SIZES[stage], CROP_SIZES[stage]
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank, self.world = rank, world_size
-        self.k = max(1, num_workers)
-        self.train = train
-        self.order = make_order(info, seed, shuffle_buffer, slots, train)
-        self._fresh = plan(self.order, {}, world_size, self.k, batch_size)
-        self.batches_per_slot = sum(hi - lo for _, lo, hi in self._fresh[0]) // batch_size  # per reader
-        if self.batches_per_slot == 0:
-            raise DataError(f"dataset of {info.num_samples} samples is too small for {world_size * self.k} "
-                            f"readers (world size {world_size} x {self.k} workers) at batch size {batch_size}")
-        if cursor is None and start_batches:
-            cursor = cursor_after_batches(self.order, world_size, self.k, batch_size, start_batches)
-        self.resume = (resume(self.order, cursor, world_size, self.k, batch_size) if cursor is not None
-                       else fresh_start(self.order, world_size, self.k, batch_size))
+        self.load_size, self.crop = LOAD_SIZES[sp.stage], CROP_SIZES[sp.stage]
+        self.batch_size, self.seed, self.train = sp.batch_size, sp.seed, sp.train
+        self.rank, self.world = sp.rank, sp.world_size
+        self.k = max(1, sp.num_workers)
+        self.order = make_order(info, sp.seed, sp.shuffle_buffer, sp.slots, sp.train)
+        layout = (sp.world_size, sp.batch_size, sp.grad_accum)
+        self.numbers = plan_numbers(info.num_samples, *layout)  # DataError when smaller than a global batch
+        self._fresh = plan(self.order, {}, *layout)[sp.rank]
+        cursor = sp.cursor
+        if cursor is None and sp.start_batches:
+            cursor = cursor_after_batches(self.order, sp.world_size, sp.batch_size, sp.start_batches, sp.grad_accum)
+        self.resume = resume(self.order, cursor, *layout) if cursor is not None else fresh_start(self.order, *layout)
         self._starts: dict[int, list[tuple[Shard, int]]] = {}
 
     @property
     def batches_per_epoch(self) -> int:
         """Per rank, in a fresh epoch; equal on every rank."""
-        return self.batches_per_slot * self.k
+        return self.numbers.batches_per_rank
 
     def tracker(self) -> CursorTracker:
         """A CursorTracker for this rank, starting from the cursor this stream resumed from."""
@@ -123,82 +146,95 @@ class ShardStream(IterableDataset):
                 yield s_lo + jj - base, {"__key__": f"<missing {shard.url}#{jj}>", "__url__": shard.url,
                                          "__bad__": True}
 
-    def _run_samples(self, epoch: int, slot: int, lo: int, hi: int, order_cache: dict):
-        """(position, raw sample) for positions lo..hi-1 of the slot's order."""
-        if slot not in order_cache:
-            order_cache[slot] = self.order.slot_order(epoch, slot)
-        outs = order_cache[slot][lo:hi]
+    def _positions_samples(self, epoch: int, slot: int, positions: list[int], order_cache: dict):
+        """(position, raw sample) for the ascending ``positions`` of the slot's order, in that order (one
+        pass over the slot's shards; samples read ahead of their turn are held)."""
+        if (epoch, slot) not in order_cache:
+            order_cache.clear()  # a worker walks slots in order: one slot's order at a time
+            order_cache[epoch, slot] = self.order.slot_order(epoch, slot)
+        outs = [order_cache[epoch, slot][p] for p in positions]
         held: dict[int, dict] = {}
         k = 0
         for idx, sample in self._slot_inputs(epoch, slot, sorted(outs)):
             held[idx] = sample
             while k < len(outs) and outs[k] in held:
-                yield lo + k, held.pop(outs[k])
+                yield positions[k], held.pop(outs[k])
                 k += 1
         if k != len(outs):
             raise RuntimeError(f"slot {slot} of epoch {epoch}: {len(outs) - k} samples not delivered")
 
-    def _epochs(self, g: int):
+    def _stream(self):
+        """This rank's batches, in order, forever: (epoch, runs of the batch)."""
         for e, shares in self.resume.epochs:
-            yield e, shares[g]
+            for b in batches_of(shares[self.rank], self.batch_size):
+                yield e, b
         e = self.resume.next_epoch
-        while True:  # fresh epochs: every reader has batches_per_slot > 0 batches (checked in __init__)
-            yield e, self._fresh[g]
+        fresh = batches_of(self._fresh, self.batch_size)  # not empty: plan_numbers checked it
+        while True:
+            for b in fresh:
+                yield e, b
             e += 1
 
-    def reader_batches(self, g: int):
-        """Infinite batches of reader g (= rank x workers + worker)."""
-        B = self.batch_size
-        zero = (np.zeros((3, self.crop, self.crop), np.uint8), np.zeros(self.info.text_dim, np.float32), -1, 0, "")
-        for epoch, share in self._epochs(g):
-            order_cache: dict = {}
-            imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
-            for slot, lo, hi in share:
-                for pos, sample in self._run_samples(epoch, slot, lo, hi, order_cache):
-                    try:
-                        if sample.get("__bad__"):
-                            raise BadSample("sample missing from an unreadable shard")
-                        rng = np.random.default_rng([self.seed, epoch, slot, pos]) if self.train else None
-                        out = last_good = decode(sample, self.load_size, self.crop, rng, self.info.text_dim,
-                                                 self.train, self.fmt)
-                    except BadSample as e:
-                        bad += 1
-                        log.warning("bad sample %s in %s: %s", sample["__key__"], sample.get("__url__"), e)
-                        out = zero if last_good is None else last_good  # batch size and count stay fixed
-                    imgs.append(out[0])
-                    texts.append(out[1])
-                    classes.append(out[2])
-                    caps.append(out[4])
-                    if runs and runs[-1][0] == slot and runs[-1][2] == pos:
-                        runs[-1][2] += 1
-                    else:
-                        runs.append([slot, pos, pos + 1])
-                    if len(imgs) == B:
-                        batch = {"image": torch.from_numpy(np.stack(imgs)), "text": torch.from_numpy(np.stack(texts)),
-                                 "cls": torch.tensor(classes, dtype=torch.int64), "bad": torch.tensor(bad),
-                                 "epoch": torch.tensor(epoch), "cursor": torch.tensor(runs, dtype=torch.int64)}
-                        if self.captions_out:  # "" for a hole with no good sample before it: embedded as zeros
-                            batch["caption"] = caps
-                        yield batch
-                        imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
-            if imgs:
-                raise RuntimeError(f"reader {g}: epoch {epoch} share is not a multiple of the batch size")
+    def _worker_samples(self, worker: int):
+        """(epoch, slot, position, raw sample) of the batches worker ``worker`` of K decodes, in order: its
+        batches are grouped per (epoch, slot) so that each group's shards are read in one pass."""
+        group, key = [], None
+        order_cache: dict = {}
+        for t, (e, runs) in enumerate(self._stream()):
+            if t % self.k != worker:
+                continue
+            for s, lo, hi in runs:
+                if (e, s) != key and group:
+                    yield from ((key[0], key[1], p, x) for p, x in
+                                self._positions_samples(key[0], key[1], group, order_cache))
+                    group = []
+                key = (e, s)
+                group.extend(range(lo, hi))
+            if len(group) >= 64 * self.batch_size:  # bound what is planned ahead: the stream is endless
+                yield from ((key[0], key[1], p, x) for p, x in
+                            self._positions_samples(key[0], key[1], group, order_cache))
+                group = []
 
-    def slot_batches(self, reader: int, skip_batches: int = 0):
-        """Reader ``reader``'s batches after ``skip_batches`` of its own (kept for callers that predate
-        data.reader; new code reads sequentially with data.reader.read_samples)."""
-        it = self.reader_batches(reader)
-        for _ in range(skip_batches):
-            next(it)
-        return it
+    def worker_batches(self, worker: int = 0):
+        """Infinite batches of worker ``worker`` of this rank's K (all of the rank's batches when K = 1)."""
+        B = self.batch_size
+        zero = Decoded(np.zeros((3, self.crop, self.crop), np.uint8), np.zeros(self.info.text_dim, np.float32),
+                       -1, 0, "")
+        imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
+        for epoch, slot, pos, sample in self._worker_samples(worker):
+            try:
+                if sample.get("__bad__"):
+                    raise BadSample("sample missing from an unreadable shard")
+                rng = np.random.default_rng([self.seed, epoch, slot, pos]) if self.train else None
+                out = last_good = decode(sample, self.load_size, self.crop, rng, self.info.text_dim,
+                                         self.train, self.fmt)
+            except BadSample as e:
+                bad += 1
+                log.warning("bad sample %s in %s: %s", sample["__key__"], sample.get("__url__"), e)
+                out = zero if last_good is None else last_good  # batch size and count stay fixed
+            imgs.append(out.image)
+            texts.append(out.text)
+            classes.append(out.cls)
+            caps.append(out.caption)
+            if runs and runs[-1][0] == slot and runs[-1][2] == pos:
+                runs[-1][2] += 1
+            else:
+                runs.append([slot, pos, pos + 1])
+            if len(imgs) == B:
+                batch = {"image": torch.from_numpy(np.stack(imgs)), "text": torch.from_numpy(np.stack(texts)),
+                         "cls": torch.tensor(classes, dtype=torch.int64), "bad": torch.tensor(bad),
+                         "epoch": torch.tensor(epoch), "cursor": torch.tensor(runs, dtype=torch.int64)}
+                if self.captions_out:  # "" for a hole with no good sample before it: embedded as zeros
+                    batch["caption"] = caps
+                yield batch
+                imgs, texts, classes, caps, runs, bad, last_good = [], [], [], [], [], 0, None
 
     def __iter__(self):
         wi = get_worker_info()
         wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         if not (nw == self.k or (wi is None and self.k == 1)):
             raise RuntimeError(f"the stream was made for {self.k} workers, the DataLoader has {nw}")
-        i = (wid + self.resume.rotation) % self.k  # after a resume, worker 0 serves the next batch's reader
-        yield from self.reader_batches(self.rank * self.k + i)
+        yield from self.worker_batches(wid)
 
 
 def dataset_text_dim(info: DatasetInfo, text_dim: int | None, key: str = "data.train") -> int:
@@ -228,20 +264,15 @@ def first_sample_check(info: DatasetInfo, text_dim: int, key: str = "data.train"
     check_sample(first, text_dim, sample_format(info.manifest))
 
 
-def make_loader(info: DatasetInfo, stage: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 2, shuffle_buffer: int = 512, start_batches: int = 0, prefetch_factor: int = 4,
-                pin_memory: bool = False, train: bool = True, cursor: dict | None = None, slots: int = 0):
-    """-> (stream, DataLoader). ``cursor``: a merged cursor (slots.merge_cursors) to resume from, at any
-    world size; ``start_batches``: batches per rank an uninterrupted run of this layout consumed (older
-    checkpoints). ``stream.tracker()`` makes the rank's CursorTracker."""
-    if prefetch_factor < 1:
-        raise DataError(f"data.prefetch_factor must be >= 1, got {prefetch_factor}")
+def make_loader(info: DatasetInfo, spec: LoaderSpec):
+    """-> (stream, DataLoader) of this rank. ``stream.tracker()`` makes the rank's CursorTracker."""
+    if spec.prefetch_factor < 1:
+        raise DataError(f"data.prefetch_factor must be >= 1, got {spec.prefetch_factor}")
     if info.num_samples <= 0:
         raise DataError(f"the dataset in {info.root} holds no samples")
-    ds = ShardStream(info, stage, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, start_batches,
-                     train, cursor, slots)
-    kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-    if num_workers > 0:
-        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False, multiprocessing_context="fork"
+    ds = ShardStream(info, spec)
+    kw = dict(batch_size=None, num_workers=spec.num_workers, pin_memory=spec.pin_memory)
+    if spec.num_workers > 0:
+        kw.update(prefetch_factor=spec.prefetch_factor, persistent_workers=False, multiprocessing_context="fork"
                   if os.name == "posix" else None)
     return ds, DataLoader(ds, **kw)

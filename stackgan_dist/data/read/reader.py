@@ -53,11 +53,11 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
                     if j >= shard.samples:
                         break
                     try:
-                        img, text, cls, _, _ = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
+                        d = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
                     except BadSample as e:
                         raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
                                         f"({e})") from None
-                    yield {"image": torch.from_numpy(img), "text": torch.from_numpy(text), "cls": cls,
+                    yield {"image": torch.from_numpy(d.image), "text": torch.from_numpy(d.text), "cls": d.cls,
                            "key": sample["__key__"], "index": pos + j, "caption": first_caption(sample, fmt)}
                     i += 1
             except DataError:
