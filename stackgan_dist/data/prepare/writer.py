@@ -86,9 +86,18 @@ class ShardWriter:
 
 def make_sample(key: str, image: Image.Image | bytes, emb: np.ndarray, captions: list[str],
                 cls: int | None = None) -> dict:
+    from ...errors import UserError
+    from ...safety.budgets import MAX_CLASS_ID, OverBudget, check_embedding
+
     emb = np.asarray(emb, dtype=np.float32)
     if emb.ndim == 1:
         emb = emb[None]
+    try:  # what the loader would skip as a bad sample is not written
+        check_embedding(emb)
+    except OverBudget as e:
+        raise UserError(f"sample {key}: {e}") from None
+    if cls is not None and not 0 <= int(cls) <= MAX_CLASS_ID:
+        raise UserError(f"sample {key}: class {cls} is outside 0 to 2**63-1")
     s = {"__key__": key, "jpg": image if isinstance(image, bytes) else encode_image(image),
          "emb.npy": npy_bytes(emb), "txt.json": json.dumps(list(captions)).encode()}
     if cls is not None:
@@ -155,6 +164,30 @@ def _worker_main(w, lo, hi, build, tmp_dir, max_count, max_bytes, counter, q) ->
                "" if isinstance(e, UserError) else traceback.format_exc()))
 
 
+def _own_shards(out_dir: str, prefix: str) -> set[str]:
+    """The shard files a previous prepare wrote here (those its dataset.json lists). A ``PREFIX-*.tar`` that no
+    such file lists is someone else's: refused in one line, never deleted or overwritten."""
+    from ...errors import DataError
+
+    old: set[str] = set()
+    mpath = os.path.join(out_dir, MANIFEST)
+    if os.path.lexists(mpath):
+        from ..read.index import read_manifest
+
+        m = read_manifest(mpath)
+        entries = m.get("shards") if isinstance(m, dict) else None
+        for s in entries if isinstance(entries, list) else []:
+            p = s.get("path") if isinstance(s, dict) else None
+            if isinstance(p, str) and os.path.basename(p) == p and p.startswith(prefix + "-") and p.endswith(".tar"):
+                old.add(p)
+    foreign = sorted(n for n in os.listdir(out_dir) if n.startswith(prefix + "-") and n.endswith(".tar")
+                     and n not in old)
+    if foreign:
+        raise DataError(f"{out_dir} holds {len(foreign)} {prefix}-*.tar file(s) that no dataset.json of a previous "
+                        f"prepare lists (first: {foreign[0]}): move them or choose another --out")
+    return old
+
+
 def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int = DEFAULT_SHARD_COUNT,
                    max_bytes: int = DEFAULT_SHARD_BYTES, desc: str = "writing", prefix: str = "shard",
                    progress: bool = True) -> tuple[list[dict], list[str]]:
@@ -172,6 +205,7 @@ def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int
     workers = max(1, min(workers, n)) if n > 0 else 1
     tmp_dir = os.path.join(out_dir, ".writing")
     os.makedirs(out_dir, exist_ok=True)
+    old = _own_shards(out_dir, prefix)
     if os.path.isdir(tmp_dir):
         import shutil
 
@@ -216,9 +250,9 @@ def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int
                     p.terminate()
                 p.join()
     bar.close()
-    # drop shards of an earlier run of this split, then move the new ones in, in input order
-    for name in os.listdir(out_dir):
-        if name.startswith(prefix + "-") and name.endswith(".tar"):
+    # drop shards an earlier prepare of this split wrote (and only those), then move the new ones in, in order
+    for name in old:
+        if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     shards, skipped = [], []
     k = 0

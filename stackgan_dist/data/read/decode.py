@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 
 from ...errors import DataError
-from ..format import REQUIRED
+from ...safety.budgets import (DEFAULT_MAX_IMAGE_PIXELS, OverBudget, check_embedding, check_pixels, parse_class_id,
+                               read_npy)
+from ..format import MAX_CAPTIONS, REQUIRED
 
 
 
@@ -101,24 +103,31 @@ def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> No
         return
     missing = [k for k in REQUIRED if k not in sample]
     if missing:
+        found = sorted(k for k in sample if not k.startswith('__'))
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' lacks {missing} "
-                        f"(expected keys {list(REQUIRED)}, found {sorted(k for k in sample if not k.startswith('__'))})")
-    emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
-    if emb.ndim not in (1, 2) or emb.shape[-1] != text_dim:
-        raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' has an embedding of shape "
-                        f"{tuple(emb.shape)}; expected (captions, {text_dim}) (model.text_dim)")
+                        f"(expected keys {list(REQUIRED)}, found {found})")
+    try:
+        read_npy(sample["emb.npy"], text_dim, MAX_CAPTIONS)
+    except OverBudget as e:
+        raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' emb.npy {e} "
+                        f"(expected float (captions, {text_dim}), model.text_dim)") from None
 
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
-           train: bool = True, fmt: OnTheFly | None = None) -> Decoded:
+           train: bool = True, fmt: OnTheFly | None = None,
+           max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Decoded:
     """-> the sample as a ``Decoded``. For captions embedded on the device (``fmt.embed_on``
     "device") the embedding is a zero placeholder and the caption text is the one to embed.
 
-    ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption."""
+    ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption.
+    An image over ``max_pixels`` (after JPEG draft scaling), a non-finite or huge embedding and a class id
+    outside int64 are bad samples (BadSample), like undecodable ones; an embedding of the wrong width is a
+    DataError (the dataset does not fit the model)."""
     try:
         img = Image.open(io.BytesIO(sample["jpg"] if fmt is None else fmt.image(sample)))
         if img.format == "JPEG":
             img.draft("RGB", (load_size, load_size))  # decode at 1/2, 1/4 ... scale: no full-size decode
+        check_pixels(*img.size, max_pixels)  # the header's size, before any pixel is decoded
         if fmt is not None:  # images as they come: upright, 8-bit RGB, the short side to load_size, centre crop
             from ..images import fit_square, to_rgb8
 
@@ -129,7 +138,7 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
             img = img.resize((load_size, load_size), Image.BICUBIC)
         a = np.asarray(img, dtype=np.uint8)
         if fmt is None:
-            emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
+            emb = read_npy(sample["emb.npy"], None, MAX_CAPTIONS)
             caption = ""
         else:
             caps = fmt.captions(sample)
@@ -137,7 +146,8 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
             caption = caps[pick]
             # only the caption used is embedded; on the device later, or here
             emb = np.zeros((1, text_dim), np.float32) if fmt.embed_on == "device" else fmt.encode([caption])
-        cls = int(sample["cls"]) if "cls" in sample else -1
+        cls = parse_class_id(sample["cls"]) if "cls" in sample else -1
+        check_embedding(emb)
     except BadSample:
         raise
     except Exception as e:  # noqa: BLE001 - any decode failure makes a bad sample

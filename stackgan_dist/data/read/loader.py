@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ...errors import DataError
+from ...safety.budgets import DEFAULT_MAX_IMAGE_PIXELS
 from ..format import CROP_SIZES, LOAD_SIZES
 from .decode import BadSample, Decoded, check_sample, decode, sample_format
 from .index import DatasetInfo, Shard
@@ -54,6 +55,7 @@ class LoaderSpec:
     train: bool = True
     start_batches: int = 0
     cursor: dict | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad samples (safety/budgets.py)
 
 
 def make_order(info: DatasetInfo, seed: int, shuffle_buffer: int, slots: int = 0, train: bool = True) -> Order:
@@ -207,7 +209,7 @@ class ShardStream(IterableDataset):
                     raise BadSample("sample missing from an unreadable shard")
                 rng = np.random.default_rng([self.seed, epoch, slot, pos]) if self.train else None
                 out = last_good = decode(sample, self.load_size, self.crop, rng, self.info.text_dim,
-                                         self.train, self.fmt)
+                                         self.train, self.fmt, self.spec.max_image_pixels)
             except BadSample as e:
                 bad += 1
                 log.warning("bad sample %s in %s: %s", sample["__key__"], sample.get("__url__"), e)
