@@ -33,8 +33,11 @@ def _check_out(a, splits: tuple[str, ...] = ("",)) -> dict:
 
 
 def _summary(m: dict) -> None:
-    print(json.dumps({"num_samples": m["num_samples"], "shards": len(m["shards"]), "text_encoder": m["text_encoder"],
-                      "skipped": len(m.get("skipped", []))}))
+    out = {"num_samples": m["num_samples"], "shards": len(m["shards"]), "text_encoder": m["text_encoder"],
+           "skipped": len(m.get("skipped", []))}
+    if "captioned" in m:
+        out["captioned"] = m["captioned"]
+    print(json.dumps(out))
 
 
 def _cmd_stackgan(a) -> int:
