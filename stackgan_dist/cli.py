@@ -21,7 +21,10 @@ def _cmd_prepare(a) -> int:
 
         if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
             raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
-        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard)
+        from .data.prepare.prepare_cli import progress_enabled
+
+        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard,
+                              progress=progress_enabled(a))
         print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
         return 0
     if hasattr(a, "func"):  # sources added by data/prepare_cli.py
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .data.prepare import prepare_cli
 
+        prepare_cli.add_progress_arg(ps)
         prepare_cli.add_parsers(psub)
     except ImportError:
         pass

@@ -10,6 +10,24 @@ from ..format import MANIFEST
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT
 
 
+def add_progress_arg(p) -> None:
+    """``--progress auto|on|off`` (and ``--no-progress``, the same as off)."""
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar: auto shows it only when stderr is a terminal (a redirected log or a batch "
+                        "job's output gets no carriage-return lines)")
+    p.add_argument("--no-progress", action="store_const", const="off", dest="progress", help="--progress off")
+
+
+def progress_enabled(a) -> bool:
+    """Whether the parsed ``--progress`` asks for a bar: auto -> only on a terminal."""
+    mode = getattr(a, "progress", "auto")
+    if mode == "auto":
+        import sys
+
+        return sys.stderr.isatty()
+    return mode == "on"
+
+
 def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
@@ -18,7 +36,7 @@ def _shard_args(p, out_help: str = "output split directory (shards + dataset.jso
                    help="start a new shard past this many MB (default 256)")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SHARD_COUNT,
                    help="start a new shard past this many samples")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -29,7 +47,7 @@ def _check_out(a, splits: tuple[str, ...] = ("",)) -> dict:
     if a.workers < 1 or a.samples_per_shard < 1 or a.shard_size_mb <= 0:
         raise UserError("--workers, --samples-per-shard and --shard-size-mb must be positive")
     return dict(workers=a.workers, max_count=a.samples_per_shard, max_bytes=int(a.shard_size_mb * 2**20),
-                progress=not a.no_progress)
+                progress=progress_enabled(a))
 
 
 def _summary(m: dict) -> None:
@@ -67,7 +85,8 @@ def _cmd_index(a) -> int:
     for sp in ("train", "test"):
         if os.path.exists(os.path.join(a.out, sp, MANIFEST)) and not a.overwrite:
             raise UserError(f"{os.path.join(a.out, sp)} already holds a dataset file (pass --overwrite)")
-    print(json.dumps(prepare_index(a.pattern, a.encoder, a.out, a.test_fraction, not a.no_progress, a.caption_key or "")))
+    print(json.dumps(prepare_index(a.pattern, a.encoder, a.out, a.test_fraction, progress_enabled(a),
+                                   a.caption_key or "")))
     return 0
 
 
@@ -107,6 +126,6 @@ def add_parsers(psub) -> None:
                    help="share of the shards held out in OUT/test, chosen by a hash of the shard's name")
     p.add_argument("--caption-key", choices=("txt", "json"), default=None,
                    help="caption member (default: txt where present, else json's 'caption')")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing dataset files in OUT")
     p.set_defaults(func=_cmd_index)
