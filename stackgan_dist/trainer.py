@@ -25,7 +25,8 @@ from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
 from .data.text.device_text import caption_embedder
 from .data.read.index import resolve_dataset
-from .data.read.loader import LoaderSpec, dataset_text_dim, first_sample_check, make_loader, make_order
+from .data.read.loader import (LoaderSpec, check_loader_plan, dataset_text_dim, first_sample_check, make_loader,
+                               make_order)
 from .data.read.cursor import cursor_after_batches, merge_cursors
 from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
@@ -220,6 +221,7 @@ class Trainer:
                                               cfg.full_hash()).check(self.state.step))
             keep_global_batch(cfg, saved, env.world_size, self.resume_from)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        check_loader_plan(self.data, env.world_size, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.slots)
         self.schedule = Schedule.from_config(cfg, self.data.num_samples)
         if saved is not None and self.schedule.done(self.state):  # nothing to do, and nothing is written
             self.finished_at = self.state.step

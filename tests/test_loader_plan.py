@@ -1,6 +1,8 @@
 """The loader plan (#26 point 2): each rank takes a contiguous run of whole batches and its loader workers
 share them, so a pass drops fewer images than one global batch and a dataset is too small only below one
 global batch; ranks get equal batch counts and the rank's workers yield its batches in order."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import CFG1, one_line_error, run_cli, tiny_overrides
 from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.data.read.index import resolve_dataset
 from stackgan_dist.data.read.loader import LoaderSpec, make_loader
@@ -157,3 +160,13 @@ def test_two_ranks_equal_batches_and_exact_samples(info):
         seen += [int(v) for b in bs for v in b["text"][:, 0]]
     assert len(seen) == len(set(seen)) == 40
     assert torch.tensor(seen).max() < N
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_refuses_too_many_slots_and_a_dataset_under_one_global_batch(synth_data, tmp_path):
+    """What the real start refuses, the dry run refuses first, in one line (exit 2): 10^9 slots (it used to
+    pass the dry run, then spin), 96 samples for 32 ranks x batch 4."""
+    base = ["train", CFG1, "--dry-run", *tiny_overrides(synth_data, tmp_path / "run")]
+    one_line_error(run_cli(*base, "data.slots=1000000000"), "data.slots=1000000000", "96 samples", rc=2)
+    one_line_error(run_cli(*base, env={"WORLD_SIZE": "32"}), "too small for one global batch of 128", rc=2)
+    assert not os.path.exists(tmp_path / "run")

@@ -28,7 +28,7 @@ from .decode import BadSample, Decoded, check_sample, decode, sample_format
 from .index import DatasetInfo, Shard
 from .samples import iter_samples
 from .cursor import CursorTracker, cursor_after_batches, fresh_start, resume
-from .slots import Order, auto_slots, batches_of, check_slots, plan, plan_numbers
+from .slots import Order, PlanNumbers, auto_slots, batches_of, check_slots, plan, plan_numbers
 
 log = logging.getLogger("stackgan_dist.data")
 
@@ -264,6 +264,14 @@ def first_sample_check(info: DatasetInfo, text_dim: int, key: str = "data.train"
     if first is None:
         raise DataError(f"shard {info.shards[0].url} holds no samples")
     check_sample(first, text_dim, sample_format(info.manifest))
+
+
+def check_loader_plan(info: DatasetInfo, world_size: int, batch_size: int, grad_accum: int = 1,
+                      slots: int = 0) -> PlanNumbers:
+    """The loader's start checks, reading no data (a dry run makes them too): data.slots within what the data
+    allows and at least one global batch of samples. -> the fresh epoch's numbers (slots.plan_numbers)."""
+    check_slots(slots, info.num_samples)
+    return plan_numbers(info.num_samples, world_size, batch_size, grad_accum)
 
 
 def make_loader(info: DatasetInfo, spec: LoaderSpec):
