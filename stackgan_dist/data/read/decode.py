@@ -107,10 +107,13 @@ def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> No
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' lacks {missing} "
                         f"(expected keys {list(REQUIRED)}, found {found})")
     try:
-        read_npy(sample["emb.npy"], text_dim, MAX_CAPTIONS)
+        emb = read_npy(sample["emb.npy"], None, MAX_CAPTIONS)
     except OverBudget as e:
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' emb.npy {e} "
                         f"(expected float (captions, {text_dim}), model.text_dim)") from None
+    if emb.shape[-1] != text_dim:
+        raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' has an embedding of shape "
+                        f"{tuple(emb.shape)}; expected (captions, {text_dim}) (model.text_dim)")
 
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
