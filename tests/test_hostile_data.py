@@ -281,3 +281,23 @@ def test_prepare_synthetic_negative_counts_are_one_line(tmp_path):
     p = run_cli("prepare", "synthetic", "--out", str(tmp_path / "s"), "--train", "-5", "--test", "2")
     one_line_error(p, "--train >= 1", rc=2)
     assert not os.path.exists(tmp_path / "s" / "train" / "dataset.json")
+
+
+def test_embeddings_file_header_is_checked_before_its_data(tmp_path):
+    """`stackgan sample --embeddings FILE`: a header claiming 2^40 rows, an object array or a FIFO is one
+    UserError line; a good file reads back."""
+    from stackgan_dist.cli import _load_embeddings
+
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(_npy_header((1 << 40, DIM)))
+    obj = tmp_path / "obj.npy"
+    np.save(obj, np.array([None, 1], dtype=object), allow_pickle=True)
+    os.mkfifo(tmp_path / "fifo.npy")
+    for path, words in ((huge, "more than 65536 rows"), (obj, "not floats"), (tmp_path / "fifo.npy", "FIFO")):
+        with pytest.raises(UserError, match=words) as e:
+            _load_embeddings(str(path), DIM)
+        assert "\n" not in str(e.value)
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((3, DIM), np.float64))
+    a = _load_embeddings(str(good), DIM)
+    assert a.shape == (3, DIM) and a.dtype == np.float32
