@@ -56,6 +56,10 @@ def test_fifo_in_place_of_a_shard_a_dataset_file_or_a_pickle_fails_in_one_line(t
     os.mkfifo(tmp_path / "x.pickle")
     with pytest.raises(DataError, match="is a FIFO"):
         safe_load(str(tmp_path / "x.pickle"))
+    from stackgan_dist.data.prepare.prepare_index import prepare_index
+
+    with pytest.raises(DataError, match="shard-000001.tar is a FIFO"):  # indexing shards in place
+        prepare_index(os.path.join(d, "shard-*.tar"), "hashing:16", str(tmp_path / "idx"), progress=False)
 
 
 @pytest.mark.timeout(300)

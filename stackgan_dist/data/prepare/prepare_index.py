@@ -19,6 +19,7 @@ import time
 from collections import Counter
 
 from ...errors import DataError
+from ...safety.files import require_regular
 from ..read.index import expand_braces, is_remote
 from ..read.samples import iter_samples
 from ..format import CAPTION_KEYS, DATASET_FORMAT, DATASET_VERSION, IMAGE_KEYS, MANIFEST, STORE_SIZE, sha256_file
@@ -95,9 +96,11 @@ def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0
     paths = [os.path.abspath(p) for p in expand_braces(pattern)]
     if not paths:
         raise DataError(f"shard pattern {pattern} matches nothing")
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} shards not found, first: {missing[0]}")
+    for p in paths:  # a FIFO would block the scan below
+        require_regular(p, "shard")
     from tqdm import tqdm
 
     scans = {}
