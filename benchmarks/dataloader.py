@@ -4,7 +4,7 @@ Data: full-size JPEGs (default 500 x 375, noisy so that their byte sizes are rea
 in the StackGAN birds release layout (tests/assets/make_release.py), converted once with
 ``prepare stackgan`` (not timed).
 
-- ours: stackgan_dist.data.loader.ShardStream at stage 2: reads tar shards, decodes the 304 px stored JPEG,
+- ours: stackgan_dist.data.read.loader.ShardStream at stage 2: reads tar shards, decodes the 304 px stored JPEG,
   random 256 crop + flip, one caption embedding drawn, uint8 batches (normalisation happens on the device).
 - reference: what the original StackGAN code's TextDataset does per sample: PIL opens the full-size JPEG,
   crops the box (1.5 x its larger side), resizes to 304 (bilinear), random 256 crop + flip, ToTensor +
@@ -16,7 +16,7 @@ wall clock and per second of this process's CPU time (which waiting for a busy C
 Total: a DataLoader with ``--workers`` worker processes, each loader timed once, alternately.
 ``speedup`` = ours / reference, per worker.
 
-Tar reading: stackgan_dist.data.tar_reader (a port of tarfile's stream reading, kept only while it is
+Tar reading: stackgan_dist.data.read.tar_reader (a port of tarfile's stream reading, kept only while it is
 faster and tests/test_tar_reader.py shows it equal) against ``tarfile.open(fileobj, "r|")`` on the same
 shards, every member's bytes read, ABBA rounds: ``tar_speedup`` = tarfile's time / ours.
 """
@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.loader import make_loader
-from stackgan_dist.data.tar_reader import iter_tar_files
-from stackgan_dist.data.safe_pickle import safe_load
-from stackgan_dist.data.stackgan_release import crop_box, load_bboxes, prepare_stackgan
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.loader import LoaderSpec, make_loader
+from stackgan_dist.data.read.tar_reader import iter_tar_files
+from stackgan_dist.safety.unpickle import safe_load
+from stackgan_dist.data.prepare.stackgan_release import crop_box, load_bboxes, prepare_stackgan
 
 sys.path.insert(0, os.path.join(common.REPO, "tests", "assets"))
 from make_release import make_birds  # noqa: E402
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
         B = a.batch_size
 
         def ours_iter(workers: int):
-            _, dl = make_loader(info, 2, B, seed=0, num_workers=workers, shuffle_buffer=64)
+            _, dl = make_loader(info, LoaderSpec(2, B, seed=0, num_workers=workers, shuffle_buffer=64))
             return iter(dl)
 
         def ref_iter(workers: int):

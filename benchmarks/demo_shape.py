@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stackgan_dist.data.loader import decode  # noqa: E402
-from stackgan_dist.data.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS  # noqa: E402
+from stackgan_dist.data.read.decode import decode  # noqa: E402
+from stackgan_dist.data.prepare.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS  # noqa: E402
 from stackgan_dist.evaluation.caption import caption_scores, extent, size_word  # noqa: E402
 from stackgan_dist.losses import mismatched_conditions  # noqa: E402
 from stackgan_dist.models.conditioning import CondAugment  # noqa: E402
@@ -71,7 +71,7 @@ def real_metric(samples: list[dict]) -> dict:
     imgs = {64: [], 256: []}
     for s in samples:
         for load, crop in ((76, 64), (304, 256)):
-            imgs[crop].append(decode(s, load, crop, rng, 256, train=False)[0].transpose(1, 2, 0))
+            imgs[crop].append(decode(s, load, crop, rng, 256, train=False).image.transpose(1, 2, 0))
     classes = [int(s["cls"]) for s in samples]
     caps = [json.loads(s["txt.json"])[0] for s in samples]
     sizes = [size_word(c) for c in caps]

@@ -41,7 +41,7 @@ if ROOT not in sys.path:  # `python launch/submitit_job.py` from anywhere: the r
     sys.path.insert(0, ROOT)
 
 from stackgan_dist.checkpoint.signals import EXIT_REQUEUE, last_received  # noqa: E402
-from stackgan_dist.data.safe_pickle import safe_load  # noqa: E402
+from stackgan_dist.safety.unpickle import safe_load  # noqa: E402
 from stackgan_dist.errors import DataError, UserError  # noqa: E402
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

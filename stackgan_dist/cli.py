@@ -18,7 +18,7 @@ from .errors import EXIT_INTERRUPTED, TransientError, UserError
 
 def _cmd_prepare(a) -> int:
     if a.source == "synthetic":
-        from .data.synthetic import prepare_synthetic
+        from .data.prepare.synthetic import prepare_synthetic
 
         if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
             raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
@@ -26,7 +26,7 @@ def _cmd_prepare(a) -> int:
                               progress=_progress(a))
         print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
         return 0
-    if hasattr(a, "func"):  # sources added by data/prepare_cli.py
+    if hasattr(a, "func"):  # sources added by data/prepare/prepare_cli.py
         return a.func(a)
     raise UserError(f"unknown prepare source {a.source}")
 
@@ -88,12 +88,17 @@ def _dry_run(a) -> int:
 
 
 def _load_embeddings(path: str, text_dim: int):
-    """An (N, text_dim) float array from a .npy file (no pickles)."""
+    """An (N, text_dim) float array from a .npy file (no pickles; its header checked before its data)."""
     import numpy as np
 
+    from .errors import DataError
+    from .safety.budgets import OverBudget, read_npy
+    from .safety.files import open_regular
+
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        with open_regular(path, "--embeddings file") as f:
+            arr = read_npy(f, text_dim, max_rows=1 << 16)
+    except (OverBudget, DataError, OSError) as e:
         raise UserError(f"cannot read --embeddings {path}: {e}") from None
     if arr.ndim == 1:
         arr = arr[None]
@@ -108,7 +113,7 @@ def _load_embeddings(path: str, text_dim: int):
 def _cmd_sample(a) -> int:
     import torch
 
-    from .data.text_encoders import make_encoder
+    from .data.text.text_encoders import make_encoder
     from .inference import check_output_path, generate, load_run
     from .observability.images import labelled_grid, save_png, to_uint8
 
@@ -250,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
     ps.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     try:
-        from .data import prepare_cli
+        from .data.prepare import prepare_cli
 
+        prepare_cli.add_progress_arg(ps)
         prepare_cli.add_parsers(psub)
     except ImportError:
         pass

@@ -39,8 +39,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank; "auto": the CPUs this rank was granted, less one
     shuffle_buffer: int = 512  # samples held for in-stream shuffling (per worker)
     prefetch_factor: int = 4  # batches each loader worker prepares ahead
-    slots: int = 0  # shuffle units of an epoch, fixed whatever the world size (0: auto; data/slots.py)
+    slots: int = 0  # shuffle units of an epoch, fixed whatever the world size (0: auto; data/read/slots.py)
     max_bad_fraction: float = 0.01  # stop the run if more than this share of samples fail to decode
+    max_image_pixels: int = (16 * 304) ** 2  # larger images are bad samples, not GBs of RAM (safety/budgets.py)
     pipe_timeout_s: float = 600.0  # reserved for `pipe:` shard streams; not read by the loader yet
 
 
@@ -416,6 +417,7 @@ RANGES = (
     ("data.prefetch_factor", 1, None, True, True), ("data.shuffle_buffer", 0, None, True, True),
     ("data.pipe_timeout_s", 0.0, None, False, True), ("checkpoint.every_minutes", 0.0, None, True, True),
     ("checkpoint.max_restarts", 1, None, True, True), ("model.res_blocks", 0, None, True, True),
+    ("data.max_image_pixels", 1, None, True, True),
 )
 
 

@@ -10,9 +10,9 @@ import os
 import torch
 
 from .config import load_config
-from .data.device_text import caption_embedder
-from .data.index import is_remote, resolve_dataset
-from .data.reader import read_batches
+from .data.text.device_text import caption_embedder
+from .data.read.index import is_remote, resolve_dataset
+from .data.read.reader import read_batches
 from .errors import UserError
 from .inference import run_dir_of
 

@@ -23,9 +23,11 @@ from .checkpoint.lock import RunLock, on_main_agreed
 from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
-from .data.device_text import caption_embedder
-from .data.loader import dataset_text_dim, first_sample_check, make_loader, make_order, resolve_dataset
-from .data.slots import cursor_after_batches, merge_cursors
+from .data.text.device_text import caption_embedder
+from .data.read.index import resolve_dataset
+from .data.read.loader import (LoaderSpec, check_loader_plan, dataset_text_dim, first_sample_check, make_loader,
+                               make_order)
+from .data.read.cursor import cursor_after_batches, merge_cursors
 from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all
@@ -219,6 +221,7 @@ class Trainer:
                                               cfg.full_hash()).check(self.state.step))
             keep_global_batch(cfg, saved, env.world_size, self.resume_from)
         self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        check_loader_plan(self.data, env.world_size, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.slots)
         self.schedule = Schedule.from_config(cfg, self.data.num_samples)
         if saved is not None and self.schedule.done(self.state):  # nothing to do, and nothing is written
             self.finished_at = self.state.step
@@ -259,11 +262,11 @@ class Trainer:
         if self.resume_from:
             self._load(saved)
         cursor, start_batches = self._loader_start()
-        self.stream, self.loader = make_loader(
-            self.data, cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size,
-            cfg.data.num_workers, cfg.data.shuffle_buffer, start_batches=start_batches,
-            prefetch_factor=cfg.data.prefetch_factor, pin_memory=env.device.type == "cuda", cursor=cursor,
-            slots=cfg.data.slots)
+        self.stream, self.loader = make_loader(self.data, LoaderSpec(
+            cfg.model.stage, cfg.train.batch_size, cfg.train.seed, env.rank, env.world_size, cfg.data.num_workers,
+            cfg.data.shuffle_buffer, cfg.data.slots, cfg.train.grad_accum, cfg.data.prefetch_factor,
+            pin_memory=env.device.type == "cuda", start_batches=start_batches, cursor=cursor,
+            max_image_pixels=cfg.data.max_image_pixels))
         self.tracker = self.stream.tracker()  # this rank's share of the loader cursor
         self.gan_step = GANStep(self.strategy, cfg.model.stage, cfg.model.z_dim, cfg.model.condition_dim,
                                 kl_weight(cfg), self.G1, self.gen, cfg.train.grad_accum, cfg.train.channels_last,
@@ -306,8 +309,8 @@ class Trainer:
         if layout == (self.env.world_size, cfg.data.num_workers):
             return None, int(c.get("batches", 0))
         order = make_order(self.data, cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.slots)
-        return cursor_after_batches(order, layout[0], max(1, layout[1]), int(c.get("batch_size") or
-                                    cfg.train.batch_size), int(c.get("batches", 0))), 0
+        return cursor_after_batches(order, layout[0], int(c.get("batch_size") or cfg.train.batch_size),
+                                    int(c.get("batches", 0))), 0
 
     def _cursor(self) -> dict:
         """Collective: the global cursor, every rank's consumed samples merged."""

@@ -270,7 +270,7 @@ def metrics(run_dir) -> list[dict]:
 def synth_data(tmp_path_factory):
     """A small synthetic dataset (train 96 / test 24 samples, 3 train shards)."""
     out = tmp_path_factory.mktemp("synth")
-    from stackgan_dist.data.synthetic import prepare_synthetic
+    from stackgan_dist.data.prepare.synthetic import prepare_synthetic
 
     prepare_synthetic(str(out), n_train=96, n_test=24, seed=0, text_dim=64, samples_per_shard=32)
     return out

@@ -2,7 +2,7 @@
 import numpy as np
 
 from conftest import loader_view
-from stackgan_dist.data.synthetic import SHAPES, SIZE_WORDS, caption, draw
+from stackgan_dist.data.prepare.synthetic import SHAPES, SIZE_WORDS, caption, draw
 from stackgan_dist.evaluation.caption import CLASSES, caption_scores, classify_size, size_word
 
 

@@ -73,12 +73,14 @@ def test_stage2_train_sample_eval(stage1_run, synth_data, tmp_path):
 
 
 def test_caption_metric_scores_real_images(synth_data):
-    from stackgan_dist.data.loader import make_loader, resolve_dataset
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import LoaderSpec, make_loader
     from stackgan_dist.evaluation.caption import caption_scores
 
     for stage in (1, 2):
-        ds, _ = make_loader(resolve_dataset(f"{synth_data}/test"), stage, 24, 0, num_workers=0, shuffle_buffer=1)
-        b = next(ds.slot_batches(0, 0))
+        _, dl = make_loader(resolve_dataset(f"{synth_data}/test"), LoaderSpec(stage, 24, 0, num_workers=0,
+                                                                              shuffle_buffer=1))
+        b = next(iter(dl))
         s = caption_scores(b["image"].permute(0, 2, 3, 1).numpy(), b["cls"].tolist())
         assert s["color_accuracy"] >= 0.95 and s["shape_accuracy"] >= 0.95
 

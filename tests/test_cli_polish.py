@@ -123,8 +123,8 @@ def tiny_run(synth_data, tmp_path_factory):
 
 
 def test_sample_from_data_labels_the_grid_with_the_test_captions(capsys, tiny_run, synth_data, tmp_path):
-    from stackgan_dist.data.index import resolve_dataset
-    from stackgan_dist.data.reader import read_batches
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.reader import read_batches
 
     out = tmp_path / "grid.png"
     rc, stdout, err = _run(capsys, "sample", str(tiny_run), "--from-data", "--n", "3", "--out", str(out))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.coco_release import coco_embeddings, coco_keys, load_coco_split, prepare_coco
+from stackgan_dist.data.prepare.coco_release import coco_embeddings, coco_keys, load_coco_split, prepare_coco
 from stackgan_dist.errors import DataError
 
 DIM = 16

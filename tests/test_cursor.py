@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.loader import make_loader
-from stackgan_dist.data.slots import CursorTracker, Order, buffer_shuffle_order, merge_cursors, plan
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.loader import LoaderSpec, make_loader
+from stackgan_dist.data.read.cursor import CursorTracker, merge_cursors
+from stackgan_dist.data.read.slots import Order, buffer_shuffle_order, plan
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM, B = 103, 8, 4
@@ -36,8 +37,8 @@ def _ids(b):
 
 
 def _loader(info, rank, world, workers=0, cursor=None, slots=3, buffer=16):
-    return make_loader(info, 1, B, seed=5, rank=rank, world_size=world, num_workers=workers,
-                       shuffle_buffer=buffer, cursor=cursor, slots=slots)
+    return make_loader(info, LoaderSpec(1, B, seed=5, rank=rank, world_size=world, num_workers=workers,
+                       shuffle_buffer=buffer, cursor=cursor, slots=slots))
 
 
 def _take(info, world, k, workers=0, cursor=None, **kw):
@@ -87,11 +88,11 @@ def test_buffer_shuffle_order_is_a_permutation_and_seeded():
 def test_plan_deals_equal_disjoint_shares(world, workers):
     order = Order(N, 3, 0, 16)
     consumed = {0: [[0, 5], [9, 12]], 2: [[30, 34]]}
-    shares = plan(order, consumed, world, workers, B)
+    shares = plan(order, consumed, world, B)  # per rank; the workers share their rank's batches
     sizes = [sum(hi - lo for _, lo, hi in sh) for sh in shares]
     remaining = N - 5 - 3 - 4
     assert len(set(sizes)) == 1 and sizes[0] % B == 0
-    assert remaining - sum(sizes) < world * workers * B  # only the drop-last remainder is left out
+    assert remaining - sum(sizes) < world * B  # only the drop-last remainder (< one global batch) is left out
     seen = set()
     for sh in shares:
         for s, lo, hi in sh:
@@ -148,7 +149,7 @@ def test_workers_round_robin_resume_is_exact_and_elastic(info):
     rest = [i for bs in _rest_of_epoch(info, 3, cur, workers=2) for b in bs for i in _ids(b)]
     assert len(first + rest) == len(set(first + rest))
     left = N - len(first)
-    assert len(rest) == left // (3 * 2 * B) * (3 * 2 * B)
+    assert len(rest) == left // (3 * B) * (3 * B)  # the drop-last remainder: less than one global batch
 
 
 def test_epochs_chain_and_completed_epochs_leave_the_cursor(info):
@@ -166,8 +167,8 @@ def test_epochs_chain_and_completed_epochs_leave_the_cursor(info):
 def test_start_batches_equals_cursor_of_an_uninterrupted_run(info):
     full, _ = _take(info, 2, 7)
     for r in range(2):
-        _, dl = make_loader(info, 1, B, seed=5, rank=r, world_size=2, num_workers=0, shuffle_buffer=16, slots=3,
-                            start_batches=4)
+        _, dl = make_loader(info, LoaderSpec(1, B, seed=5, rank=r, world_size=2, num_workers=0, shuffle_buffer=16,
+                                             slots=3, start_batches=4))
         it = iter(dl)
         for x in full[r][4:]:
             assert torch.equal(next(it)["text"], x["text"])

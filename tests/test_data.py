@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.decode import check_sample
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.loader import ShardStream, first_sample_check, make_loader
-from stackgan_dist.data.samples import iter_samples
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.decode import check_sample
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.loader import LoaderSpec, ShardStream, first_sample_check, make_loader
+from stackgan_dist.data.read.samples import iter_samples
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM, CAPS = 100, 8, 3
@@ -41,7 +41,7 @@ def idset(tmp_path_factory):
 
 def _batches(info, n, **kw):
     kw.setdefault("num_workers", 2)
-    _, dl = make_loader(info, 1, 4, seed=3, **kw)
+    _, dl = make_loader(info, LoaderSpec(1, 4, seed=3, **kw))
     it = iter(dl)
     out = [next(it) for _ in range(n)]
     del it
@@ -55,7 +55,7 @@ def _ids(batches):
 def test_exact_split_two_ranks_two_workers(idset):
     info = resolve_dataset(idset)
     assert info.num_samples == N and len(info.shards) == 5
-    per_rank = ShardStream(info, 1, 4, 3, world_size=2, num_workers=2).batches_per_epoch
+    per_rank = ShardStream(info, LoaderSpec(1, 4, 3, world_size=2, num_workers=2)).batches_per_epoch
     assert per_rank == 2 * ((N // 4) // 4)  # 4 slots of 25 samples, 6 batches of 4 each
     seen = []
     for rank in range(2):
@@ -79,7 +79,7 @@ def test_same_seed_same_order_and_epochs_differ(idset):
 
 def test_other_seed_other_order(idset):
     info = resolve_dataset(idset)
-    _, dl = make_loader(info, 1, 4, seed=4, num_workers=0)
+    _, dl = make_loader(info, LoaderSpec(1, 4, seed=4, num_workers=0))
     it = iter(dl)
     assert _ids([next(it) for _ in range(5)]) != _ids(_batches(info, 5))
 
@@ -201,12 +201,13 @@ def test_non_contiguous_sample_members_are_an_error(tmp_path):
 
 
 def test_too_small_for_slots_is_clear(idset):
+    # too small means fewer samples than one global batch (2 x 64 > 100); loader workers do not count
     with pytest.raises(DataError, match="too small"):
-        ShardStream(resolve_dataset(idset), 1, 32, 0, world_size=2, num_workers=2)
+        ShardStream(resolve_dataset(idset), LoaderSpec(1, 64, 0, world_size=2, num_workers=2))
 
 
 def test_sequential_reader_file_order_start_and_cycle(idset):
-    from stackgan_dist.data.reader import read_batches, read_samples
+    from stackgan_dist.data.read.reader import read_batches, read_samples
 
     info = resolve_dataset(idset)
     every = list(read_samples(info, 1))

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
-from stackgan_dist.data.index import resolve_dataset, validate_manifest
-from stackgan_dist.data.loader import make_loader
-from stackgan_dist.data.writer import make_sample, write_manifest, write_parallel
+from stackgan_dist.data.read.index import resolve_dataset, validate_manifest
+from stackgan_dist.data.read.loader import LoaderSpec, make_loader
+from stackgan_dist.data.prepare.writer import make_sample, write_manifest, write_parallel
 from stackgan_dist.errors import DataError
 
 N, DIM = 12, 8
@@ -158,7 +158,7 @@ def test_counts_beyond_the_shards_are_bounded_holes(split, tmp_path, caplog):
         m["shards"][0]["samples"] += 3
         m["num_samples"] += 3
     info = resolve_dataset(str(_copy(split, tmp_path, edit)))
-    ds, dl = make_loader(info, 1, 3, seed=0, num_workers=0, shuffle_buffer=4)
+    ds, dl = make_loader(info, LoaderSpec(1, 3, seed=0, num_workers=0, shuffle_buffer=4))
     it = iter(dl)
     bs = [next(it) for _ in range(2 * ds.batches_per_epoch)]
     assert sum(int(b["bad"]) for b in bs) == 2 * 3 and int(bs[-1]["epoch"]) == 1
@@ -203,8 +203,8 @@ def test_random_json_only_ever_gives_the_clear_error(split, data):
 def test_an_empty_split_is_valid_and_says_so(tmp_path):
     """A held-out split may be empty (a small own-data set): it resolves with no samples, and a loader over it
     is refused with a line saying so (evaluation is skipped, training cannot start on it)."""
-    from stackgan_dist.data.index import resolve_dataset
-    from stackgan_dist.data.loader import make_loader
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import LoaderSpec, make_loader
     from stackgan_dist.errors import DataError
 
     d = tmp_path / "empty"
@@ -215,4 +215,4 @@ def test_an_empty_split_is_valid_and_says_so(tmp_path):
     info = resolve_dataset(str(d))
     assert info.num_samples == 0 and info.shards == []
     with pytest.raises(DataError, match="holds no samples"):
-        make_loader(info, 1, 4, 0)
+        make_loader(info, LoaderSpec(1, 4, 0))

@@ -9,7 +9,7 @@ from PIL import ImageFilter
 
 from conftest import REPO, loader_view, run_cli
 
-from stackgan_dist.data.synthetic import SIZE_WORDS, draw
+from stackgan_dist.data.prepare.synthetic import SIZE_WORDS, draw
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import demo_shape  # noqa: E402
@@ -41,7 +41,7 @@ def test_shape_features_sharpness_and_fringes_on_drawn_shapes():
 
 @pytest.fixture(scope="module")
 def tiny_stage1(tmp_path_factory):
-    from stackgan_dist.data.synthetic import prepare_synthetic
+    from stackgan_dist.data.prepare.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("shape")
     prepare_synthetic(str(root / "d"), n_train=24, n_test=6, seed=0, text_dim=64, samples_per_shard=12,

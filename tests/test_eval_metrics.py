@@ -31,7 +31,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evalset(tmp_path_factory):
     """Train 32 / test 4 samples (few real images keep FID cheap), text_dim 64; plus a text_dim-32 test split."""
-    from stackgan_dist.data.synthetic import prepare_synthetic
+    from stackgan_dist.data.prepare.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("evaldata")
     prepare_synthetic(str(root / "d64"), n_train=32, n_test=4, seed=0, text_dim=64, samples_per_shard=16,
@@ -205,8 +205,8 @@ def test_eval_cli_end_to_end(eval_single, tiny_run, evalset):
     assert res["real_color_accuracy"] == 1.0 and res["real_shape_accuracy"] == 1.0
     assert 0.0 <= res["color_accuracy"] <= 1.0
     # size: scored on the generated images whose caption (test caption i mod 4) names a size
-    from stackgan_dist.data.index import resolve_dataset
-    from stackgan_dist.data.reader import read_samples
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.reader import read_samples
     from stackgan_dist.evaluation.caption import size_word
 
     caps = [s["caption"] for s in read_samples(resolve_dataset(str(evalset / "d64" / "test")), 1)]

@@ -310,8 +310,8 @@ def test_preprocessing_rows():
     import numpy as np
     from PIL import Image
 
-    from stackgan_dist.data.stackgan_release import crop_box
-    from stackgan_dist.data.writer import LOAD_SIZES
+    from stackgan_dist.data.prepare.stackgan_release import crop_box
+    from stackgan_dist.data.format import LOAD_SIZES
 
     assert LOAD_SIZES == {1: int(64 * 76 / 64), 2: int(256 * 76 / 64)}
     img = Image.new("RGB", (500, 375))

@@ -113,7 +113,7 @@ def test_prepare_index_sentence_encoder_trains_stage1(tmp_path):
     version and dim 384 (never a path) and that captions are embedded on the device; Stage-I trains on it
     through the CLI."""
     pytest.importorskip("sentence_transformers")
-    from stackgan_dist.data.text_encoders import SentenceTransformerEncoder
+    from stackgan_dist.data.text.text_encoders import SentenceTransformerEncoder
 
     _, idx = _sentence_index(tmp_path)
     want = SentenceTransformerEncoder().spec()
@@ -147,9 +147,10 @@ def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
     import torch
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.data.loader import make_loader, resolve_dataset
-    from stackgan_dist.data.reader import read_samples
-    from stackgan_dist.data.text_encoders import HashingEncoder, SentenceTransformerEncoder
+    from stackgan_dist.data.read.index import resolve_dataset
+    from stackgan_dist.data.read.loader import LoaderSpec, make_loader
+    from stackgan_dist.data.read.reader import read_samples
+    from stackgan_dist.data.text.text_encoders import HashingEncoder, SentenceTransformerEncoder
     from stackgan_dist.distributed.env import DistEnv
     from stackgan_dist.errors import DataError
     from stackgan_dist.trainer import Trainer
@@ -177,8 +178,9 @@ def test_device_embedded_batches_carry_the_loaders_captions_embedded(tmp_path):
     # the same draw as the hashing encoder's loader: its text is the hashing encoding of these captions
     run_cli("prepare", "index", f"{shards}/{{00000..00002}}.tar", "--encoder", "hashing:64", "--out",
             tmp_path / "hidx", "--test-fraction", "0.3", "--no-progress", check=True)
-    _, hl = make_loader(resolve_dataset(str(tmp_path / "hidx" / "train")), 1, 4, cfg.train.seed, num_workers=0,
-                        shuffle_buffer=cfg.data.shuffle_buffer, slots=cfg.data.slots)
+    _, hl = make_loader(resolve_dataset(str(tmp_path / "hidx" / "train")),
+                        LoaderSpec(1, 4, cfg.train.seed, num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer,
+                                   slots=cfg.data.slots))
     hashing = HashingEncoder(64)
     for b, hb in zip(fed, iter(hl)):
         assert torch.allclose(hb["text"], torch.from_numpy(hashing.encode(b["caption"])))

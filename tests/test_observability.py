@@ -90,8 +90,8 @@ def test_sample_inputs_are_fixed(synth_data, tmp_path):
         text2, noise2 = t.samples._inputs()
         assert torch.equal(text, text2) and torch.equal(noise["z"], noise2["z"])
         # the captions come from the test split, in file order: its first 8 samples' first captions
-        from stackgan_dist.data.loader import resolve_dataset
-        from stackgan_dist.data.reader import read_batches
+        from stackgan_dist.data.read.index import resolve_dataset
+        from stackgan_dist.data.read.reader import read_batches
 
         b = next(read_batches(resolve_dataset(str(synth_data / "test")), 1, 8))
         assert torch.equal(text, b["text"]) and t.samples.captions == b["caption"]

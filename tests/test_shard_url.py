@@ -9,15 +9,15 @@ import torch
 
 from conftest import CFG1, run_cli, tiny_overrides
 from stackgan_dist.config import ConfigError, load_config
-from stackgan_dist.data.index import resolve_dataset, shard_from_template
-from stackgan_dist.data.loader import make_loader
+from stackgan_dist.data.read.index import resolve_dataset, shard_from_template
+from stackgan_dist.data.read.loader import LoaderSpec, make_loader
 from stackgan_dist.errors import DataError
 
 CAT = "pipe:cat {path}"
 
 
 def _batches(info, n=3):
-    _, dl = make_loader(info, 1, 4, seed=3, num_workers=0, shuffle_buffer=8)
+    _, dl = make_loader(info, LoaderSpec(1, 4, seed=3, num_workers=0, shuffle_buffer=8))
     it = iter(dl)
     return [next(it) for _ in range(n)]
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stackgan_dist.data.tar_reader import TarDamaged, iter_tar_files
+from stackgan_dist.data.read.tar_reader import TarDamaged, iter_tar_files
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 _component = st.text(st.sampled_from("abcXYZ019._-é漢"), min_size=1, max_size=40).filter(

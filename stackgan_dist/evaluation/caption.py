@@ -13,7 +13,7 @@ import numpy as np
 
 import re
 
-from ..data.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS
+from ..data.prepare.synthetic import CLASSES, COLORS, SHAPES, SIZE_WORDS
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 _NAMES = list(COLORS)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.index import resolve_dataset
-from ..data.device_text import caption_embedder
-from ..data.reader import read_samples
-from ..data.writer import CROP_SIZES
+from ..data.read.index import resolve_dataset
+from ..data.text.device_text import caption_embedder
+from ..data.read.reader import read_samples
+from ..data.format import CROP_SIZES
 from ..errors import UserError
 from ..inference import generate, load_run
 from ..observability.images import to_uint8

@@ -25,7 +25,7 @@ def build_stage1_generator(m) -> Stage1Generator:
 
 def build_models(m) -> Models:
     """``m`` is a ModelConfig. Stage-II's G1 is built here but its weights come from the Stage-I checkpoint."""
-    if m.text_dim is None:  # the trainer resolves it from the dataset first (data.loader.dataset_text_dim)
+    if m.text_dim is None:  # the trainer resolves it from the dataset first (data.read.loader.dataset_text_dim)
         raise ValueError("model.text_dim is unset: resolve it from the dataset before building the models")
     if m.stage == 1:
         G = build_stage1_generator(m)

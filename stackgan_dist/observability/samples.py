@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.reader import read_batches
+from ..data.read.reader import read_batches
 from .images import labelled_grid, save_png, to_uint8
 
 

@@ -42,7 +42,7 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from stackgan_dist.data.synthetic import prepare_synthetic
+    from stackgan_dist.data.prepare.synthetic import prepare_synthetic
 
     out = tmp_path_factory.mktemp("gpu_synth")
     prepare_synthetic(str(out), n_train=64, n_test=16, seed=0, text_dim=64, samples_per_shard=32)

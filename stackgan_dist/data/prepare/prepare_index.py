@@ -7,7 +7,7 @@ One pass over the shards counts samples and the image and caption members they h
 their size and sha256, and says how to read a sample (``index``: image keys, caption key). Training embeds
 the captions on the fly with the encoder the file names: the hashing encoder in the loader workers
 (``index.embed_on`` "worker"), the sentence encoder batched on the training device ("device": the workers
-pass the chosen caption strings, the trainer embeds them just before the step, see data/device_text.py). The held-out split
+pass the chosen caption strings, the trainer embeds them just before the step, see data/text/device_text.py). The held-out split
 is a ``--test-fraction`` of the shards, chosen by a hash of the shard's file name (deterministic).
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 import time
 from collections import Counter
 
-from ..errors import DataError
-from .decode import CAPTION_KEYS, IMAGE_KEYS
-from .index import expand_braces, is_remote
-from .samples import iter_samples
-from .writer import FORMAT_VERSION, MANIFEST, STORE_SIZE, sha256_file
+from ...errors import DataError
+from ...safety.files import require_regular
+from ..read.index import expand_braces, is_remote
+from ..read.samples import iter_samples
+from ..format import CAPTION_KEYS, DATASET_FORMAT, DATASET_VERSION, IMAGE_KEYS, MANIFEST, STORE_SIZE, sha256_file
 
 
 def scan_shard(path: str) -> dict:
@@ -71,7 +71,7 @@ def _index_encoder(encoder: str) -> tuple[dict, str]:
         if arg:  # a local directory is recorded without its path: nothing could resolve it at training time
             raise DataError("prepare index takes the packaged sentence model only (--encoder sentence-transformers,"
                             " the 'text' extra); a local model directory works with `stackgan prepare captions`")
-        from .text_encoders import SentenceTransformerEncoder
+        from ..text.text_encoders import SentenceTransformerEncoder
 
         return SentenceTransformerEncoder(None).spec(), "device"
     if name != "hashing":
@@ -96,9 +96,11 @@ def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0
     paths = [os.path.abspath(p) for p in expand_braces(pattern)]
     if not paths:
         raise DataError(f"shard pattern {pattern} matches nothing")
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.lexists(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} shards not found, first: {missing[0]}")
+    for p in paths:  # a FIFO would block the scan below
+        require_regular(p, "shard")
     from tqdm import tqdm
 
     scans = {}
@@ -123,7 +125,7 @@ def prepare_index(pattern: str, encoder: str, out: str, test_fraction: float = 0
     for split, group in (("train", train), ("test", test)):
         entries = [{"path": p, "samples": scans[p]["samples"], "size": os.path.getsize(p), "sha256": sha256_file(p)}
                    for p in group]
-        m = {"format": "stackgan_dist.webdataset", "version": FORMAT_VERSION, "source": "index",
+        m = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "source": "index",
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_samples": sum(e["samples"] for e in entries),
              "text_encoder": enc_spec, "text_dim": enc_spec["dim"], "image_size": STORE_SIZE,
              "index": {"image_keys": image_keys, "caption_key": ckey, "fit": "crop", "embed_on": embed_on},

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .text_encoders import HashingEncoder
+from ..text.text_encoders import HashingEncoder
 from .writer import DEFAULT_SHARD_BYTES, make_sample, write_manifest, write_parallel
 
 # Well separated in RGB so the dominant colour of a blurry generated image is still unambiguous.
@@ -98,6 +98,11 @@ def write_split(out_dir: str, n: int, seed: int, text_dim: int = 256, captions_p
 def prepare_synthetic(out: str, n_train: int = 2000, n_test: int = 200, seed: int = 0, text_dim: int = 256,
                       samples_per_shard: int = 500, workers: int = 1, max_bytes: int = DEFAULT_SHARD_BYTES,
                       progress: bool = True) -> dict:
+    if n_train < 1 or n_test < 0 or samples_per_shard < 1:
+        from ...errors import UserError
+
+        raise UserError(f"prepare synthetic needs --train >= 1, --test >= 0 and samples per shard >= 1; got "
+                        f"{n_train}, {n_test}, {samples_per_shard}")
     train = write_split(os.path.join(out, "train"), n_train, seed, text_dim, samples_per_shard=samples_per_shard,
                         desc="synthetic train", workers=workers, max_bytes=max_bytes, progress=progress)
     test = write_split(os.path.join(out, "test"), n_test, seed + 1_000_003, text_dim,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
 import reprlib
 import struct
@@ -35,6 +36,7 @@ import struct
 import numpy as np
 
 from ..errors import DataError
+from .files import open_regular
 
 
 class UnsafePickle(pickle.UnpicklingError):
@@ -415,7 +417,9 @@ def safe_loads(data: bytes, encoding: str = "latin1"):
 def safe_load(path: str, encoding: str = "latin1"):
     """Load ``path`` with the restricted unpickler. Raises DataError naming the file on refusal or damage."""
     try:
-        with open(path, "rb") as f:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(path)
+        with open_regular(path, "pickle") as f:
             data = f.read()  # whole: a length field in the file cannot make a reader pre-allocate it
     except FileNotFoundError:
         raise DataError(f"pickle not found: {path}") from None

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ...errors import DataError
+from ..format import CROP_SIZES, LOAD_SIZES
 from .decode import BadSample, decode, sample_format
 from .index import DatasetInfo
 from .samples import iter_samples
-from .writer import CROP_SIZES, LOAD_SIZES
 
 log = logging.getLogger("stackgan_dist.data")
 
@@ -24,7 +24,7 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
     H = W = the stage's crop. Samples before ``start`` are skipped without reading their data. A sample that
     does not decode raises DataError naming it (scores must not silently change their sample set).
 
-    A dataset whose captions are embedded on the device (data/device_text.py) gives a zero ``text``: the
+    A dataset whose captions are embedded on the device (data/text/device_text.py) gives a zero ``text``: the
     caller embeds ``caption`` and says so with ``embedded_later``; otherwise it is refused."""
     n = info.num_samples
     if n <= 0:
@@ -53,11 +53,11 @@ def read_samples(info: DatasetInfo, stage: int, start: int = 0, cycle: bool = Fa
                     if j >= shard.samples:
                         break
                     try:
-                        img, text, cls, _, _ = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
+                        d = decode(sample, load, crop, None, info.text_dim, train=False, fmt=fmt)
                     except BadSample as e:
                         raise DataError(f"shard {shard.url}: sample '{sample['__key__']}' does not decode "
                                         f"({e})") from None
-                    yield {"image": torch.from_numpy(img), "text": torch.from_numpy(text), "cls": cls,
+                    yield {"image": torch.from_numpy(d.image), "text": torch.from_numpy(d.text), "cls": d.cls,
                            "key": sample["__key__"], "index": pos + j, "caption": first_caption(sample, fmt)}
                     i += 1
             except DataError:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .decode import embedded_on_device
+from ..read.decode import embedded_on_device
 from .text_encoders import sentence_encoder_from_record
 
 

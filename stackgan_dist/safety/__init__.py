@@ -1,0 +1,2 @@
+"""Defences for reading untrusted files: a restricted unpickler and resource budgets checked before
+allocation."""
