@@ -32,13 +32,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_line_error(p, *words, rc=None) -> str:
-    """A command refused bad input: exit ``rc`` (None: any non-zero), no traceback, exactly one stderr line
-    that says "error", naming every one of ``words``. Returns that line."""
+def worker_script(name: str) -> str:
+    """The path of tests/workers/NAME.py: a script a test starts in real processes (under torchrun or alone);
+    workers live apart from test modules so that no test module is run as a script or imported."""
+    return os.path.join(REPO, "tests", "workers", f"{name}.py")
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for a worker script: this checkout first, so the code under test is what the worker imports
+    (a script's own folder, not the repository root, starts its sys.path)."""
+    return os.pathsep.join(x for x in (REPO, os.environ.get("PYTHONPATH", "")) if x)
+
+
+def one_line_error(p, *words, rc=2) -> str:
+    """A command refused bad input: exit ``rc`` (2 unless told: the user must act; None: any non-zero), no
+    traceback, exactly one non-empty line on stderr, naming every one of ``words``. Returns that line."""
     assert p.returncode != 0 if rc is None else p.returncode == rc, \
         f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     assert "Traceback" not in p.stderr, p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if "error" in x]
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1, p.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -75,6 +87,51 @@ def run_cli(*args, timeout=600, env=None, check=False, cwd=REPO):
                        timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
+    return p
+
+
+def cli_main(*args, env=None, check=False, cwd=REPO):
+    """``stackgan ARGS`` in this process (``stackgan_dist.cli.main``), for tests of what a command decides
+    (config rules, argument checks, dry runs) rather than of how a process behaves: no torch import per call.
+    -> CompletedProcess(returncode, stdout, stderr). Logging goes to the captured stderr as in a real process;
+    environment, cwd, signal handlers and the package's logger are restored afterwards. Signals, exit codes
+    of real processes, launchers and trainings stay in ``run_cli``."""
+    import contextlib
+    import io
+    import logging
+
+    from stackgan_dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")]
+    handlers = {s: signal.getsignal(s) for s in sigs}
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root, pkg = logging.getLogger(), logging.getLogger("stackgan_dist")
+    saved_log = (root.handlers[:], root.level, pkg.handlers[:], pkg.level, pkg.propagate)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    # main()'s logging.basicConfig is a no-op under pytest (its capture handler is on the root logger): give
+    # the root logger what basicConfig gives a real process, so stray warnings break the one-line rule here too
+    h = logging.StreamHandler(err)
+    h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.handlers, root.level = [h], logging.WARNING
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors and --help/--version
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for s, hd in handlers.items():
+            signal.signal(s, hd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level, pkg.handlers, pkg.level, pkg.propagate = saved_log
+    p = subprocess.CompletedProcess(["stackgan", *map(str, args)], rc, out.getvalue(), err.getvalue())
+    if check and rc != 0:
+        raise AssertionError(f"exit {rc}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
     return p
 
 
@@ -276,6 +333,17 @@ def synth_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_stage1(synth_data, tmp_path_factory):
+    """One tiny Stage-I run for the whole session (4 steps on ``synth_data``, checkpoints at steps 2 and 4),
+    shared by every module that needs a trained run: read it, or copy it before writing (eval writes
+    RUN/eval.json, training resumes into it)."""
+    run = tmp_path_factory.mktemp("tiny_stage1") / "run"
+    run_cli("train", "configs/demo/stage1.yaml",
+            *tiny_overrides(synth_data, run, 1, steps=4, extra=["checkpoint.every_steps=2"]), check=True)
+    return run
+
+
 TINY = ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16", "model.text_dim=64",
         "model.res_blocks=1", "train.batch_size=4", "data.num_workers=0", "log.progress=false",
         "log.every_steps=2", "log.sample_every=1000", "checkpoint.every_steps=1000"]
@@ -285,3 +353,49 @@ def tiny_overrides(data, run_dir, stage=1, steps=4, extra=()):
     o = [f"run.dir={run_dir}", f"data.train={data}/train", f"data.test={data}/test", f"model.stage={stage}",
          f"train.max_steps={steps}", *TINY]
     return o + list(extra)
+
+
+# -- the launcher references: one uninterrupted torchrun run per session, shared by every launcher's tests ---
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local cluster must be up (bash tests/cluster/start_slurm.sh); a missing one fails the test."""
+    import re
+    import shutil
+
+    missing = [t for t in ("sbatch", "scontrol", "squeue", "sinfo", "scancel") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"Slurm tools missing ({', '.join(missing)}): run `bash tests/cluster/start_slurm.sh` as root")
+    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0 or not re.search(r"^(idle|mix|alloc)", p.stdout, re.M):
+        pytest.fail(f"no usable Slurm node (sinfo: {p.stdout.strip() or p.stderr.strip()}): "
+                    "run `bash tests/cluster/start_slurm.sh` as root")
+    return True
+
+
+@pytest.fixture(scope="session")
+def reference(synth_data, tmp_path_factory):
+    """The Slurm and submitit tests' uninterrupted run: torchrun, 2 processes, the same config and seed as every
+    launcher run there (tests/slurm_helpers.py). -> its params_sha256."""
+    from slurm_helpers import STEPS, torchrun_train  # imported here: slurm_helpers imports this module
+
+    run = tmp_path_factory.mktemp("launcher_ref") / "run"
+    torchrun_train(2, synth_data, run)
+    d = inspect_run(run)
+    assert d["step"] == STEPS and d["world_size"] == 2
+    return d["params_sha256"]
+
+
+@pytest.fixture(scope="session")
+def torchrun_digest(synth_data, tmp_path_factory):
+    """The Ray tests' reference: the same config, seed and world size (2) through torchrun
+    (tests/ray_helpers.py). -> its params_sha256."""
+    from ray_helpers import CONFIG, overrides, show  # imported here: ray_helpers imports this module
+
+    d = tmp_path_factory.mktemp("torchrun")
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stackgan_dist",
+                        "train", CONFIG, *overrides(synth_data, d / "run")], capture_output=True, text=True,
+                       timeout=420, cwd=REPO, env=e)
+    assert p.returncode == 0, show(p)
+    return digest(d / "run")
