@@ -163,11 +163,11 @@ def _train(data, run, steps=4, extra=(), **kw):
                    *tiny_overrides(data, run, 1, steps=steps, extra=["checkpoint.every_steps=2", *extra]), **kw)
 
 
-@pytest.fixture(scope="module")
-def base_run(synth_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("ckbase") / "run"
-    _train(synth_data, run, 4, check=True)
-    return run
+@pytest.fixture
+def base_run(tiny_stage1):
+    """The session's tiny Stage-I run (conftest.py; the same as ``_train(data, run, 4)``): tests copy it
+    before writing."""
+    return tiny_stage1
 
 
 def _copy(src, dst):
