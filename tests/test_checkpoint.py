@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PY, REPO, Rendezvous, run_cli, snapshot, tiny_overrides, wait_for
+from conftest import PY, REPO, Rendezvous, cli_main, run_cli, snapshot, tiny_overrides, wait_for
 from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoints, load_file, newest_valid,
                                               params_digest, read_latest, resolve_checkpoint, verify)
 from stackgan_dist.checkpoint.restarts import RestartGuard
@@ -181,7 +181,7 @@ def test_resume_refuses_changed_width_and_fresh_on_existing_run(synth_data, base
     p = _train(synth_data, run, 6, extra=["model.gf_dim=32"])
     assert p.returncode == 2, p.stderr[-2000:]
     assert "model.gf_dim changed (16 -> 32)" in p.stderr
-    p = run_cli("train", "configs/demo/stage1.yaml", "--fresh", *tiny_overrides(synth_data, run, 1, steps=6))
+    p = cli_main("train", "configs/demo/stage1.yaml", "--fresh", *tiny_overrides(synth_data, run, 1, steps=6))
     assert p.returncode == 2 and "--fresh needs an empty run directory" in p.stderr, p.stderr[-2000:]
     assert sorted(os.listdir(run / "checkpoints")) == before
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, finish_all, free_port, run_cli, tiny_overrides,
-                      torchrun, worker_pythonpath, worker_script)
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, cli_main, digests, finish_all, free_port,
+                      tiny_overrides, torchrun, worker_pythonpath, worker_script)
 
 
 
@@ -178,8 +178,8 @@ def test_world_size_mismatch_fails_clearly_within_timeout(synth_data, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_on_cpu_is_refused(synth_data, tmp_path, precision):
-    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2,
-                                               [f"train.precision={precision}", "train.device=cpu"]), timeout=300)
+    p = cli_main("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2,
+                                                [f"train.precision={precision}", "train.device=cpu"]))
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"train.precision={precision} needs CUDA" in p.stderr
     assert "Traceback" not in p.stderr
@@ -190,8 +190,7 @@ def test_apex_fused_adam_without_apex_is_a_clear_error(synth_data, tmp_path):
     import importlib.util
 
     assert importlib.util.find_spec("apex") is None, "this test checks the message when apex is missing"
-    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, ["train.optimizer=apex_fused_adam"]),
-                timeout=300)
+    p = cli_main("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, ["train.optimizer=apex_fused_adam"]))
     assert p.returncode == 2, p.stderr[-2000:]
     assert "apex_fused_adam needs NVIDIA apex" in p.stderr and "Traceback" not in p.stderr
 
