@@ -358,11 +358,11 @@ def synth_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_stage1(synth_data, tmp_path_factory):
+def tiny_stage1_run(synth_data, tmp_path_factory):
     """One tiny Stage-I run for the whole session (4 steps on ``synth_data``, checkpoints at steps 2 and 4),
     shared by every module that needs a trained run: read it, or copy it before writing (eval writes
     RUN/eval.json, training resumes into it)."""
-    run = tmp_path_factory.mktemp("tiny_stage1") / "run"
+    run = tmp_path_factory.mktemp("tiny_stage1_run") / "run"
     run_cli("train", "configs/demo/stage1.yaml",
             *tiny_overrides(synth_data, run, 1, steps=4, extra=["checkpoint.every_steps=2"]), check=True)
     return run

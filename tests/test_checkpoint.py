@@ -164,10 +164,10 @@ def _train(data, run, steps=4, extra=(), **kw):
 
 
 @pytest.fixture
-def base_run(tiny_stage1):
+def base_run(tiny_stage1_run):
     """The session's tiny Stage-I run (conftest.py; the same as ``_train(data, run, 4)``): tests copy it
     before writing."""
-    return tiny_stage1
+    return tiny_stage1_run
 
 
 def _copy(src, dst):

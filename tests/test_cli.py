@@ -14,9 +14,9 @@ from conftest import PY, REPO, cli_main, one_line_error, run_cli, snapshot, tiny
 
 
 @pytest.fixture
-def stage1_run(tiny_stage1):
+def stage1_run(tiny_stage1_run):
     """The session's tiny Stage-I run (conftest.py): these tests read it, never write it."""
-    return tiny_stage1
+    return tiny_stage1_run
 
 
 def test_run_directory_contract(stage1_run):
