@@ -58,7 +58,8 @@ clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_SHAPE_RUN)
 
 # Two pytest-xdist workers: most tests wait on process start-up, Slurm or Ray, so two overlap on two cores;
-# a module stays on one worker (tests/conftest.py's groups). --durations keeps the slowest tests in the log.
+# a module stays on one worker (tests/conftest.py's groups); PYTEST_WORKERS=0 runs all in one process.
+# --durations=30 keeps the slowest tests visible in CI's log.
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 tests --ignore=tests/gpu
 

@@ -20,17 +20,24 @@ except ImportError:  # the dev extra is not installed: no property tests to conf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+PY = sys.executable
+CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
+CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
+KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")  # the per-rank digests the trainer's test hook writes
+
 
 # -- scheduling under pytest-xdist (`-n 2 --dist loadgroup`, the Makefile's test targets) -------------------
 # Each module runs whole on one worker, so its module-scoped fixtures (a DeepSpeed or DDP training, a Ray
-# job) are built once. The launcher modules that share a reference run and a cluster run as one group, one
-# test at a time as before. Most tests wait on process start-up, Slurm or Ray rather than on the CPU, so two
-# workers overlap those waits on two cores.
-GROUPS = {"test_slurm": "slurm", "test_slurm_multinode": "slurm", "test_submitit": "slurm",
-          "test_ray": "ray", "test_ray_multinode": "ray"}
-# the longest groups first (measured with --durations, see .ci/run), so neither worker is left a long tail
-FIRST = ("slurm", "ray", "test_resume", "test_deepspeed", "test_signals", "test_checkpoint", "test_distributed",
-         "test_multinode", "test_comm_options", "test_security", "test_prepare", "test_eval_metrics", "test_index")
+# job) are built once. The launcher modules that share a cluster and a reference run form one group and run
+# one test at a time, as before; the two-node clusters are clusters of their own (start_slurm2.sh,
+# start_ray2.sh), so their modules may overlap the one-node ones. Most tests wait on process start-up,
+# Slurm or Ray rather than on the CPU, so two workers overlap those waits on two cores.
+GROUPS = {"test_slurm": "slurm", "test_submitit": "slurm", "test_ray": "ray"}
+# the groups expected to take longest start first, so neither worker is left a long tail (re-order them
+# from the --durations=30 table that make test prints)
+FIRST = ("slurm", "ray", "test_slurm_multinode", "test_ray_multinode", "test_resume", "test_deepspeed",
+         "test_signals", "test_checkpoint", "test_distributed", "test_multinode", "test_comm_options",
+         "test_security", "test_prepare", "test_eval_metrics", "test_index")
 
 
 def _group(item) -> str:
@@ -43,10 +50,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(_group(item)))
     rank = {g: i for i, g in enumerate(FIRST)}
     items.sort(key=lambda it: rank.get(_group(it), len(FIRST)))  # stable: a module keeps its own order
-PY = sys.executable
-CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
-CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
-KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")  # the per-rank digests the trainer's test hook writes
 
 
 def free_port() -> int:
