@@ -121,13 +121,23 @@ def cli_main(*args, env=None, check=False, cwd=REPO):
     """``stackgan ARGS`` in this process (``stackgan_dist.cli.main``), for tests of what a command decides
     (config rules, argument checks, dry runs) rather than of how a process behaves: no torch import per call.
     -> CompletedProcess(returncode, stdout, stderr). Logging goes to the captured stderr as in a real process;
-    environment, cwd, signal handlers and the package's logger are restored afterwards. Signals, exit codes
-    of real processes, launchers and trainings stay in ``run_cli``."""
+    environment, cwd, signal handlers, the package's logger, the RNGs and torch's global flags are restored
+    afterwards (a refusal that regressed into a training must not change the tests after it). Signals, exit
+    codes of real processes, launchers and trainings stay in ``run_cli``."""
     import contextlib
     import io
     import logging
+    import random
+
+    import numpy as np
+    import torch
 
     from stackgan_dist.cli import main
+
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_num_threads())
 
     out, err = io.StringIO(), io.StringIO()
     sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")]
@@ -156,6 +166,15 @@ def cli_main(*args, env=None, check=False, cwd=REPO):
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
         root.handlers, root.level, pkg.handlers, pkg.level, pkg.propagate = saved_log
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = \
+            flags[2:5]
+        torch.set_num_threads(flags[5])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     p = subprocess.CompletedProcess(["stackgan", *map(str, args)], rc, out.getvalue(), err.getvalue())
     if check and rc != 0:
         raise AssertionError(f"exit {rc}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
