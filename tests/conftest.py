@@ -40,16 +40,31 @@ FIRST = ("slurm", "ray", "test_slurm_multinode", "test_ray_multinode", "test_res
          "test_security", "test_prepare", "test_eval_metrics", "test_index")
 
 
-def _group(item) -> str:
-    mod = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else item.nodeid
+def _group(nodeid: str) -> str:
+    mod = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
     return GROUPS.get(mod, mod)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
     rank = {g: i for i, g in enumerate(FIRST)}
-    items.sort(key=lambda it: rank.get(_group(it), len(FIRST)))  # stable: a module keeps its own order
+    items.sort(key=lambda it: rank.get(_group(it.nodeid), len(FIRST)))  # stable: a module keeps its order
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: no error where xdist is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups above. Not xdist's own loadgroup: it marks a group by appending
+    "@group" to each test id, which pytest 9.2's structured ids ignore, so every test was scheduled alone
+    (pytest-dev/pytest-xdist#1386)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False  # keep FIRST's order, not "most tests first"
+    return ModuleGroups(config, log)
 
 
 def free_port() -> int:
