@@ -57,13 +57,19 @@ demo-shape: $(BIN)/.core
 clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_SHAPE_RUN)
 
+# Two pytest-xdist workers: most tests wait on process start-up, Slurm or Ray, so two overlap on two cores;
+# a module stays on one worker (tests/conftest.py's groups); PYTEST_WORKERS=0 runs all in one process.
+# --durations=30 keeps the slowest tests visible in CI's log.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 tests --ignore=tests/gpu
+
 test: $(BIN)/.full
 	bash tests/cluster/start_clusters.sh
-	$(BIN)/python -m pytest -q tests --ignore=tests/gpu
+	$(PYTEST)
 
 # the quick loop: no cluster tests
 test-fast: $(BIN)/.full
-	$(BIN)/python -m pytest -q tests --ignore=tests/gpu -m "not cluster"
+	$(PYTEST) -m "not cluster"
 
 # -- the GPU machine -------------------------------------------------------------------------------------------
 # It reaches no package registry and has its own CUDA torch (2.11), numpy, pillow, pyyaml, tqdm, pytest,

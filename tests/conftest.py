@@ -19,10 +19,52 @@ except ImportError:  # the dev extra is not installed: no property tests to conf
     pass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 PY = sys.executable
 CFG1 = os.path.join(REPO, "configs", "demo", "stage1.yaml")
 CFG2 = os.path.join(REPO, "configs", "demo", "stage2.yaml")
 KEYS = ("G_params", "D_params", "G_buffers", "D_buffers")  # the per-rank digests the trainer's test hook writes
+
+
+# -- scheduling under pytest-xdist (`-n 2 --dist loadgroup`, the Makefile's test targets) -------------------
+# Each module runs whole on one worker, so its module-scoped fixtures (a DeepSpeed or DDP training, a Ray
+# job) are built once. The launcher modules that share a cluster and a reference run form one group and run
+# one test at a time, as before; the two-node clusters are clusters of their own (start_slurm2.sh,
+# start_ray2.sh), so their modules may overlap the one-node ones. Most tests wait on process start-up,
+# Slurm or Ray rather than on the CPU, so two workers overlap those waits on two cores.
+GROUPS = {"test_slurm": "slurm", "test_submitit": "slurm", "test_ray": "ray"}
+# the groups expected to take longest start first, so neither worker is left a long tail (re-order them
+# from the --durations=30 table that make test prints)
+FIRST = ("slurm", "ray", "test_slurm_multinode", "test_ray_multinode", "test_resume", "test_deepspeed",
+         "test_signals", "test_checkpoint", "test_distributed", "test_multinode", "test_comm_options",
+         "test_security", "test_prepare", "test_eval_metrics", "test_index")
+
+
+def _group(nodeid: str) -> str:
+    mod = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+    return GROUPS.get(mod, mod)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda it: rank.get(_group(it.nodeid), len(FIRST)))  # stable: a module keeps its order
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: no error where xdist is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups above. Not xdist's own loadgroup: it marks a group by appending
+    "@group" to each test id, which pytest 9.2's structured ids ignore, so every test was scheduled alone
+    (pytest-dev/pytest-xdist#1386)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False  # keep FIRST's order, not "most tests first"
+    return ModuleGroups(config, log)
 
 
 def free_port() -> int:
@@ -32,13 +74,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_line_error(p, *words, rc=None) -> str:
-    """A command refused bad input: exit ``rc`` (None: any non-zero), no traceback, exactly one stderr line
-    that says "error", naming every one of ``words``. Returns that line."""
+def worker_script(name: str) -> str:
+    """The path of tests/workers/NAME.py: a script a test starts in real processes (under torchrun or alone);
+    workers live apart from test modules so that no test module is run as a script or imported."""
+    return os.path.join(REPO, "tests", "workers", f"{name}.py")
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for a worker script: this checkout first, so the code under test is what the worker imports
+    (a script's own folder, not the repository root, starts its sys.path)."""
+    return os.pathsep.join(x for x in (REPO, os.environ.get("PYTHONPATH", "")) if x)
+
+
+def one_line_error(p, *words, rc=2) -> str:
+    """A command refused bad input: exit ``rc`` (2 unless told: the user must act; None: any non-zero), no
+    traceback, exactly one non-empty line on stderr, naming every one of ``words``. Returns that line."""
     assert p.returncode != 0 if rc is None else p.returncode == rc, \
         f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     assert "Traceback" not in p.stderr, p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if "error" in x]
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1, p.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -75,6 +129,70 @@ def run_cli(*args, timeout=600, env=None, check=False, cwd=REPO):
                        timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
+    return p
+
+
+def cli_main(*args, env=None, check=False, cwd=REPO):
+    """``stackgan ARGS`` in this process (``stackgan_dist.cli.main``), for tests of what a command decides
+    (config rules, argument checks, dry runs) rather than of how a process behaves: no torch import per call.
+    -> CompletedProcess(returncode, stdout, stderr). Logging goes to the captured stderr as in a real process;
+    environment, cwd, signal handlers, the package's logger, the RNGs and torch's global flags are restored
+    afterwards (a refusal that regressed into a training must not change the tests after it). Signals, exit
+    codes of real processes, launchers and trainings stay in ``run_cli``."""
+    import contextlib
+    import io
+    import logging
+    import random
+
+    import numpy as np
+    import torch
+
+    from stackgan_dist.cli import main
+
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_num_threads())
+
+    out, err = io.StringIO(), io.StringIO()
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")]
+    handlers = {s: signal.getsignal(s) for s in sigs}
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root, pkg = logging.getLogger(), logging.getLogger("stackgan_dist")
+    saved_log = (root.handlers[:], root.level, pkg.handlers[:], pkg.level, pkg.propagate)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    # main()'s logging.basicConfig is a no-op under pytest (its capture handler is on the root logger): give
+    # the root logger what basicConfig gives a real process, so stray warnings break the one-line rule here too
+    h = logging.StreamHandler(err)
+    h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.handlers, root.level = [h], logging.WARNING
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors and --help/--version
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for s, hd in handlers.items():
+            signal.signal(s, hd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level, pkg.handlers, pkg.level, pkg.propagate = saved_log
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = \
+            flags[2:5]
+        torch.set_num_threads(flags[5])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    p = subprocess.CompletedProcess(["stackgan", *map(str, args)], rc, out.getvalue(), err.getvalue())
+    if check and rc != 0:
+        raise AssertionError(f"exit {rc}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
     return p
 
 
@@ -276,6 +394,17 @@ def synth_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_stage1_run(synth_data, tmp_path_factory):
+    """One tiny Stage-I run for the whole session (4 steps on ``synth_data``, checkpoints at steps 2 and 4),
+    shared by every module that needs a trained run: read it, or copy it before writing (eval writes
+    RUN/eval.json, training resumes into it)."""
+    run = tmp_path_factory.mktemp("tiny_stage1_run") / "run"
+    run_cli("train", "configs/demo/stage1.yaml",
+            *tiny_overrides(synth_data, run, 1, steps=4, extra=["checkpoint.every_steps=2"]), check=True)
+    return run
+
+
 TINY = ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16", "model.text_dim=64",
         "model.res_blocks=1", "train.batch_size=4", "data.num_workers=0", "log.progress=false",
         "log.every_steps=2", "log.sample_every=1000", "checkpoint.every_steps=1000"]
@@ -285,3 +414,49 @@ def tiny_overrides(data, run_dir, stage=1, steps=4, extra=()):
     o = [f"run.dir={run_dir}", f"data.train={data}/train", f"data.test={data}/test", f"model.stage={stage}",
          f"train.max_steps={steps}", *TINY]
     return o + list(extra)
+
+
+# -- the launcher references: one uninterrupted torchrun run per session, shared by every launcher's tests ---
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local cluster must be up (bash tests/cluster/start_slurm.sh); a missing one fails the test."""
+    import re
+    import shutil
+
+    missing = [t for t in ("sbatch", "scontrol", "squeue", "sinfo", "scancel") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"Slurm tools missing ({', '.join(missing)}): run `bash tests/cluster/start_slurm.sh` as root")
+    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0 or not re.search(r"^(idle|mix|alloc)", p.stdout, re.M):
+        pytest.fail(f"no usable Slurm node (sinfo: {p.stdout.strip() or p.stderr.strip()}): "
+                    "run `bash tests/cluster/start_slurm.sh` as root")
+    return True
+
+
+@pytest.fixture(scope="session")
+def reference(synth_data, tmp_path_factory):
+    """The Slurm and submitit tests' uninterrupted run: torchrun, 2 processes, the same config and seed as every
+    launcher run there (tests/slurm_helpers.py). -> its params_sha256."""
+    from slurm_helpers import STEPS, torchrun_train  # imported here: slurm_helpers imports this module
+
+    run = tmp_path_factory.mktemp("launcher_ref") / "run"
+    torchrun_train(2, synth_data, run)
+    d = inspect_run(run)
+    assert d["step"] == STEPS and d["world_size"] == 2
+    return d["params_sha256"]
+
+
+@pytest.fixture(scope="session")
+def torchrun_digest(synth_data, tmp_path_factory):
+    """The Ray tests' reference: the same config, seed and world size (2) through torchrun
+    (tests/ray_helpers.py). -> its params_sha256."""
+    from ray_helpers import CONFIG, overrides, show  # imported here: ray_helpers imports this module
+
+    d = tmp_path_factory.mktemp("torchrun")
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stackgan_dist",
+                        "train", CONFIG, *overrides(synth_data, d / "run")], capture_output=True, text=True,
+                       timeout=420, cwd=REPO, env=e)
+    assert p.returncode == 0, show(p)
+    return digest(d / "run")

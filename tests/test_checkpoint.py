@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PY, REPO, Rendezvous, run_cli, snapshot, tiny_overrides, wait_for
+from conftest import PY, REPO, Rendezvous, cli_main, run_cli, snapshot, tiny_overrides, wait_for
 from stackgan_dist.checkpoint.manager import (CheckpointManager, list_checkpoints, load_file, newest_valid,
                                               params_digest, read_latest, resolve_checkpoint, verify)
 from stackgan_dist.checkpoint.restarts import RestartGuard
@@ -163,11 +163,11 @@ def _train(data, run, steps=4, extra=(), **kw):
                    *tiny_overrides(data, run, 1, steps=steps, extra=["checkpoint.every_steps=2", *extra]), **kw)
 
 
-@pytest.fixture(scope="module")
-def base_run(synth_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("ckbase") / "run"
-    _train(synth_data, run, 4, check=True)
-    return run
+@pytest.fixture
+def base_run(tiny_stage1_run):
+    """The session's tiny Stage-I run (conftest.py; the same as ``_train(data, run, 4)``): tests copy it
+    before writing."""
+    return tiny_stage1_run
 
 
 def _copy(src, dst):
@@ -181,7 +181,7 @@ def test_resume_refuses_changed_width_and_fresh_on_existing_run(synth_data, base
     p = _train(synth_data, run, 6, extra=["model.gf_dim=32"])
     assert p.returncode == 2, p.stderr[-2000:]
     assert "model.gf_dim changed (16 -> 32)" in p.stderr
-    p = run_cli("train", "configs/demo/stage1.yaml", "--fresh", *tiny_overrides(synth_data, run, 1, steps=6))
+    p = cli_main("train", "configs/demo/stage1.yaml", "--fresh", *tiny_overrides(synth_data, run, 1, steps=6))
     assert p.returncode == 2 and "--fresh needs an empty run directory" in p.stderr, p.stderr[-2000:]
     assert sorted(os.listdir(run / "checkpoints")) == before
 

@@ -10,14 +10,13 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from conftest import PY, REPO, one_line_error, run_cli, snapshot, tiny_overrides
+from conftest import PY, REPO, cli_main, one_line_error, run_cli, snapshot, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def stage1_run(synth_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "s1"
-    run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=4), check=True)
-    return run
+@pytest.fixture
+def stage1_run(tiny_stage1_run):
+    """The session's tiny Stage-I run (conftest.py): these tests read it, never write it."""
+    return tiny_stage1_run
 
 
 def test_run_directory_contract(stage1_run):
@@ -88,22 +87,22 @@ def test_caption_metric_scores_real_images(synth_data):
 def test_bad_input_leaves_run_untouched(stage1_run, synth_data, tmp_path):
     before = snapshot(stage1_run)
     base = tiny_overrides(synth_data, stage1_run, 1, steps=8)
-    one_line_error(run_cli("train", tmp_path / "missing.yaml", *base), "config file not found")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "train.max_step=9"), "train.max_steps")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "train.batch_size=x"), "train.batch_size")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "model.text_dim=32"), "text_dim")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, f"data.train={tmp_path}/nodata"), "nodata")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "model.gf_dim=32"), "model.gf_dim")
-    one_line_error(run_cli("train", "configs/demo/stage1.yaml", *base, "--fresh"), "--fresh")
+    one_line_error(cli_main("train", tmp_path / "missing.yaml", *base), "config file not found")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, "train.max_step=9"), "train.max_steps")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, "train.batch_size=x"), "train.batch_size")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, "model.text_dim=32"), "text_dim")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, f"data.train={tmp_path}/nodata"), "nodata")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, "model.gf_dim=32"), "model.gf_dim")
+    one_line_error(cli_main("train", "configs/demo/stage1.yaml", *base, "--fresh"), "--fresh")
     assert snapshot(stage1_run) == before
 
 
 def test_stage2_without_stage1_is_refused(synth_data, tmp_path):
     run = tmp_path / "s2bad"
-    p = run_cli("train", "configs/demo/stage2.yaml",
+    p = cli_main("train", "configs/demo/stage2.yaml",
                 *tiny_overrides(synth_data, run, 2, steps=2, extra=["model.stage1_checkpoint="]))
     one_line_error(p, "stage1_checkpoint")
-    p = run_cli("train", "configs/demo/stage2.yaml",
+    p = cli_main("train", "configs/demo/stage2.yaml",
                 *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={tmp_path}/none"]))
     one_line_error(p, "not found", "model.stage1_checkpoint")
     assert not run.exists() or not os.listdir(run)
@@ -111,7 +110,7 @@ def test_stage2_without_stage1_is_refused(synth_data, tmp_path):
 
 def test_stage1_checkpoint_z_dim_must_match_but_widths_may_differ(stage1_run, synth_data, tmp_path):
     run = tmp_path / "s2"
-    p = run_cli("train", "configs/demo/stage2.yaml", *tiny_overrides(
+    p = cli_main("train", "configs/demo/stage2.yaml", *tiny_overrides(
         synth_data, run, 2, steps=1, extra=[f"model.stage1_checkpoint={stage1_run}", "model.z_dim=8"]))
     one_line_error(p, "z of 16 dims", "model.z_dim is 8", "model.z_dim=16")
     assert p.returncode == 2 and not run.exists()
@@ -122,7 +121,7 @@ def test_stage1_checkpoint_z_dim_must_match_but_widths_may_differ(stage1_run, sy
 
 
 def test_dry_run_prints_batch_sizes(synth_data, tmp_path):
-    p = run_cli("train", "configs/demo/stage1.yaml", "--dry-run", *tiny_overrides(synth_data, tmp_path / "d", 1),
+    p = cli_main("train", "configs/demo/stage1.yaml", "--dry-run", *tiny_overrides(synth_data, tmp_path / "d", 1),
                 env={"WORLD_SIZE": "4"}, check=True)
     d = json.loads(p.stdout)
     assert d["world_size"] == 4 and d["global_batch"] == 16
@@ -132,15 +131,15 @@ def test_dry_run_prints_batch_sizes(synth_data, tmp_path):
 def test_cli_help_version_and_usage():
     """`stackgan` alone lists the commands; --version; help shows defaults; a bad flag prints the
     subcommand's own usage."""
-    p = run_cli()
+    p = cli_main()
     assert p.returncode == 2 and "COMMAND" in p.stderr and "sample" in p.stderr and "required" not in p.stderr
-    v = run_cli("--version", check=True)
+    v = cli_main("--version", check=True)
     assert v.stdout.strip().startswith("stackgan 0.")
-    h = run_cli("sample", "--help", check=True)
+    h = cli_main("sample", "--help", check=True)
     assert "(default: 4)" in h.stdout and "noise seed (default: 0)" in h.stdout
-    b = run_cli("sample", "somerun", "--bogus")
+    b = cli_main("sample", "somerun", "--bogus")
     assert b.returncode == 2 and "usage: stackgan sample" in b.stderr and "--bogus" in b.stderr
-    b = run_cli("prepare", "synthetic", "--out", "x", "--nope")
+    b = cli_main("prepare", "synthetic", "--out", "x", "--nope")
     assert b.returncode == 2 and "usage: stackgan prepare synthetic" in b.stderr
 
 
@@ -153,9 +152,9 @@ def test_sample_from_precomputed_embeddings(stage1_run, tmp_path):
     run_cli("sample", stage1_run, "--embeddings", tmp_path / "e.npy", "--num", "2", "--out", out, check=True)
     assert json.load(open(tmp_path / "e.captions.json"))["captions"][1] == "embedding 1 of e.npy"
     np.save(tmp_path / "bad.npy", emb[:, :3])
-    p = run_cli("sample", stage1_run, "--embeddings", tmp_path / "bad.npy", "--out", tmp_path / "b.png")
+    p = cli_main("sample", stage1_run, "--embeddings", tmp_path / "bad.npy", "--out", tmp_path / "b.png")
     assert p.returncode == 2 and f"(N, {dim})" in p.stderr and not (tmp_path / "b.png").exists()
-    p = run_cli("sample", stage1_run, "--out", tmp_path / "c.png")
+    p = cli_main("sample", stage1_run, "--out", tmp_path / "c.png")
     assert p.returncode == 2 and "--text" in p.stderr and "--embeddings" in p.stderr
 
 
@@ -180,7 +179,7 @@ LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     ("run.dir=  ", ("run.dir", "empty")),
 ])
 def test_bad_numbers_and_run_dir_are_refused_in_one_line(tmp_path, override, words):
-    p = run_cli("train", "configs/demo/stage1.yaml", "--dry-run", override, timeout=120)
+    p = cli_main("train", "configs/demo/stage1.yaml", "--dry-run", override)
     one_line_error(p, *words)
     assert p.returncode == 2
 
@@ -213,14 +212,14 @@ def read_only(path):
 def test_run_dir_that_is_a_file_or_read_only_is_refused_before_anything(synth_data, tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")
-    p = run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, f, 1, steps=2))
+    p = cli_main("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, f, 1, steps=2))
     one_line_error(p, "is a file", "run.dir")
     assert p.returncode == 2 and f.read_text() == "x"
     ro = tmp_path / "ro"
     ro.mkdir()
     with read_only(ro):
         for run in (ro, ro / "sub"):
-            p = run_cli("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=2))
+            p = cli_main("train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=2))
             one_line_error(p, "read-only", "writable")
             assert p.returncode == 2
     assert os.listdir(ro) == []
@@ -238,14 +237,14 @@ def test_sample_bad_arguments(stage1_run, tmp_path):
     (tmp_path / "afile").write_text("")
     before = snapshot(tmp_path)
     for args, words in cases:
-        p = run_cli("sample", stage1_run, *args)
+        p = cli_main("sample", stage1_run, *args)
         one_line_error(p, *words)
         assert p.returncode == 2
     ro = tmp_path / "ro"
     ro.mkdir()
     before = snapshot(tmp_path)
     with read_only(ro):
-        p = run_cli("sample", stage1_run, "--text", "a red circle", "--out", ro / "new" / "g.png")
+        p = cli_main("sample", stage1_run, "--text", "a red circle", "--out", ro / "new" / "g.png")
         one_line_error(p, "not writable")
     assert snapshot(tmp_path) == before and os.listdir(ro) == []
 
@@ -255,7 +254,7 @@ def test_eval_on_a_read_only_run_fails_before_computing(stage1_run, synth_data, 
     shutil.copytree(stage1_run, run, symlinks=True)
     before = snapshot(run)
     with read_only(run):
-        p = run_cli("eval", run, "--data", f"{synth_data}/test", "--metrics", "caption")
+        p = cli_main("eval", run, "--data", f"{synth_data}/test", "--metrics", "caption")
         one_line_error(p, "eval.json", "not writable")
         assert p.returncode == 2 and "eval rank0" not in p.stderr  # refused before the first image
     assert snapshot(run) == before

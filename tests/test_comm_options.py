@@ -1,118 +1,16 @@
 """DDP communication options (``distributed.*``): compression hooks, bucket size, static graph.
 
 Two real gloo processes under torchrun train the same tiny Stage-I GAN from the same start with each option
-(gradient accumulation 2, so every step has a ``no_sync`` micro-batch). Also runnable as a script
-(``python tests/test_comm_options.py worker OUT``): the worker, launched under torchrun by the fixture.
+(gradient accumulation 2, so every step has a ``no_sync`` micro-batch). The worker,
+launched under torchrun by the fixture, is tests/workers/comm_options.py.
 """
 import os
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conftest import CFG1, PY, REPO, check, run_cli  # noqa: E402
-
-STEPS = 5  # optimizer steps per variant (each 2 micro-batches)
-VARIANTS = {  # name -> distributed.* overrides
-    "none": [],
-    "fp16": ["distributed.comm_hook=fp16"],
-    "bf16": ["distributed.comm_hook=bf16"],
-    # PowerSGD from step 3 (steps 1-2: plain all-reduce, its warm-up)
-    "powersgd": ["distributed.comm_hook=powersgd", "distributed.powersgd_rank=2", "distributed.powersgd_start_step=2"],
-    # PowerSGD over many buckets: on gloo torch's hook deadlocked with two buckets in flight (wrap.py runs
-    # them one at a time on CPU); a hang fails the fixture at its timeout
-    "powersgd_buckets": ["distributed.comm_hook=powersgd", "distributed.powersgd_rank=2",
-                         "distributed.powersgd_start_step=2", "distributed.bucket_cap_mb=0.05"],
-    # ~50 kB buckets (many of them): the same sums, so the same bits as "none"
-    "small_buckets": ["distributed.bucket_cap_mb=0.05"],
-}
-
-
-def _worker(out: str) -> None:
-    import torch
-
-    from stackgan_dist.checkpoint.manager import to_cpu
-    from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.env import init_distributed, teardown
-    from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
-    from stackgan_dist.models.build import build_models
-    from stackgan_dist.train_step import GANStep
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", 120)
-    base = ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16", "model.text_dim=32",
-            "train.lr_g=1e-3", "train.lr_d=1e-3", "train.grad_accum=2", "train.batch_size=4"]
-    g = torch.Generator().manual_seed(100 + env.rank)  # each rank its own data
-    batches = [[{"image": torch.randint(0, 256, (4, 3, 64, 64), generator=g, dtype=torch.uint8),
-                 "text": torch.randn(4, 32, generator=g), "cls": torch.arange(4) + 4 * i} for i in range(2)]
-               for _ in range(STEPS + 3)]
-    res = {}
-    for name, ov in VARIANTS.items():
-        cfg = load_config(None, base + ov)
-        if name == "small_buckets":  # static graph only without accumulation (pytorch#143580): one step
-            res["static_graph"] = _static_graph_run(env, base, batches)
-        seed_all(0)
-        models = build_models(cfg.model)
-        s = make_strategy(cfg, env)
-        s.setup(models.G, models.D)
-        step = GANStep(s, 1, 16, 16, cfg.train.kl_coeff, None, torch.Generator().manual_seed(env.rank),
-                       cfg.train.grad_accum)
-        losses = [step(batches[i]) for i in range(STEPS)]
-        r = {"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
-             "losses": [{k: float(v) for k, v in x.items() if k != "bad"} for x in losses],
-             "skipped": s.skipped_steps(), "bucket_bytes_cap": s.g._ddp.bucket_bytes_cap,
-             "static_graph": bool(s.g._ddp.static_graph)}
-        if s.d.powersgd is not None:
-            r["compression_rate_d"] = s.d.powersgd.compression_stats()[0]
-            r["powersgd_iter_d"] = s.d.powersgd.iter
-            # the guard with PowerSGD's error feedback: a NaN in D's loss on rank 0 only, then clean steps
-            img = torch.randn(4, 3, 64, 64)
-            d_out = s.D(img, torch.randn(4, 32))
-            bad = d_out["cond"].float().mean() * (float("nan") if env.rank == 0 else 1.0)
-            s.d.backward(bad)
-            s.d.step()
-            r["skipped_after_nan"] = s.skipped_steps()
-            r["error_memory_cleared"] = not s.d.powersgd.error_dict
-            for i in range(STEPS, STEPS + 3):
-                step(batches[i])
-            r["skipped_end"] = s.skipped_steps()
-            r["D_after_nan"] = to_cpu(unwrap(s.D_module).state_dict())
-            r["G_after_nan"] = to_cpu(unwrap(s.G_module).state_dict())
-        res[name] = r
-    torch.save(res, f"{out}.rank{env.rank}")
-    teardown(env, synchronize=True)
-
-
-def _static_graph_run(env, base, batches) -> dict:
-    """3 steps without accumulation with static_graph (D is called twice before its backward) and the same
-    3 steps without it."""
-    import torch
-
-    from stackgan_dist.checkpoint.manager import to_cpu
-    from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
-    from stackgan_dist.models.build import build_models
-    from stackgan_dist.train_step import GANStep
-
-    out = {}
-    for sg in ("true", "false"):
-        cfg = load_config(None, [x for x in base if not x.startswith("train.grad_accum")] +
-                          ["train.grad_accum=1", f"distributed.static_graph={sg}"])
-        seed_all(0)
-        models = build_models(cfg.model)
-        s = make_strategy(cfg, env)
-        s.setup(models.G, models.D)
-        step = GANStep(s, 1, 16, 16, cfg.train.kl_coeff, None, torch.Generator().manual_seed(env.rank), 1)
-        for i in range(3):
-            step(batches[i][:1])
-        out[sg] = {"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
-                   "static_graph": bool(s.g._ddp.static_graph), "skipped": s.skipped_steps()}
-    return {**out["true"], "reference": out["false"]}
-
+from conftest import CFG1, PY, REPO, check, run_cli, worker_pythonpath, worker_script
+from workers.comm_options import STEPS, VARIANTS
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -123,8 +21,8 @@ def runs(tmp_path_factory):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     check(subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.abspath(__file__), "worker", str(out)], capture_output=True, text=True,
-                         timeout=300, env=e, cwd=REPO))
+                          worker_script("comm_options"), str(out)], capture_output=True, text=True,
+                         timeout=300, env=dict(e, PYTHONPATH=worker_pythonpath()), cwd=REPO))
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1)]
 
 
@@ -260,41 +158,7 @@ def test_deepspeed_maps_bf16_hook_and_bucket_size(tmp_path):
                            f"train.deepspeed_config={user}"])
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "worker":
-        _worker(sys.argv[2])
 
-
-RESCALE = r"""
-import json, sys
-import torch, torch.distributed as dist
-from torch import nn
-from stackgan_dist.config import DistributedConfig
-from stackgan_dist.distributed.wrap import DDPPhase, comm_hook_for
-
-torch.manual_seed(0)
-dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
-m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
-w = nn.parallel.DistributedDataParallel(m)
-d = DistributedConfig()
-d.comm_hook, d.powersgd_rank, d.powersgd_start_step = "powersgd", 1, 2
-hook, state = comm_hook_for(d, serialize=True)
-w.register_comm_hook(state, hook)
-scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)  # doubles after every clean step
-phase = DDPPhase("g", w, m, torch.optim.Adam(m.parameters(), lr=1e-3), torch.device("cpu"), scaler, state)
-x = torch.randn(8, 16)
-rows = []
-for i in range(5):
-    phase.backward(w(x).pow(2).mean())
-    err = {k: v.clone() for k, v in state.error_dict.items()}
-    s0 = scaler.get_scale()
-    phase.step()
-    rows.append({"scale_ratio": scaler.get_scale() / s0, "buckets": len(err),
-                 "rescaled": all(torch.equal(state.error_dict[k], v * 2) for k, v in err.items()),
-                 "nonzero": all(bool(v.abs().sum() > 0) for v in err.values())})
-dist.destroy_process_group()
-print(json.dumps(rows))
-"""
 
 
 def test_fp16_loss_scale_change_rescales_powersgd_error_feedback(tmp_path):
@@ -303,8 +167,9 @@ def test_fp16_loss_scale_change_rescales_powersgd_error_feedback(tmp_path):
     stays in the units of the next step's scaled gradients."""
     import json
 
-    p = subprocess.run([PY, "-c", RESCALE, str(tmp_path / "store")], capture_output=True, text=True, timeout=120,
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([PY, worker_script("powersgd_rescale"), str(tmp_path / "store")], capture_output=True,
+                       text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": worker_pythonpath(), "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(p.stdout.strip().splitlines()[-1])
     assert all(r["scale_ratio"] == 2.0 for r in rows)

@@ -1,20 +1,17 @@
 """DeepSpeed strategy on CPU: real processes, gloo, ZeRO-1 and ZeRO-2, both stages, save and resume.
 
 The first DeepSpeed use JIT-builds its small shared-memory op with gcc (~1-2 min, cached in
-~/.cache/torch_extensions). Also runnable as a script: ``python tests/test_deepspeed.py guard OUT``
-is the worker of the non-finite-gradient test.
+~/.cache/torch_extensions). The worker of the non-finite-gradient test is
+tests/workers/deepspeed_guard.py.
 """
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, inspect_run, metrics, run_cli,  # noqa: E402
-                      tiny_overrides, torchrun)
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, inspect_run, metrics, run_cli, tiny_overrides,
+                      torchrun, worker_pythonpath, worker_script)
 
 
 
@@ -115,56 +112,13 @@ def test_deepspeed_one_process_zero0_trains_and_resumes(synth_data, tmp_path):
 
 # -- the non-finite guard (DeepSpeed PR #8035): 2 ranks, a NaN on one rank skips the step on both ----
 
-def _guard_worker(out: str) -> None:
-    import torch
-
-    from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.env import init_distributed, teardown
-    from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy
-    from stackgan_dist.models.build import build_models
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", 60)
-    res = {}
-    for zero in (0, 1, 2):
-        cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",
-                                 "model.text_dim=32", "train.backend=deepspeed", f"train.zero_stage={zero}",
-                                 "train.batch_size=4"])
-        seed_all(0)
-        m = build_models(cfg.model)
-        s = make_strategy(cfg, env)
-        s.setup(m.G, m.D)
-        g = torch.Generator().manual_seed(env.rank)
-        rows = []
-        for bad in (False, True, False):
-            before = torch.cat([p.detach().flatten().clone() for p in s.D_module.parameters()])
-            o = s.D(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 32, generator=g))
-            loss = o["cond"].float().mean()
-            if bad and env.rank == 1:
-                loss = loss * float("nan")
-            s.d.backward(loss)
-            s.d.step()
-            after = torch.cat([p.detach().flatten() for p in s.D_module.parameters()])
-            opt = s.d.engine.optimizer
-            inner = getattr(opt, "optimizer", opt)
-            finite_state = all(bool(torch.isfinite(v).all()) for st in inner.state.values()
-                               for v in st.values() if torch.is_tensor(v))
-            rows.append({"bad": bad, "changed": not torch.equal(before, after),
-                         "finite_params": bool(torch.isfinite(after).all()), "finite_adam": finite_state})
-        res[zero] = {"rows": rows, "skipped": s.skipped_steps()["d"]}
-    with open(f"{out}.rank{env.rank}.json", "w") as f:
-        json.dump(res, f)
-    teardown(env)
-
-
 @pytest.mark.slow
 def test_deepspeed_non_finite_gradients_skip_the_step_on_every_rank(tmp_path):
     out = tmp_path / "guard"
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.abspath(__file__), "guard", str(out)], capture_output=True, text=True, timeout=600,
-                       env=dict(e, OMP_NUM_THREADS="1"), cwd=REPO)
+                        worker_script("deepspeed_guard"), str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(e, OMP_NUM_THREADS="1", PYTHONPATH=worker_pythonpath()), cwd=REPO)
     check(p)
     for rank in (0, 1):
         res = json.loads((tmp_path / f"guard.rank{rank}.json").read_text())
@@ -229,7 +183,3 @@ def test_deepspeed_bf16_on_cpu_is_refused(synth_data, tmp_path):
         "train.backend=deepspeed", "train.zero_stage=2", "train.precision=bf16"]), timeout=300)
     assert p.returncode == 2 and "train.precision=bf16 needs CUDA" in p.stderr, p.stderr[-2000:]
 
-
-if __name__ == "__main__":
-    if sys.argv[1] == "guard":
-        _guard_worker(sys.argv[2])

@@ -1,20 +1,17 @@
 """Distributed training with the DDP strategy: real processes, gloo on CPU.
 
-Also runnable as a script (``python tests/test_distributed.py equiv OUT MODE``): the worker of the
-batch-equivalence tests, launched under torchrun (2 ranks) or as one plain process.
+The worker of the batch-equivalence tests is tests/workers/ddp_equiv.py, launched under torchrun (2 ranks) or
+as one plain process.
 """
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, digests, finish_all, free_port, run_cli, tiny_overrides,  # noqa: E402
-                      torchrun)
+from conftest import (CFG1, CFG2, KEYS, PY, REPO, check, cli_main, digests, finish_all, free_port,
+                      tiny_overrides, torchrun, worker_pythonpath, worker_script)
 
 
 
@@ -70,89 +67,16 @@ def test_ddp_checkpoint_matches_rank_digest(ddp_runs):
 
 # -- batch equivalence: 2 ranks x B/2 vs 1 process ---------------------------------------------------
 
-B = 8  # global batch
-
-
-def _equiv_worker(out: str, mode: str) -> None:
-    """One GAN step on a fixed global batch of B samples with fixed noise.
-
-    mode "sync_bn": 2 ranks x B/2 with model.sync_bn=true, or 1 process x B.
-    mode "local_bn": 2 ranks x B/2 without sync_bn, or 1 process x B/2 with grad_accum=2.
-    The captions repeat with period B/2, so the "wrong" captions (the batch shifted by one) are the
-    same whether the shift runs over B samples or over each half.
-    """
-    import torch
-
-    from stackgan_dist.checkpoint.manager import to_cpu
-    from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.env import init_distributed, teardown
-    from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
-    from stackgan_dist.models.build import build_models
-    from stackgan_dist.train_step import GANStep
-
-    torch.set_num_threads(1)
-    env = init_distributed("cpu", 60)
-    ov = ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16", "model.text_dim=32",
-          "train.lr_g=1e-3", "train.lr_d=1e-3"]
-    half = B // 2
-    accum = 2 if (mode == "local_bn" and env.world_size == 1) else 1
-    ov += [f"model.sync_bn={'true' if mode == 'sync_bn' else 'false'}", f"train.grad_accum={accum}"]
-    cfg = load_config(None, ov)
-    g = torch.Generator().manual_seed(1234)
-    text_half = torch.randn(half, 32, generator=g)
-    batch = {"image": torch.randint(0, 256, (B, 3, 64, 64), generator=g, dtype=torch.uint8),
-             "text": torch.cat([text_half, text_half]), "cls": torch.full((B,), -1)}
-    noise = {"z": torch.randn(B, 16, generator=g), "eps": torch.randn(B, 16, generator=g)}
-
-    def part(i, n):  # rows i*B/n .. (i+1)*B/n
-        sl = slice(i * B // n, (i + 1) * B // n)
-        return {k: v[sl] for k, v in batch.items()}, {k: v[sl] for k, v in noise.items()}
-
-    if env.world_size == 2:
-        parts = [part(env.rank, 2)]
-    elif accum == 2:
-        parts = [part(0, 2), part(1, 2)]
-    else:
-        parts = [part(0, 1)]
-
-    class FixedNoiseStep(GANStep):
-        """Draws the test's noise rows instead of this rank's generator stream."""
-        queue: list = []
-
-        def _noise(self, b, device):
-            n = self.queue.pop(0)
-            assert n["z"].shape[0] == b
-            return {k: v.to(device) for k, v in n.items()}
-
-    seed_all(0)
-    models = build_models(cfg.model)
-    s = make_strategy(cfg, env)
-    s.setup(models.G, models.D)
-    # Adam's first step is lr * sign(grad) wherever |grad| >> eps, which turns float-rounding noise in
-    # tiny gradients into lr-sized parameter differences; a large eps keeps the update proportional to
-    # the gradient, so the comparison below measures the gradients themselves
-    for ph in s.phases:
-        for grp in ph.optimizer.param_groups:
-            grp["eps"] = 0.1
-    step = FixedNoiseStep(s, 1, 16, 16, cfg.train.kl_coeff, None, torch.Generator(), accum)
-    step.queue = [p[1] for p in parts]
-    losses = step([p[0] for p in parts])
-    if env.is_main:
-        torch.save({"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
-                    "d_loss": float(losses["d_loss"])}, out)
-    teardown(env, synchronize=True)
-
-
 def _run_equiv(tmp_path, mode, nproc):
     out = tmp_path / f"{mode}_{nproc}.pt"
     e = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
-    me = os.path.abspath(__file__)
+    me = worker_script("ddp_equiv")
+    e["PYTHONPATH"] = worker_pythonpath()
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", me] if nproc == 2
            else [PY, me])
-    check(subprocess.run(cmd + ["equiv", str(out), mode], capture_output=True, text=True, timeout=300, env=e,
+    check(subprocess.run(cmd + [str(out), mode], capture_output=True, text=True, timeout=300, env=e,
                          cwd=REPO))
     import torch
 
@@ -254,8 +178,8 @@ def test_world_size_mismatch_fails_clearly_within_timeout(synth_data, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_on_cpu_is_refused(synth_data, tmp_path, precision):
-    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2,
-                                               [f"train.precision={precision}", "train.device=cpu"]), timeout=300)
+    p = cli_main("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2,
+                                                [f"train.precision={precision}", "train.device=cpu"]))
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"train.precision={precision} needs CUDA" in p.stderr
     assert "Traceback" not in p.stderr
@@ -266,8 +190,7 @@ def test_apex_fused_adam_without_apex_is_a_clear_error(synth_data, tmp_path):
     import importlib.util
 
     assert importlib.util.find_spec("apex") is None, "this test checks the message when apex is missing"
-    p = run_cli("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, ["train.optimizer=apex_fused_adam"]),
-                timeout=300)
+    p = cli_main("train", CFG1, *tiny_overrides(synth_data, tmp_path / "r", 1, 2, ["train.optimizer=apex_fused_adam"]))
     assert p.returncode == 2, p.stderr[-2000:]
     assert "apex_fused_adam needs NVIDIA apex" in p.stderr and "Traceback" not in p.stderr
 
@@ -344,7 +267,3 @@ def test_grad_scaler_per_optimizer_skips_overflow_and_round_trips():
     s2.load_state_dict(sd)
     assert s2.d.scaler.get_scale() == scale0 / 2
 
-
-if __name__ == "__main__":
-    if sys.argv[1] == "equiv":
-        _equiv_worker(sys.argv[2], sys.argv[3])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PY, REPO, free_port, one_line_error, run_cli
+from conftest import PY, REPO, cli_main, free_port, one_line_error, run_cli
 
 from stackgan_dist.errors import UserError
 from stackgan_dist.evaluation.inception import InceptionMetrics, build_inception, write_random_weights
@@ -224,9 +224,9 @@ def test_eval_bad_input(tiny_run, evalset, weights, tmp_path, monkeypatch):
     from stackgan_dist.evaluation.run_eval import evaluate
 
     d = evalset / "d64" / "test"
-    _err(run_cli("eval", tiny_run, "--data", d, "--metrics", "fid", "--inception-weights", tmp_path / "x.pt"),
+    _err(cli_main("eval", tiny_run, "--data", d, "--metrics", "fid", "--inception-weights", tmp_path / "x.pt"),
          "weights", "x.pt")
-    _err(run_cli("eval", tiny_run, "--data", evalset / "d32" / "test", "--metrics", "caption"), "text_dim", "32")
+    _err(cli_main("eval", tiny_run, "--data", evalset / "d32" / "test", "--metrics", "caption"), "text_dim", "32")
     with pytest.raises(UserError, match=r"5.*splits"):
         evaluate(str(tiny_run), str(d), "is", num_samples=5, inception_weights=weights)
     with pytest.raises(UserError, match=r"Stage-1 checkpoint, not Stage-2"):
@@ -245,7 +245,7 @@ def test_eval_refuses_stage2_checkpoint_as_stage1(tiny_run, evalset, tmp_path):
     run_cli("train", os.path.join(REPO, "configs", "demo", "stage2.yaml"), f"run.dir={run2}",
             f"data.train={d}/train", f"data.test={d}/test", "train.max_steps=1", f"model.stage1_checkpoint={tiny_run}",
             *TINY, check=True, timeout=600)
-    _err(run_cli("eval", run2, "--data", d / "test", "--metrics", "caption", "--stage", 1), "Stage-2", "Stage-1")
+    _err(cli_main("eval", run2, "--data", d / "test", "--metrics", "caption", "--stage", 1), "Stage-2", "Stage-1")
 
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CFG1, run_cli, tiny_overrides
+from conftest import CFG1, cli_main, run_cli, tiny_overrides
 
 I2D_VERSION = "1.47.0"
 
@@ -83,9 +83,9 @@ def test_prepare_index_refuses_what_it_cannot_index(tmp_path):
                         (["--encoder", "word2vec"], "choose hashing[:DIM]"),
                         (["--encoder", "hashing:abc"], "DIM must be an integer"),
                         (["--test-fraction", "1.5"], "--test-fraction")):
-        p = run_cli("prepare", "index", f"{shards}/00000.tar", "--out", tmp_path / "o", *args)
+        p = cli_main("prepare", "index", f"{shards}/00000.tar", "--out", tmp_path / "o", *args)
         assert p.returncode == 2 and words in p.stderr.strip().splitlines()[-1], p.stderr
-    p = run_cli("prepare", "index", f"{shards}/{{00000..00004}}.tar", "--out", tmp_path / "o")
+    p = cli_main("prepare", "index", f"{shards}/{{00000..00004}}.tar", "--out", tmp_path / "o")
     assert p.returncode == 2 and "shards not found" in p.stderr
     assert not (tmp_path / "o").exists()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_main, run_cli
 from stackgan_dist.data.read.index import resolve_dataset
 from stackgan_dist.data.read.samples import iter_samples
 from stackgan_dist.safety.unpickle import safe_load, safe_loads
@@ -169,7 +169,7 @@ def test_prepare_captions_hashing(tmp_path):
         assert ("cls" in s) == ("class" in row)
     # bad input: one clear line
     cap.write_text('{"file": "photo0.jpg"}\n')
-    bad = run_cli("prepare", "captions", "--images", img_dir, "--captions", cap, "--out", tmp_path / "o2", timeout=300)
+    bad = cli_main("prepare", "captions", "--images", img_dir, "--captions", cap, "--out", tmp_path / "o2")
     assert bad.returncode == 2 and "captions" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -18,28 +18,10 @@ import urllib.request
 
 import pytest
 
-from conftest import PY, REPO, Rendezvous, committed, digest, tiny_overrides
+from conftest import PY, REPO, Rendezvous, committed, digest
+from ray_helpers import ADDRESS, CONFIG, EVERY, STEPS, overrides, ray_job, show
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-ADDRESS = os.environ.get("STACKGAN_TEST_RAY_ADDRESS", "http://127.0.0.1:8265")
-CONFIG = "configs/demo/stage1.yaml"
-STEPS, EVERY = 8, 4
-
-
-def overrides(data, run):
-    return tiny_overrides(data, run, 1, steps=STEPS, extra=[f"checkpoint.every_steps={EVERY}"])
-
-
-def ray_job(*args, timeout=420):
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([PY, os.path.join(REPO, "launch", "ray_job.py"), "--address", ADDRESS, *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=e)
-
-
-def show(p) -> str:
-    return f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-5000:]}\nSTDERR:\n{p.stderr[-3000:]}"
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -48,18 +30,6 @@ def ray_cluster():
     except OSError as e:
         pytest.fail(f"no Ray cluster at {ADDRESS} ({e}): start one with `bash tests/cluster/start_ray.sh`")
     return ADDRESS
-
-
-@pytest.fixture(scope="module")
-def torchrun_digest(synth_data, tmp_path_factory):
-    """The reference: the same config, seed and world size (2) through torchrun."""
-    d = tmp_path_factory.mktemp("torchrun")
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stackgan_dist",
-                        "train", CONFIG, *overrides(synth_data, d / "run")], capture_output=True, text=True,
-                       timeout=420, cwd=REPO, env=e)
-    assert p.returncode == 0, show(p)
-    return digest(d / "run")
 
 
 @pytest.fixture(scope="module")

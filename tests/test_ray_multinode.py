@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from conftest import PY, REPO, digest
-from test_ray import CONFIG, overrides, show, torchrun_digest  # noqa: F401 -- torchrun_digest: a fixture
+from ray_helpers import CONFIG, EVERY, STEPS, overrides, show
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -75,7 +75,6 @@ def test_second_ray_node_lost_mid_run_restarts_and_ends_equal(two_node_ray, synt
     import signal
 
     from conftest import Rendezvous, committed
-    from test_ray import EVERY, STEPS
 
     run = tmp_path / "run"
     # both workers pause after step 7 (the step-4 checkpoint is committed by then): the node dies mid-run

@@ -5,7 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, one_line_error, run_cli, tiny_overrides
+from conftest import REPO, cli_main, one_line_error, run_cli, tiny_overrides
 
 from stackgan_dist.observability.report import make_report
 
@@ -44,10 +44,10 @@ def test_report_without_samples_and_torn_line(tmp_path):
 
 
 def test_report_bad_input(tmp_path):
-    _err(run_cli("report", tmp_path / "missing"), "not found", "missing")
-    _err(run_cli("report", tmp_path), "metrics.jsonl")
+    _err(cli_main("report", tmp_path / "missing"), "not found", "missing")
+    _err(cli_main("report", tmp_path), "metrics.jsonl")
     (tmp_path / "metrics.jsonl").write_text("")
-    _err(run_cli("report", tmp_path), "no records")
+    _err(cli_main("report", tmp_path), "no records")
 
 
 def test_report_one_record_colour_term_and_kl_axis(tmp_path):

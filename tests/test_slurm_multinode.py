@@ -16,8 +16,8 @@ import subprocess
 import pytest
 
 from conftest import REPO, committed, inspect_run
-from test_slurm import (CFG1, STEPS, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
-                        stepd_alive, torchrun_train, wait_done, wait_until)  # reference: a fixture
+from slurm_helpers import (CFG1, STEPS, job_info, overrides, release_requeued, sh, stepd_alive, torchrun_train,
+                           wait_done, wait_until)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -7,20 +7,9 @@ import os
 import pytest
 import yaml
 
-from conftest import CFG1, CFG2, run_cli, snapshot, tiny_overrides, torchrun
+from conftest import CFG1, CFG2, cli_main, one_line_error, run_cli, snapshot, tiny_overrides, torchrun
 
 NO_TEXT_DIM = "model.text_dim=64"
-
-
-def one_error_line(p, *words) -> str:
-    """Exit 2, no traceback, exactly one stderr line that names every word; -> that line."""
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def without_text_dim(overrides):
@@ -31,7 +20,7 @@ def without_text_dim(overrides):
 def test_text_dim_is_read_from_the_dataset_and_an_explicit_one_is_a_check(synth_data, tmp_path):
     run = tmp_path / "s1"
     o = without_text_dim(tiny_overrides(synth_data, run, 1, steps=2))
-    dry = json.loads(run_cli("train", CFG1, "--dry-run", *o, check=True).stdout)
+    dry = json.loads(cli_main("train", CFG1, "--dry-run", *o, check=True).stdout)
     assert dry["text_dim"] == 64 and dry["config"]["model"]["text_dim"] == 64  # the synthetic set's hashing dim
     assert not run.exists()
     run_cli("train", CFG1, *o, check=True)
@@ -44,8 +33,8 @@ def test_text_dim_is_read_from_the_dataset_and_an_explicit_one_is_a_check(synth_
     o4 = without_text_dim(tiny_overrides(synth_data, run, 1, steps=4))
     assert "resumed from" in run_cli("train", CFG1, *o4, check=True).stdout
     before = snapshot(run)
-    p = run_cli("train", CFG1, *o4, "train.max_steps=6", "model.text_dim=32")
-    one_error_line(p, "model.text_dim is 32", "64-d", str(synth_data / "train" / "dataset.json"), "unset")
+    p = cli_main("train", CFG1, *o4, "train.max_steps=6", "model.text_dim=32")
+    one_line_error(p, "model.text_dim is 32", "64-d", str(synth_data / "train" / "dataset.json"), "unset")
     assert snapshot(run) == before
 
 
@@ -64,9 +53,9 @@ def test_dry_run_refuses_what_a_start_refuses(synth_data, tmp_path, case):
         extra, words = ["train.precision=bf16", "train.device=cpu"], ("train.precision=bf16", "CUDA")
     else:
         extra, words = ["model.text_dim=128"], ("128", "64", "dataset.json")
-    p = run_cli("train", CFG2 if stage == 2 else CFG1, "--dry-run",
-                *tiny_overrides(synth_data, run, stage, extra=extra), timeout=300)
-    line = one_error_line(p, *words)
+    p = cli_main("train", CFG2 if stage == 2 else CFG1, "--dry-run",
+                 *tiny_overrides(synth_data, run, stage, extra=extra))
+    line = one_line_error(p, *words)
     assert "--data" not in line and p.stdout == ""
     assert not run.exists()
 
@@ -76,16 +65,16 @@ def test_dry_run_of_a_finished_run_and_of_a_stage2_run(synth_data, tmp_path):
     s1 = tmp_path / "s1"
     run_cli("train", CFG1, *tiny_overrides(synth_data, s1, 1, steps=2), check=True)
     before = snapshot(s1)
-    d = json.loads(run_cli("train", CFG1, "--dry-run", *tiny_overrides(synth_data, s1, 1, steps=2), check=True).stdout)
+    d = json.loads(cli_main("train", CFG1, "--dry-run", *tiny_overrides(synth_data, s1, 1, steps=2), check=True).stdout)
     assert d["finished"] and d["resume_from"].endswith("step_00000002")
     s2 = tmp_path / "s2"
-    d = json.loads(run_cli("train", CFG2, "--dry-run", *tiny_overrides(
+    d = json.loads(cli_main("train", CFG2, "--dry-run", *tiny_overrides(
         synth_data, s2, 2, steps=2, extra=[f"model.stage1_checkpoint={s1}"]), check=True).stdout)
     assert d["stage1_checkpoint"].endswith("step_00000002") and not d["finished"]
     # Stage-I's z_dim must be Stage-II's: the dry run loads the Stage-I checkpoint as a start does
-    p = run_cli("train", CFG2, "--dry-run", *tiny_overrides(
+    p = cli_main("train", CFG2, "--dry-run", *tiny_overrides(
         synth_data, s2, 2, steps=2, extra=[f"model.stage1_checkpoint={s1}", "model.z_dim=8"]))
-    one_error_line(p, "model.z_dim=16")
+    one_line_error(p, "model.z_dim=16")
     assert snapshot(s1) == before and not s2.exists()
 
 
@@ -112,12 +101,12 @@ def test_train_messages_name_config_keys_and_eval_keeps_its_flag(synth_data, tmp
     for extra, key in ((["data.train="], "data.train"), ([f"data.train={tmp_path}/x-{{0..3}}.tar"], "data.train"),
                        ([f"data.test={tmp_path}/empty"], "data.test")):
         os.makedirs(tmp_path / "empty", exist_ok=True)
-        p = run_cli("train", CFG1, *tiny_overrides(synth_data, run, 1, steps=1, extra=extra), timeout=300)
-        line = one_error_line(p, key)
+        p = cli_main("train", CFG1, *tiny_overrides(synth_data, run, 1, steps=1, extra=extra))
+        line = one_line_error(p, key)
         assert "--data" not in line, line
         assert not run.exists()
-    one_error_line(run_cli("eval", tmp_path / "norun", "--data", tmp_path / "nodata"), "--data", "nodata")
-    one_error_line(run_cli("eval", tmp_path / "norun", "--data", ""), "set --data")
+    one_line_error(cli_main("eval", tmp_path / "norun", "--data", tmp_path / "nodata"), "--data", "nodata")
+    one_line_error(cli_main("eval", tmp_path / "norun", "--data", ""), "set --data")
 
 
 def test_step_lines_without_the_bar_and_log_lines_apart_from_it(synth_data, tmp_path):

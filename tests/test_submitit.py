@@ -15,8 +15,7 @@ import subprocess
 import pytest
 
 from conftest import PY, REPO, committed, finish, inspect_run, start
-from test_slurm import (CFG1, STEPS, diagnose, job_info, overrides, reference, release_requeued, sh,  # noqa: F401
-                        slurm, wait_until)
+from slurm_helpers import CFG1, STEPS, diagnose, job_info, overrides, release_requeued, sh, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
