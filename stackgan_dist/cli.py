@@ -1,4 +1,4 @@
-"""``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
+"""``stackgan`` subcommands: prepare, train, sample, eval, inspect, report, sweep.
 
 Exit codes (stackgan_dist/errors.py, README "Exit codes"): 0 done; 2 the user must act (UserError: one line
 on stderr, no traceback); 75 requeue me (checkpointed on a scheduler signal, or a transient failure such as
@@ -147,6 +147,12 @@ def _cmd_report(a) -> int:
     return 0
 
 
+def _cmd_sweep(a) -> int:
+    from .sweep.cli import main as sweep_main
+
+    return sweep_main(a.args)
+
+
 def _cmd_inspect(a) -> int:
     from .inference import inspect
 
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_SubParser,
-                           help="prepare | train | sample | eval | inspect | report (COMMAND --help for its options)")
+                           help="prepare | train | sample | eval | inspect | report | sweep (COMMAND --help for its options)")
     sub.required = True
 
     pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json", formatter_class=fmt)
@@ -234,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="run directory")
     pr.add_argument("--out", default="", help="default RUN/report.png")
 
+    pw = sub.add_parser("sweep", help="many trials of a config (Slurm array, Ray Tune, local); `sweep report DIR`",
+                        add_help=False)  # its own parser (stackgan_dist/sweep/cli.py) reads the rest
+    pw.add_argument("args", nargs=argparse.REMAINDER)
+
     pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256", formatter_class=fmt)
     pi.add_argument("run", help="run directory, checkpoint directory or RUN/checkpoints/latest")
     return p
@@ -252,7 +262,7 @@ def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
 
 
 COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "inspect": _cmd_inspect, "report": _cmd_report}
+            "inspect": _cmd_inspect, "report": _cmd_report, "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # `stackgan` alone: the commands, not "the following arguments are required: cmd"
         parser.print_help(sys.stderr)
         return 2
-    args, extra = parser.parse_known_args(argv)
+    if argv[0] == "sweep":  # its own parser reads every argument (flags and key=value in any order)
+        args, extra = argparse.Namespace(cmd="sweep", args=argv[1:]), []
+    else:
+        args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after flags (`train CONFIG --fresh a=b`)
         if args.cmd == "train" and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = list(args.overrides) + extra
