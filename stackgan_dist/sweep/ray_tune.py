@@ -30,6 +30,7 @@ def _trainable(config: dict, sweep: Sweep, cwd: str, env: dict) -> None:
     from ray import tune
 
     trial = sweep.trials[config["trial"]]
+    os.chdir(cwd)  # Tune starts a trial in its own folder; the sweep's relative paths mean the driver's cwd
 
     def report(step: int, value) -> None:
         tune.report({"step": step, "metric": value if value is not None else math.nan})
