@@ -112,7 +112,9 @@ def collect(sweep: Sweep, trials, cwd: str, env: dict) -> list[dict]:
                 if os.path.isfile(p):
                     with open(p, "rb") as f:
                         f.seek(max(0, os.path.getsize(p) - 65536))
-                        line = last_line(f.read().decode("utf-8", "replace")) or line
+                        text = f.read().decode("utf-8", "replace")
+                    # training's own line, not srun's "task 0: Exited with exit code 2" after it
+                    line = last_line("\n".join(ln for ln in text.splitlines() if not ln.startswith("srun:"))) or line
             rec.update(status=FAILED, error=line or "the array task ended with the run unfinished")
         write_record(sweep, t, rec)
         print(f"sweep: {t.name} {rec['status']}{': ' + rec['error'] if rec['error'] else ''}", flush=True)
