@@ -14,10 +14,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import PY, TINY, Rendezvous, committed, digest, finish, one_line_error, run_cli, snapshot, start
+from conftest import (PY, TINY, Rendezvous, committed, digest, finish, inspect_run, one_line_error, run_cli, snapshot,
+                      start)
 from stackgan_dist.sweep.halving import keep_going, segments
 from stackgan_dist.sweep.spec import SweepError, expand, load_sweep, parse_sweep
-from stackgan_dist.sweep.trials import load_record
+from stackgan_dist.sweep.trials import load_record, metric_at
 
 CFG1 = "configs/demo/stage1.yaml"
 
@@ -202,3 +203,23 @@ def test_a_killed_trial_resumes_exactly(synth_data, tmp_path):
     rec = json.loads((sw / "t000" / "trial.json").read_text())
     assert rec["status"] == "finished" and rec["attempts"] == 2
     assert digest(sw / "t000" / "stage1") == digest(ref / "t000" / "stage1")
+
+
+def test_local_early_stopping_applies_the_halving_rule_at_each_rung(synth_data, tmp_path):
+    """Three seeds one at a time, a rung at step 2 of 4, eta 2: trial k goes on exactly when the rule, fed the
+    rung's metrics of trials 0..k, says so; a stopped trial's run ends at the rung, the others at the stop."""
+    sw = tmp_path / "sw"
+    f = _sweep_file(tmp_path, synth_data, sw, seeds=[0, 1, 2], early_stop={"rungs": [2], "eta": 2},
+                    metric={"name": "color_accuracy", "num_samples": 24})
+    p = run_cli("sweep", f)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seen = []
+    for t in ("t000", "t001", "t002"):
+        rec = json.loads((sw / t / "trial.json").read_text())
+        v = metric_at(rec, 1, 2)
+        assert isinstance(v, float), rec
+        seen.append(v)
+        go = keep_going(seen, v, 2)
+        assert rec["status"] == ("finished" if go else "stopped early"), (seen, rec)
+        assert inspect_run(sw / t / "stage1")["step"] == (4 if go else 2)
+        assert [e["step"] for e in rec["evals"]] == ([2, 4] if go else [2])
