@@ -223,3 +223,27 @@ def test_local_early_stopping_applies_the_halving_rule_at_each_rung(synth_data, 
         assert rec["status"] == ("finished" if go else "stopped early"), (seen, rec)
         assert inspect_run(sw / t / "stage1")["step"] == (4 if go else 2)
         assert [e["step"] for e in rec["evals"]] == ([2, 4] if go else [2])
+
+
+def test_a_trial_below_the_rung_is_stopped_early(synth_data, tmp_path):
+    """t000 carries a rung score from an earlier attempt (1.0 at step 2: a rerun never scores a rung twice);
+    t001 scores lower there (a 2-step generator draws no colour) and is stopped at the rung, its run ending at
+    step 2, while t000 trains on to the stop."""
+    from stackgan_dist.sweep.spec import load_sweep
+    from stackgan_dist.sweep.trials import read_record, write_record
+
+    sw = tmp_path / "sw"
+    f = _sweep_file(tmp_path, synth_data, sw, seeds=[0, 1], early_stop={"rungs": [2], "eta": 2},
+                    metric={"name": "color_accuracy", "num_samples": 24})
+    sweep = load_sweep(str(f))
+    rec = read_record(sweep, sweep.trials[0])
+    rec["evals"] = [{"stage": 1, "step": 2, "value": 1.0}]
+    write_record(sweep, sweep.trials[0], rec)
+    p = run_cli("sweep", f)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r0, r1 = (json.loads((sw / t / "trial.json").read_text()) for t in ("t000", "t001"))
+    assert r0["status"] == "finished" and inspect_run(sw / "t000" / "stage1")["step"] == 4
+    assert metric_at(r1, 1, 2) < 1.0 and r1["status"] == "stopped early", r1
+    assert "outside the top 1/2" in r1["error"] and inspect_run(sw / "t001" / "stage1")["step"] == 2
+    r = json.loads(run_cli("sweep", "report", sw, check=True).stdout)
+    assert r["status"] == {"finished": 1, "stopped early": 1}
