@@ -79,13 +79,19 @@ def submit(sweep: Sweep, trials, cwd: str, env: dict, parallel: int, cpus: int, 
     return jobs
 
 
+def live_jobs(jobs) -> list[str]:
+    """Those of ``jobs`` with a task still pending or running (requeued tasks included)."""
+    jobs = sorted(set(jobs))
+    if not jobs:
+        return []
+    p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%A %F"], capture_output=True, text=True,
+                       timeout=60)
+    alive = {f for line in p.stdout.splitlines() for f in line.split()}  # task ids and array job ids
+    return [j for j in jobs if j in alive]
+
+
 def wait_jobs(jobs: list[str], poll: float = 2.0) -> None:
-    """Until no task of ``jobs`` is pending or running (requeued tasks included)."""
-    while True:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i %T"], capture_output=True,
-                             text=True, timeout=60).stdout
-        if not out.strip():
-            return
+    while live_jobs(jobs):
         time.sleep(poll)
 
 
@@ -107,8 +113,9 @@ def collect(sweep: Sweep, trials, cwd: str, env: dict) -> list[dict]:
                                               key=lambda e: (e["stage"], e["step"]))
         else:
             line = ""
+            task = rec.get("slurm", {}).get("task", k)  # the array index this trial ran as
             for stage in sweep.stages:
-                p = os.path.join(sweep.dir, "slurm", f"stage{stage}", f"{k}.err")
+                p = os.path.join(sweep.dir, "slurm", f"stage{stage}", f"{task}.err")
                 if os.path.isfile(p):
                     with open(p, "rb") as f:
                         f.seek(max(0, os.path.getsize(p) - 65536))
@@ -127,6 +134,16 @@ def run_slurm(sweep: Sweep, trials, cwd: str, env: dict, parallel: int, cpus: in
     if sweep.early_stop:
         raise UserError("early_stop is not available --on slurm (it runs --on local and --on ray); remove it or "
                         "run the sweep there")
+    # trials whose arrays still run (a rerun after --no-wait): wait for them, never submit them twice (two
+    # processes on one run directory: the second is refused by the run's lock and the trial would fail)
+    running = {t.name: read_record(sweep, t).get("slurm", {}).get("jobs", []) for t in trials}
+    live = live_jobs(j for jobs in running.values() for j in jobs)
+    if live:
+        print(f"sweep: job arrays {', '.join(live)} of this sweep still run; waiting for them", flush=True)
+        if not wait:
+            return None
+        wait_jobs(live)
+        return collect(sweep, [t for t in trials if set(running[t.name]) & set(live)], cwd, env)
     jobs = submit(sweep, trials, cwd, env, parallel, cpus, extra)
     for k, t in enumerate(trials):
         rec = read_record(sweep, t)

@@ -88,6 +88,10 @@ def read_record(sweep: Sweep, trial: Trial) -> dict:
     if rec is None or rec.get("changes") != json.loads(json.dumps(trial.changes)):
         return fresh  # another sweep's trial of the same name: its record says nothing about this one
     fresh.update({k: rec[k] for k in ("status", "error", "evals", "wall_s", "attempts") if k in rec})
+    slurm = rec.get("slurm")
+    if isinstance(slurm, dict) and isinstance(slurm.get("task"), int) and isinstance(slurm.get("jobs"), list) \
+            and all(isinstance(j, str) and j.isdigit() for j in slurm["jobs"]):
+        fresh["slurm"] = {"jobs": slurm["jobs"], "task": slurm["task"]}
     return fresh
 
 
