@@ -86,3 +86,44 @@ def test_ray_tune_gives_the_local_weights(local_digests, synth_data, tmp_path):
     sweep(sweep_file(tmp_path, synth_data, "ray"), "--on", "ray", "--ray-address", RAY_GCS)
     assert os.path.isdir(tmp_path / "ray" / "ray")  # Tune's own records stay inside the sweep directory
     assert finished_digests(tmp_path / "ray") == local_digests
+
+
+def _job_state(job: str) -> dict:
+    p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60)
+    return dict(re.findall(r"(\w+)=(\S*)", p.stdout)) if p.returncode == 0 else {}
+
+
+def test_a_preempted_array_task_resumes_its_trial_exactly(local_digests, synth_data, tmp_path):
+    """Trial t000's array task gets the warning signal (scancel --signal=USR1) while paused at a test rendezvous
+    after step 1: train.sbatch checkpoints, exits 75 and requeues the task; the released task resumes the trial
+    from its own run directory; the rerun of the sweep command waits for the array (it does not submit twice)
+    and finds the weights of the uninterrupted local trial."""
+    from conftest import Rendezvous, wait_until
+
+    f = sweep_file(tmp_path, synth_data, "pre")
+    doc = yaml.safe_load(f.read_text())
+    doc["seeds"] = [0]
+    f.write_text(yaml.safe_dump(doc))
+    rz = Rendezvous(tmp_path / "rz", step=1)  # signalled at step 1 of 4: the checkpoint comes before the stop
+    p = sweep(f, "--on", "slurm", "--no-wait", env=rz.env)
+    array = re.search(r"job array (\d+)", p.stdout).group(1)
+    task = f"{array}_0"
+    wait_until(rz.arrived, "the array task at step 1", timeout=600,
+               diagnose=lambda: str(_job_state(task)) + (tmp_path / "pre" / "slurm" / "stage1" / "0.err").read_text())
+    subprocess.run(["scancel", "--signal=USR1", task], check=True, timeout=60)
+    rz.go()
+    # requeued tasks wait for a begin time (~2 min): start it as soon as the old incarnation has ended
+    wait_until(lambda: _job_state(task).get("JobState") == "PENDING" or int(_job_state(task).get("Restarts", 0)) > 0,
+               "the task to be requeued", timeout=600, poll=0.2, diagnose=lambda: str(_job_state(task)))
+    if _job_state(task).get("JobState") == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], timeout=60)
+    p = sweep(f, "--on", "slurm")
+    assert "still run; waiting for them" in p.stdout or "finished (left as it is)" in p.stdout, p.stdout
+    out = (tmp_path / "pre" / "slurm" / "stage1" / "0.out").read_text()
+    assert "requeueing job" in out and "restart 1:" in out, out[-3000:]
+    err = (tmp_path / "pre" / "slurm" / "stage1" / "0.err").read_text()
+    m = re.search(r"checkpoint written at step (\d+)", out)
+    assert m and 1 <= int(m.group(1)) < 4, out[-3000:]  # checkpointed mid-run, then resumed from there
+    assert f"stage1/checkpoints/step_{int(m.group(1)):08d} at step {m.group(1)}" in err + out, (err + out)[-3000:]
+    assert json.loads((tmp_path / "pre" / "t000" / "trial.json").read_text())["status"] == "finished"
+    assert digest(tmp_path / "pre" / "t000" / "stage1") == local_digests["t000"]
