@@ -1,4 +1,4 @@
-"""``stackgan`` subcommands: prepare, train, sample, eval, inspect, report.
+"""``stackgan`` subcommands: prepare, train, sample, eval, inspect, report, sweep.
 
 Exit codes (stackgan_dist/errors.py, docs/checkpoints.md "Exit codes"): 0 done; 2 the user must act (UserError: one line
 on stderr, no traceback); 75 requeue me (checkpointed on a scheduler signal, or a transient failure such as
@@ -185,6 +185,12 @@ def _cmd_report(a) -> int:
     return 0
 
 
+def _cmd_sweep(a) -> int:
+    from .sweep.cli import main as sweep_main
+
+    return sweep_main(a.args)
+
+
 def _cmd_inspect(a) -> int:
     from .inference import inspect
 
@@ -239,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stackgan", description="Distributed StackGAN training", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_SubParser,
-                           help="prepare | train | sample | eval | inspect | report (COMMAND --help for its options)")
+                           help="prepare | train | sample | eval | inspect | report | sweep (COMMAND --help for its options)")
     sub.required = True
 
     pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json", formatter_class=fmt)
@@ -310,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="run directory")
     pr.add_argument("--out", default="", help="default RUN/report.png")
 
+    pw = sub.add_parser("sweep", help="many trials of a config (Slurm array, Ray Tune, local); `sweep report DIR`",
+                        add_help=False)  # its own parser (stackgan_dist/sweep/cli.py) reads the rest
+    pw.add_argument("args", nargs=argparse.REMAINDER)
+
     pi = sub.add_parser("inspect", help="JSON: step, stage, validity, params_sha256", formatter_class=fmt)
     pi.add_argument("run", help="run directory, checkpoint directory or RUN/checkpoints/latest")
     return p
@@ -328,7 +338,7 @@ def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
 
 
 COMMANDS = {"prepare": _cmd_prepare, "train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval,
-            "inspect": _cmd_inspect, "report": _cmd_report}
+            "inspect": _cmd_inspect, "report": _cmd_report, "sweep": _cmd_sweep}
 
 
 def _flag_as_key(argv: list[str], flag: str) -> str | None:
@@ -350,6 +360,8 @@ def _flag_as_key(argv: list[str], flag: str) -> str | None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line as ``main`` reads it; a bad one exits 2 with the subcommand's usage (SystemExit)."""
     parser = build_parser()
+    if argv and argv[0] == "sweep":  # its own parser reads every argument (flags and key=value in any order)
+        return argparse.Namespace(cmd="sweep", args=list(argv[1:]))
     args, extra = parser.parse_known_args(argv)
     flags = [x for x in extra if x.startswith("--")]
     takes_overrides = hasattr(args, "overrides")  # train (and commands like it) take key=value overrides

@@ -53,7 +53,7 @@ def read_npy(src, dim: int | None, max_rows: int, max_bytes: int = 1 << 30) -> n
     if dtype.hasobject or dtype.kind != "f" or dtype.itemsize > 8:
         raise OverBudget(f"holds {dtype} values, not floats")
     if len(shape) not in (1, 2) or (dim is not None and shape[-1] != dim) or 0 in shape:
-        want = f"(rows, {dim})" if dim is not None else "(rows, dim)"
+        want = f"(N, {dim})" if dim is not None else "(N, dim)"
         raise OverBudget(f"has shape {tuple(shape)}; expected {want} with at least one row")
     rows = shape[0] if len(shape) == 2 else 1
     count = rows * shape[-1]
