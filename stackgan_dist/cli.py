@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import EXIT_INTERRUPTED, TransientError, UserError
+from .errors import EXIT_INTERRUPTED, StartupSignal, TransientError, UserError
 
 
 def _cmd_prepare(a) -> int:
@@ -280,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except StartupSignal as e:  # SIGTERM / SIGINT before the step loop: promptly, nothing to checkpoint yet
+        print(f"stackgan {args.cmd}{where}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except OSError as e:  # an OS failure no layer below named: one line, its exit code by cause (files.os_error)
+        from .checkpoint.files import os_error
+
+        err = os_error(e, f"{e.filename}" if e.filename else "file system")
+        kind = "error" if isinstance(err, UserError) else "transient error, exiting 75 (requeue)"
+        print(f"stackgan {args.cmd}: {kind}{where}: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except Exception as e:  # noqa: BLE001
         from .trainer import Preempted
 
