@@ -194,3 +194,47 @@ def test_hostile_model_configs_do_not_raise_peak_memory_by_500_mb(tmp_path):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["codes"] == [2] * (2 * len(runs)), (res, p.stderr[-2000:])
     assert res["grew_kb"] < 500 * 1024, res
+
+
+WRITER = """
+import json, os, sys, torch
+from stackgan_dist.checkpoint.manager import CheckpointManager
+from stackgan_dist.config import ModelConfig
+from stackgan_dist.distributed.env import DistEnv
+from stackgan_dist.models.build import build_models
+run, stop, mc = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+m = build_models(ModelConfig(**mc))
+state = {"format_version": 2, "train_state": {"step": 0, "images_seen": 0, "epoch": 0, "cursor": {}, "schedule": {}},
+         "G": m.G.state_dict(), "D": m.D.state_dict(), "strategy": {}, "model_config": mc, "config": {},
+         "text_encoder": {"name": "hashing", "dim": mc["text_dim"]}, "world_size": 1}
+mgr = CheckpointManager(run, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), keep_last=1)
+step = 0
+while not os.path.exists(stop) and step < 100000:
+    step += 1
+    state["train_state"]["step"] = step
+    mgr.save(step, state, {"format_version": 2, "rank": 0})
+print(step)
+"""
+
+
+def test_readers_of_a_live_run_take_the_newest_valid_checkpoint_while_it_is_pruned(tmp_path):
+    """A real writer process commits checkpoints back to back with keep_last=1 (each prunes the one before);
+    inspect and load_run on the run directory meanwhile always succeed, on ever newer steps."""
+    from conftest import wait_for
+    from stackgan_dist.inference import inspect, load_run
+
+    run, stop = tmp_path / "run", tmp_path / "stop"
+    p = subprocess.Popen([PY, "-c", WRITER, str(run), str(stop), json.dumps(MC)], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        wait_for(lambda: (run / "checkpoints" / "latest").exists(), p, what="the writer's first checkpoint")
+        steps = []
+        for i in range(30):
+            steps.append(inspect(str(run))["step"] if i % 3 else load_run(str(run)).step)
+    finally:
+        stop.touch()
+        out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    written = int(out.strip().splitlines()[-1])
+    assert steps == sorted(steps) and steps[-1] > steps[0], steps
+    assert written > 30, f"the writer committed only {written} checkpoints: the reads raced nothing"

@@ -2,47 +2,85 @@
 
 ``inspect``, ``eval``, ``sample`` and Stage-II's start read a run that can be live: with
 ``checkpoint.keep_last=1`` the checkpoint chosen a moment ago is pruned as soon as the next one commits.
-A file that vanishes under a reader is not damage: the reader resolves the run again and takes the newest
-valid checkpoint then, a few times, and only then reports the last error (one line, exit 2).
+So a reader takes a snapshot: it resolves the newest valid checkpoint, reads its manifest and ``model.pt``
+into memory, and checks the bytes it holds against the manifest; from then on pruning cannot touch what it
+reads. A file that vanishes under a reader is not damage: it resolves the run again and takes the newest
+valid checkpoint then, a bounded number of times, and only then reports the last error (one line, exit 2).
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 import time
 
+import torch
+
 from ..errors import CheckpointError
-from .manager import STEP_RE, load_file, resolve_checkpoint
+from .files import open_read
+from .manager import MAX_MODEL_FILE_BYTES, STEP_RE, resolve_checkpoint
+from .manifest import MANIFEST, MAX_MANIFEST_BYTES, check_manifest
 
 log = logging.getLogger("stackgan_dist.checkpoint")
-READ_ATTEMPTS = 8  # each lost race means a newer checkpoint was committed: a few are plenty
+READ_ATTEMPTS = 20  # each lost race means a newer checkpoint was committed meanwhile
 
 
-def _vanished(ck: str) -> bool:
-    """Whether ``ck`` was removed (or is being removed) since it was resolved: pruning, not damage."""
-    return not os.path.isfile(os.path.join(ck, "manifest.json")) or not os.path.isfile(os.path.join(ck, "model.pt"))
+class _Vanished(Exception):
+    pass
 
 
-def load_newest(path: str, check=None):
-    """-> (checkpoint folder, loaded model.pt, ``check(saved, ck)``'s result). ``path`` as for
-    ``resolve_checkpoint``; ``check`` (e.g. train_state.read_checkpoint) runs before anything is built.
-    A named step folder is read once; a run directory is retried on its newest valid checkpoint while the one
+def _read(path: str, limit: int) -> bytes:
+    f = open_read(path, "checkpoint file", limit)
+    if f is None:
+        raise _Vanished(path)
+    with f:
+        return f.read(limit + 1)
+
+
+def _snapshot(ck: str) -> tuple[dict, dict]:
+    """(manifest, model.pt) of ``ck`` read into memory, model.pt checked against the manifest's sha256."""
+    try:
+        man = json.loads(_read(os.path.join(ck, MANIFEST), MAX_MANIFEST_BYTES))
+        raw = _read(os.path.join(ck, "model.pt"), MAX_MODEL_FILE_BYTES)
+    except FileNotFoundError as e:
+        raise _Vanished(str(e)) from None
+    problem = check_manifest(man, ck)
+    if problem:
+        raise CheckpointError(f"checkpoint {ck}: {problem}")
+    if hashlib.sha256(raw).hexdigest() != man["files"]["model.pt"]["sha256"]:
+        if not os.path.isdir(ck):
+            raise _Vanished(ck)
+        raise CheckpointError(f"checkpoint {ck}: model.pt does not match its manifest (corrupt)")
+    try:
+        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a damaged or hostile file is one clear line
+        raise CheckpointError(f"refused to load checkpoint file {ck}/model.pt: {str(e).splitlines()[0][:200]}"
+                              ) from None
+    return man, saved
+
+
+def load_newest(path: str, check=None, with_manifest: bool = False):
+    """-> (checkpoint folder, loaded model.pt, ``check(saved, ck)``'s result[, manifest]). ``path`` as for
+    ``resolve_checkpoint``; ``check`` (e.g. train_state.read_checkpoint) runs before anything is built. A
+    named step folder is read once; a run directory is retried on its newest valid checkpoint while the one
     chosen keeps vanishing."""
     fixed = bool(STEP_RE.match(os.path.basename(os.path.normpath(path))))
-    last: CheckpointError | None = None
+    last: Exception | None = None
     for attempt in range(1 if fixed else READ_ATTEMPTS):
         ck = None
         try:
             ck = resolve_checkpoint(path)
-            saved = load_file(os.path.join(ck, "model.pt"))
-            if _vanished(ck):  # the bytes may be from a folder mid-removal: read the newest again
-                raise CheckpointError(f"checkpoint {ck} was removed while it was read")
-            return ck, saved, (check(saved, ck) if check is not None else None)
-        except CheckpointError as e:
-            last = e
-            if ck is not None and not _vanished(ck):
+            man, saved = _snapshot(ck)
+            res = check(saved, ck) if check is not None else None
+            return (ck, saved, res, man) if with_manifest else (ck, saved, res)
+        except (CheckpointError, _Vanished, OSError) as e:
+            if isinstance(e, CheckpointError) and ck is not None and os.path.isdir(ck):
                 raise  # the checkpoint is there and bad: damage, not a race
+            last = e
             log.info("checkpoint changed while it was read (%s); reading the newest again", e)
-            time.sleep(0.01 * (attempt + 1))  # a writer between its rename and its prune: let it finish
-    assert last is not None
-    raise last
+            time.sleep(min(0.2, 0.01 * (attempt + 1)))  # a writer between its rename and its prune
+    if isinstance(last, CheckpointError):
+        raise last
+    raise CheckpointError(f"the checkpoints of {path} kept vanishing while they were read ({last}); try again")
