@@ -63,19 +63,39 @@ def _dry_run(a) -> int:
     return 0
 
 
+MAX_EMBEDDINGS = 4096  # captions per `sample` call: a grid of more rows is not one anyone can read
+
+
 def _load_embeddings(path: str, text_dim: int):
-    """An (N, text_dim) float array from a .npy file (no pickles)."""
+    """An (N, text_dim) float array from a .npy file (no pickles). The header's shape and dtype are checked
+    before any data is read: a small file whose header claims a huge array allocates nothing."""
     import numpy as np
 
+    from .checkpoint.files import open_read
+
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read --embeddings {path}: {e}") from None
+        f = open_read(path, "--embeddings file", max_bytes=MAX_EMBEDDINGS * 65536 * 8 + 4096)
+        if f is None:
+            raise UserError(f"--embeddings {path} not found")
+        with f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            n = shape[0] if len(shape) == 2 else 1
+            if len(shape) not in (1, 2) or shape[-1] != text_dim or not 1 <= n <= MAX_EMBEDDINGS \
+                    or dtype.kind != "f" or dtype.hasobject:
+                raise UserError(f"--embeddings {path}: expected a float array of shape (N, {text_dim}) with N "
+                                f"from 1 to {MAX_EMBEDDINGS}, the header says {dtype} {shape}")
+            arr = np.fromfile(f, dtype=dtype, count=n * text_dim)
+            if arr.size != n * text_dim:
+                raise UserError(f"--embeddings {path}: the file is shorter than its header's shape {shape}")
+            arr = arr.reshape(shape, order="F" if fortran else "C")
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read --embeddings {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                        ) from None
     if arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != text_dim or arr.shape[0] == 0 or arr.dtype.kind != "f":
-        raise UserError(f"--embeddings {path}: expected a float array of shape (N, {text_dim}), "
-                        f"got {arr.dtype} {arr.shape}")
     if not np.isfinite(arr).all():
         raise UserError(f"--embeddings {path}: holds non-finite values")
     return np.ascontiguousarray(arr, dtype=np.float32)

@@ -238,3 +238,23 @@ def test_readers_of_a_live_run_take_the_newest_valid_checkpoint_while_it_is_prun
     written = int(out.strip().splitlines()[-1])
     assert steps == sorted(steps) and steps[-1] > steps[0], steps
     assert written > 30, f"the writer committed only {written} checkpoints: the reads raced nothing"
+
+
+def test_an_embeddings_header_claiming_a_huge_array_is_refused_before_reading(tmp_path, capsys):
+    import struct
+
+    run = str(tmp_path / "run")
+    commit(run, copy.deepcopy(GOOD))
+    hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000, 64), }"
+    hdr = hdr + " " * (118 - len(hdr)) + "\n"
+    (tmp_path / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode() + b"\0" * 64)
+    (tmp_path / "text.npy").write_text("not an array")
+    for name, what in (("huge.npy", "100000000000"), ("text.npy", "magic")):
+        assert main(["sample", run, "--embeddings", str(tmp_path / name), "--out", str(tmp_path / "o.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and what in err, err
+    import numpy as np
+
+    np.save(tmp_path / "ok.npy", np.zeros((2, 64), np.float32))
+    assert main(["sample", run, "--embeddings", str(tmp_path / "ok.npy"), "--num", "1", "--out",
+                 str(tmp_path / "o.png")]) == 0
