@@ -258,3 +258,14 @@ def test_an_embeddings_header_claiming_a_huge_array_is_refused_before_reading(tm
     np.save(tmp_path / "ok.npy", np.zeros((2, 64), np.float32))
     assert main(["sample", run, "--embeddings", str(tmp_path / "ok.npy"), "--num", "1", "--out",
                  str(tmp_path / "o.png")]) == 0
+
+
+def test_a_manifest_of_a_newer_version_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    ck = commit(str(run), copy.deepcopy(GOOD))
+    man = json.loads((tmp_path / "run" / "checkpoints" / os.path.basename(ck) / "manifest.json").read_text())
+    man["version"] = 99
+    (tmp_path / "run" / "checkpoints" / os.path.basename(ck) / "manifest.json").write_text(json.dumps(man))
+    assert main(["inspect", ck]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "newer" in err, err
