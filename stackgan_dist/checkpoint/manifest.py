@@ -15,7 +15,8 @@ import stat
 
 import torch
 
-from .files import RunFileError, open_read
+from ..errors import TransientError, UserError
+from .files import open_read
 
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "manifest.json"
@@ -123,7 +124,7 @@ def verify(path: str) -> tuple[bool, str]:
             man = json.loads(f.read())
     except FileNotFoundError:
         return False, f"{mpath} missing (incomplete checkpoint)"
-    except RunFileError as e:
+    except (UserError, TransientError) as e:  # from files.py: wrong type, too large, unreadable
         return False, str(e)
     except (OSError, ValueError, RecursionError) as e:
         return False, f"{mpath} corrupt ({type(e).__name__}: {str(e)[:200]})"
@@ -145,7 +146,7 @@ def verify(path: str) -> tuple[bool, str]:
             if sha256_file(fp) != meta["sha256"]:
                 return False, f"{fp} sha256 mismatch: corrupt"
         unlisted = [rel for rel in _loaded_on_disk(path) if rel not in files]
-    except RunFileError as e:
+    except (UserError, TransientError) as e:  # from files.py: wrong type, too large, unreadable
         return False, str(e)
     except OSError as e:
         return False, f"{path} unreadable ({e.strerror or e})"
