@@ -92,6 +92,7 @@ BAD = {
     "bool text_dim": _set(("model_config", "text_dim"), True),
     "train_state junk": _set(("train_state",), "x"),
     "huge step": _set(("train_state", "step"), float("inf")),
+    "strategy a string": _set(("strategy",), "adam"),
 }
 
 

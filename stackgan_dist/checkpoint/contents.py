@@ -150,6 +150,8 @@ def check_model_file(saved, ck: str) -> ModelConfig:
         if key not in saved:
             raise CheckpointError(f"checkpoint {ck}: model.pt has no {key!r} (corrupt)")
     mc = model_config_from(saved["model_config"], ck)
+    if not isinstance(saved.get("strategy", {}), dict):  # optimizer and scaler states: loaded by the strategy
+        raise CheckpointError(f"checkpoint {ck}: strategy state is {_short(saved['strategy'])}, not a mapping")
     shapes = check_size(mc, ck)
     check_state_dict(saved["G"], shapes["G"], ck, "G")
     check_state_dict(saved["D"], shapes["D"], ck, "D")
