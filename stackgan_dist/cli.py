@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from .errors import EXIT_INTERRUPTED, TransientError, UserError
+from .errors import EXIT_INTERRUPTED, StartupSignal, TransientError, UserError
 
 
 def _cmd_prepare(a) -> int:
@@ -87,6 +87,9 @@ def _dry_run(a) -> int:
     return 0
 
 
+MAX_EMBEDDINGS = 1 << 16  # rows of an --embeddings file, checked in its header before anything is read
+
+
 def _load_embeddings(path: str, text_dim: int):
     """An (N, text_dim) float array from a .npy file (no pickles; its header checked before its data)."""
     import numpy as np
@@ -97,14 +100,11 @@ def _load_embeddings(path: str, text_dim: int):
 
     try:
         with open_regular(path, "--embeddings file") as f:
-            arr = read_npy(f, text_dim, max_rows=1 << 16)
+            arr = read_npy(f, text_dim, max_rows=MAX_EMBEDDINGS)
     except (OverBudget, DataError, OSError) as e:
         raise UserError(f"cannot read --embeddings {path}: {e}") from None
     if arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != text_dim or arr.shape[0] == 0 or arr.dtype.kind != "f":
-        raise UserError(f"--embeddings {path}: expected a float array of shape (N, {text_dim}), "
-                        f"got {arr.dtype} {arr.shape}")
     if not np.isfinite(arr).all():
         raise UserError(f"--embeddings {path}: holds non-finite values")
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -409,6 +409,18 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except StartupSignal as e:  # SIGTERM / SIGINT before the step loop: promptly, nothing to checkpoint yet
+        print(f"stackgan {args.cmd}{where}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except OSError as e:  # an OS failure no layer below named: one line, its exit code by cause (files.os_error)
+        if isinstance(e, BrokenPipeError):
+            raise  # main(): the reader of stdout went away, exit 141 quietly
+        from .checkpoint.files import os_error
+
+        err = os_error(e, f"{e.filename}" if e.filename else "file system")
+        kind = "error" if isinstance(err, UserError) else "transient error, exiting 75 (requeue)"
+        print(f"stackgan {args.cmd}: {kind}{where}: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except Exception as e:  # noqa: BLE001
         from .trainer import Preempted
 

@@ -38,3 +38,14 @@ class TransientError(Exception):
 
 class CheckpointWriteError(TransientError):
     """A checkpoint could not be written or committed (ENOSPC, EFBIG, EIO...); the previous one is kept."""
+
+
+class StartupSignal(BaseException):
+    """SIGTERM or SIGINT while a command is still starting (checkpoint/signals.install_early): raised from the
+    handler so that a start blocked anywhere (a slow filesystem, a rendezvous) ends at once. A BaseException,
+    like KeyboardInterrupt: no ``except Exception`` on the way may swallow it."""
+
+    def __init__(self, signame: str, exit_code: int):
+        super().__init__(f"received {signame} while starting (before the first training step); exiting with "
+                         f"{exit_code} ({'requeue' if exit_code == EXIT_REQUEUE else 'interrupted'})")
+        self.exit_code = exit_code

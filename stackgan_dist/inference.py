@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint.manager import load_file, params_digest, read_manifest, resolve_checkpoint, verify
-from .config import ModelConfig
+from .checkpoint.contents import check_model_file
+from .checkpoint.manager import params_digest
+from .checkpoint.readers import load_newest
 from .errors import UserError
 from .models.build import build_models, build_stage1_generator
-from .train_state import saved_step
+from .train_state import read_checkpoint
 
 
 @dataclass
@@ -27,18 +28,19 @@ class LoadedRun:
 
 
 def load_run(path: str, device: str = "cpu") -> LoadedRun:
-    ck = resolve_checkpoint(path)
-    st = load_file(os.path.join(ck, "model.pt"))
-    mc = ModelConfig(**{k: v for k, v in st["model_config"].items() if k in ModelConfig.__dataclass_fields__})
+    ck, st, tstate = load_newest(path, read_checkpoint)  # contents checked before anything is built
+    mc = check_model_file(st, ck)
     models = build_models(mc)
     models.G.load_state_dict(st["G"])
     models.D.load_state_dict(st["D"])
     G1 = None
     if mc.stage == 2:
-        G1 = build_stage1_generator(ModelConfig(**st["stage1_model_config"]))
+        from .checkpoint.contents import model_config_from
+
+        G1 = build_stage1_generator(model_config_from(st["stage1_model_config"], ck, "stage1_model_config"))
         G1.load_state_dict(st["stage1_G"])
-        G1 = G1.eval().to(device)
-    return LoadedRun(ck, saved_step(st, ck), mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
+        G1 = G1.eval().requires_grad_(False).to(device)
+    return LoadedRun(ck, tstate.step, mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
                      mc, st.get("text_encoder", {}), st)
 
 
@@ -57,11 +59,12 @@ def generate(run: LoadedRun, text: torch.Tensor, z: torch.Tensor, eps: torch.Ten
 
 
 def inspect(path: str) -> dict:
-    ck = resolve_checkpoint(path)
-    ok, why = verify(ck)
-    st = load_file(os.path.join(ck, "model.pt"))
-    man = read_manifest(ck)
-    return {"path": ck, "step": saved_step(st, ck), "stage": int(st["model_config"]["stage"]), "valid": ok,
+    """A checkpoint is reported valid only when its manifest verifies and its contents load into the model
+    it declares (``read_checkpoint``); anything less is one line, exit 2."""
+    # a snapshot: manifest and model.pt read together (a live run may prune the folder right after)
+    ck, st, tstate, man = load_newest(path, read_checkpoint, with_manifest=True)
+    ok, why = True, "ok"  # resolve_checkpoint verified every file; the snapshot matched the manifest
+    return {"path": ck, "step": tstate.step, "stage": int(st["model_config"]["stage"]), "valid": ok,
             "reason": why, "world_size": man.get("world_size"), "config_hash": st.get("config_hash"),
             "params_sha256": params_digest(st["G"], st["D"]), "text_encoder": st.get("text_encoder")}
 

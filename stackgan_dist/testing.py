@@ -12,6 +12,9 @@ Production code imports this module in one place (the trainer). Hooks:
 - ``STACKGAN_TEST_PAUSE_IN_SAVE=N`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: the same rendezvous inside the
   step-N checkpoint save, after this rank's files are written and before the save is committed (marker
   ``D/rank{r}.save{N}``), so a test can kill a process with a save provably half done.
+- ``STACKGAN_TEST_PAUSE_IN_START=1`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: the same rendezvous while the run
+  is starting (its trainer just made, nothing checked or built yet; marker ``D/rank{r}.start0``), so a test
+  can signal a process provably blocked in start-up.
 """
 from __future__ import annotations
 
@@ -26,17 +29,20 @@ class Hooks:
         self.digest_dir = e.get("STACKGAN_TEST_DIGEST_DIR", "")
         self.pause_at = int(e.get("STACKGAN_TEST_PAUSE_AT_STEP", "0") or 0)
         self.pause_in_save = int(e.get("STACKGAN_TEST_PAUSE_IN_SAVE", "0") or 0)
+        self.pause_in_start = e.get("STACKGAN_TEST_PAUSE_IN_START", "") not in ("", "0")
         self.pid_dir = e.get("STACKGAN_TEST_PID_DIR", "")
         self.rendezvous_dir = e.get("STACKGAN_TEST_RENDEZVOUS_DIR", "")
         self.rendezvous_timeout_s = float(e.get("STACKGAN_TEST_RENDEZVOUS_TIMEOUT_S", "300") or 300)
-        if (self.pause_at or self.pause_in_save) and not self.rendezvous_dir:
-            raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP / _IN_SAVE need STACKGAN_TEST_RENDEZVOUS_DIR")
+        if (self.pause_at or self.pause_in_save or self.pause_in_start) and not self.rendezvous_dir:
+            raise RuntimeError("STACKGAN_TEST_PAUSE_AT_STEP / _IN_SAVE / _IN_START need STACKGAN_TEST_RENDEZVOUS_DIR")
 
     def started(self, rank: int) -> None:
         if self.pid_dir:
             os.makedirs(self.pid_dir, exist_ok=True)
             with open(os.path.join(self.pid_dir, f"rank{rank}.pid"), "a") as f:
                 f.write(f"{os.getpid()}\n")
+        if self.pause_in_start:
+            rendezvous(self.rendezvous_dir, 0, rank, self.rendezvous_timeout_s, what="start")
 
     def after_step(self, step: int, strategy, rank: int) -> None:
         if self.digest_dir:

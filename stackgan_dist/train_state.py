@@ -1,7 +1,7 @@
 """What a checkpoint holds, and the schedules measured in images seen.
 
 ``TrainState`` is the progress of a run (step, images seen, epoch, the loader's cursor, the schedule it ran
-under); ``FORMAT_VERSION`` is written into ``model.pt`` and read back: a newer or unknown version is refused
+under); ``CHECKPOINT_FORMAT_VERSION`` is written into ``model.pt`` and read back: a newer or unknown version is refused
 with one clear line, version 1 (checkpoints written before this module existed) is migrated on load.
 
 Files of a step folder (the file protocol itself is ``checkpoint/manager.py``'s):
@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint.manager import numpy_state_from_safe, numpy_state_to_safe, to_cpu
+from .checkpoint.state import numpy_state_from_safe, numpy_state_to_safe, to_cpu
 from .config import MODEL_DEFINING_KEYS, Config, model_defining
 from .distributed.wrap import unwrap
 from .errors import CheckpointError
 
 log = logging.getLogger("stackgan_dist.train")
 
-FORMAT_VERSION = 2
+# the layout of model.pt and rank_*.pt (keys, train_state); versions 1..this are read, a newer one refused
+CHECKPOINT_FORMAT_VERSION = 2
+FORMAT_VERSION = CHECKPOINT_FORMAT_VERSION  # the name before the split (tests and older callers)
 
 
 @dataclass
@@ -113,17 +115,34 @@ class TrainState:
 def read_train_state(saved: dict, ck: str) -> TrainState:
     """``model.pt`` -> TrainState, enforcing the format version (version 1 migrates)."""
     v = saved.get("format_version", 1)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > FORMAT_VERSION:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {ck} has state format version {v!r}; this stackgan_dist reads versions "
-                              f"1 to {FORMAT_VERSION}: resume it with the stackgan_dist that wrote it")
+                              f"1 to {CHECKPOINT_FORMAT_VERSION}: resume it with the stackgan_dist that wrote it")
     if v == 1:
-        return _from_v1(saved)
-    d = saved["train_state"]
+        try:
+            return _from_v1(saved)
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {ck}: a version-1 model.pt without a readable step ({type(e).__name__})"
+                                  ) from None
+    d = saved.get("train_state")
     try:
         return TrainState(step=int(d["step"]), images_seen=int(d["images_seen"]), epoch=int(d["epoch"]),
                           cursor=dict(d["cursor"]), schedule=dict(d["schedule"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"checkpoint {ck}: train_state is malformed ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(saved, ck: str) -> TrainState:
+    """A loaded ``model.pt`` that readers and resume may build from: its format version read
+    (``read_train_state``), then its contents checked against the model it declares, before anything is
+    allocated (``checkpoint/contents.check_model_file``: bounded sizes, exact keys and shapes)."""
+    from .checkpoint.contents import check_model_file
+
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {ck}: model.pt holds a {type(saved).__name__}, not a mapping (corrupt)")
+    st = read_train_state(saved, ck)
+    check_model_file(saved, ck)
+    return st
 
 
 def _from_v1(saved: dict) -> TrainState:
@@ -141,15 +160,16 @@ def _from_v1(saved: dict) -> TrainState:
 
 
 def saved_step(saved: dict, ck: str) -> int:
-    """The step of a loaded model.pt, any supported version (for readers: inspect, sample, eval)."""
-    return read_train_state(saved, ck).step
+    """The step of a loaded model.pt, any supported version (for readers: inspect, sample, eval), after
+    ``read_checkpoint``'s checks."""
+    return read_checkpoint(saved, ck).step
 
 
 def model_state(strategy, cfg: Config, st: TrainState, world_size: int, text_encoder: dict,
                 stage1=None) -> dict:
     """Rank 0's model.pt, as a CPU copy (written while training goes on). ``stage1``: (G1, its ModelConfig,
     where it came from) at Stage-II."""
-    out = {"format_version": FORMAT_VERSION, "train_state": st.to_dict(),
+    out = {"format_version": CHECKPOINT_FORMAT_VERSION, "train_state": st.to_dict(),
            "G": unwrap(strategy.G_module).state_dict(), "D": unwrap(strategy.D_module).state_dict(),
            "strategy": strategy.state_dict(),
            "model_config": model_defining(cfg) | {"stage1_checkpoint": cfg.model.stage1_checkpoint},
@@ -198,7 +218,7 @@ def set_rng_state(saved: dict, noise_gen: torch.Generator, device: torch.device)
 
 
 def rank_state(rank: int, world_size: int, noise_gen: torch.Generator, device: torch.device) -> dict:
-    return {"format_version": FORMAT_VERSION, "rank": rank, "world_size": world_size,
+    return {"format_version": CHECKPOINT_FORMAT_VERSION, "rank": rank, "world_size": world_size,
             "rng": rng_state(noise_gen, device)}
 
 

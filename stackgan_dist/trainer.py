@@ -18,8 +18,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import testing
-from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid, resolve_checkpoint
-from .checkpoint.lock import RunLock, on_main_agreed
+from .checkpoint.manager import CheckpointManager, list_checkpoints, load_file, newest_valid
+from .checkpoint.readers import load_newest
+from .checkpoint.lock import RunLock, on_main_agreed, write_run_files
 from .checkpoint.restarts import RestartGuard
 from .checkpoint.signals import EXIT_REQUEUE, SignalFlag
 from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, kl_weight, model_defining
@@ -38,7 +39,7 @@ from .losses import LossOptions
 from .observability.metrics import MetricsWriter
 from .observability.samples import SampleWriter
 from .observability.stats import StepStats, finite_losses
-from .train_state import Schedule, TrainState, model_state, rank_rng, rank_state, read_train_state, set_rng_state
+from .train_state import Schedule, TrainState, model_state, rank_rng, rank_state, read_checkpoint, set_rng_state
 from .train_step import GANStep
 
 log = logging.getLogger("stackgan_dist.train")
@@ -61,13 +62,11 @@ def load_stage1_generator(path: str, text_dim: int, z_dim: int | None = None):
     noise Stage-I consumes) may not."""
     if not path:
         raise CheckpointError("Stage-II needs model.stage1_checkpoint (a Stage-I run or checkpoint directory)")
-    try:
-        ck = resolve_checkpoint(path)
+    try:  # the newest valid one (retried if pruned while read); version and contents checked
+        ck, state, _ = load_newest(path, read_checkpoint)
     except CheckpointError as e:
         raise CheckpointError(f"model.stage1_checkpoint: {e}; set model.stage1_checkpoint to a Stage-I run "
                               "directory or checkpoint") from None
-    state = load_file(os.path.join(ck, "model.pt"))
-    read_train_state(state, ck)  # its format version is one we read
     mcfg = ModelConfig(**state["model_config"])
     if mcfg.stage != 1:
         raise CheckpointError(f"model.stage1_checkpoint {ck} is a Stage-{mcfg.stage} checkpoint, not Stage-I")
@@ -214,7 +213,7 @@ class Trainer:
         self.state = TrainState()
         if self.resume_from:
             saved = self.saved = load_file(os.path.join(self.resume_from, "model.pt"))
-            self.state = read_train_state(saved, self.resume_from)  # refuses versions it cannot read
+            self.state = read_checkpoint(saved, self.resume_from)  # version, contents fit the model
             check_resume_compatible(saved["model_config"], cfg, self.resume_from)
             # a crash loop is refused (read only; checked again when the run directory is claimed)
             self._agreed(lambda: RestartGuard(self.run_dir, cfg.checkpoint.max_restarts,
@@ -288,8 +287,7 @@ class Trainer:
         if guard is not None:
             guard.check(self.step)  # a crash loop is refused before anything is written
         self.lock.acquire()
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        self.cfg.dump(os.path.join(self.run_dir, "config.yaml"))
+        write_run_files(self.run_dir, self.cfg)  # samples/ and config.yaml, through checkpoint/files.py
         if guard is not None:
             guard.record(self.step)
 

@@ -20,6 +20,8 @@ import socket
 import time
 
 from ..errors import UserError
+from ..errors import TransientError
+from .files import check_run_entries, open_fd, os_error, read_bounded, run_subdir, write_atomic
 
 LOCK_FILE = ".lock"
 
@@ -40,9 +42,8 @@ class RunLock:
 
     def _holder(self) -> str:
         try:
-            with open(self.path, "rb") as f:
-                text = f.read(512).decode("utf-8", "replace").strip()
-        except OSError:
+            text = (read_bounded(self.path, 4096, "lock file") or b"")[:512].decode("utf-8", "replace").strip()
+        except (OSError, UserError):
             text = ""
         fields = dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
         if not fields.get("pid"):
@@ -52,10 +53,12 @@ class RunLock:
 
     def _try_lock(self, create: bool) -> bool:
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except FileNotFoundError:
-            return False
+        try:  # no link followed, no special file, no hard link: the holder line is written into this file
+            fd = open_fd(self.path, flags, "lock file")
+        except UserError as e:
+            if not create and not os.path.lexists(self.path):
+                return False
+            raise e from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -72,18 +75,25 @@ class RunLock:
         """Refuses a run.dir that cannot hold a run (``check_run_dir``), and refuses at once if another live
         process holds an existing lock file. Creates nothing."""
         check_run_dir(self.run_dir)
-        if not self.held and os.path.isfile(self.path):
+        check_run_entries(self.run_dir)  # links, special files, files where folders belong: refused now
+        if not self.held and os.path.lexists(self.path):
             self._try_lock(create=False)
 
     def acquire(self) -> None:
         """Takes the lock (creating run.dir and the lock file if needed) and records this process as holder."""
         if not self.held:
-            os.makedirs(self.run_dir, exist_ok=True)
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+            except OSError as e:
+                raise os_error(e, f"cannot create run.dir {self.run_dir}") from None
             self._try_lock(create=True)
         line = f"host={socket.gethostname()} pid={os.getpid()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, line.encode(), 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, line.encode(), 0)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise os_error(e, f"cannot write the lock file {self.path}") from None
 
     def release(self) -> None:
         """Drops the lock (the holder line stays: it names the last holder, and a live lock is what counts)."""
@@ -123,11 +133,25 @@ def on_main_agreed(env, fn) -> None:
             fn()
         except Exception as e:  # noqa: BLE001 -- re-raised below, after the other ranks know
             err = e
-    code = 0.0 if err is None else 1.0 if isinstance(err, UserError) else 2.0
+    code = 0.0 if err is None else 1.0 if isinstance(err, UserError) else \
+        2.0 if isinstance(err, TransientError) else 3.0
     agreed = all_reduce_max(code, env) if env.distributed else code
     if err is not None:
         raise err
     if agreed == 1.0:
         raise UserError("rank 0 refused to start this run (its message says why)")
-    if agreed > 1.0:
+    if agreed == 2.0:
+        raise TransientError("rank 0 met a transient failure while claiming the run directory (its message "
+                             "says which)")
+    if agreed > 2.0:
         raise RuntimeError("rank 0 failed while claiming the run directory (see its traceback)")
+
+
+def write_run_files(run_dir: str, cfg) -> None:
+    """The files a claimed run writes at every start: ``samples/`` (a real folder of the run) and the resolved
+    ``config.yaml`` (written whole, no link followed; a full disk is transient, exit 75)."""
+    import yaml
+
+    run_subdir(run_dir, "samples")
+    write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                 "config dump")

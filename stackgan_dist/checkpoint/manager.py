@@ -18,6 +18,10 @@ Every file of a checkpoint is untrusted when read. ``model.pt`` and ``rank_*.pt`
 ``engine_files.SafeLoadingEngine`` (``weights_only=True`` with exactly the DeepSpeed metadata classes its
 ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
 from elsewhere, even one whose manifest hashes were recomputed after tampering, cannot run code.
+
+This file is the protocol (temporary folder, manifest last, rename, ``latest``, discovery, pruning); how a
+run file is opened is ``files.py``'s, what a manifest holds and how it is checked ``manifest.py``'s.
+Pruning never leaves the run's own ``checkpoints/`` (a real folder of the run, never a link).
 """
 from __future__ import annotations
 
@@ -26,36 +30,27 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..distributed.collectives import all_gather_object, any_flags, barrier
-from ..errors import CheckpointError, CheckpointWriteError
+from ..errors import CheckpointError, CheckpointWriteError, UserError
 from .engine_files import first_line
+from .files import (check_entry_any, create_exclusive, inside, open_read, os_error, read_bounded,
+                    run_subdir, write_atomic, write_fd)
+# re-exported: callers and tests import these from here since before the split
+from .manifest import (MANIFEST, MANIFEST_VERSION, MAX_MANIFEST_BYTES, STEP_RE, all_finite,  # noqa: F401
+                       check_manifest, params_digest, read_manifest, sha256_file, step_dir_name, verify)
+from .state import numpy_state_from_safe, numpy_state_to_safe, to_cpu  # noqa: F401
 
 log = logging.getLogger("stackgan_dist.checkpoint")
-STEP_RE = re.compile(r"^step_(\d{8,})$")
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
+LATEST = "latest"
+MAX_MODEL_FILE_BYTES = 8 << 30  # a model.pt beyond this is not one of ours (the authors' Stage-II is ~0.1 GB)
 
 
 def fsync_dir(path: str) -> None:
@@ -77,11 +72,9 @@ def save_file(obj, path: str) -> dict:
     torch.save(obj, buf)
     view = memoryview(buf.getbuffer())
     entry = {"size": len(view), "sha256": hashlib.sha256(view).hexdigest()}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = create_exclusive(path, "checkpoint file")  # in a folder made fresh for this save: never an old entry
     try:
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_fd(fd, view)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -92,163 +85,32 @@ def load_file(path: str):
     """A checkpoint file of ours, loaded with ``weights_only=True`` (tensors and plain containers only: a
     file cannot run code). Anything it refuses, or a damaged file, is a CheckpointError naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        f = open_read(path, "checkpoint file", MAX_MODEL_FILE_BYTES)  # regular, bounded: no FIFO, no link
+        if f is None:
+            raise FileNotFoundError(path)
+        with f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file missing: {path}") from None
     except Exception as e:  # noqa: BLE001 -- a damaged or hostile file is one clear line
         raise CheckpointError(f"refused to load checkpoint file {path}: {first_line(e)}") from None
 
 
-def to_cpu(obj):
-    """Deep copy of a state tree onto the CPU (so that writing can overlap training)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        t = [to_cpu(v) for v in obj]
-        return type(obj)(t) if isinstance(obj, list) else tuple(t)
-    return obj
-
-
-def numpy_state_to_safe(state) -> dict:
-    name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def numpy_state_from_safe(d: dict):
-    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["gauss"])
-
-
-def params_digest(*modules) -> str:
-    """sha256 over every parameter and buffer, in sorted-name order, of the given modules' state dicts."""
-    h = hashlib.sha256()
-    for i, m in enumerate(modules):
-        sd = m if isinstance(m, dict) else m.state_dict()
-        for name in sorted(sd):
-            t = sd[name]
-            if not isinstance(t, torch.Tensor):
-                continue
-            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def all_finite(sd: dict) -> bool:
-    return all(torch.isfinite(t).all() for t in sd.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of the step folders directly under ``ckpt_root``, newest first; links are not folders."""
     if not os.path.isdir(ckpt_root):
         return []
     out = []
-    for name in os.listdir(ckpt_root):
+    try:
+        names = os.listdir(ckpt_root)
+    except OSError:
+        return []
+    for name in names:
         m = STEP_RE.match(name)
-        if m and os.path.isdir(os.path.join(ckpt_root, name)):
+        st = check_entry_any(os.path.join(ckpt_root, name)) if m else None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             out.append((int(m.group(1)), os.path.join(ckpt_root, name)))
     return sorted(out, reverse=True)
-
-
-MAX_MANIFEST_BYTES = 16 << 20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-LATEST = "latest"
-
-
-def _safe_rel(rel) -> bool:
-    """A manifest path: relative, inside the checkpoint folder, no '..', no empty parts."""
-    return isinstance(rel, str) and 0 < len(rel) < 512 and not rel.startswith("/") and "\\" not in rel \
-        and "\0" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
-
-
-def _loaded_on_disk(path: str) -> list[str]:
-    """The files of a checkpoint folder that loading reads: model.pt, rank_*.pt and everything in engine/."""
-    out = [n for n in ("model.pt",) if os.path.lexists(os.path.join(path, n))]
-    out += [n for n in os.listdir(path) if n.startswith("rank_") and n.endswith(".pt")]
-    eng = os.path.join(path, "engine")
-    if os.path.isdir(eng) and not os.path.islink(eng):
-        for dirpath, _dirs, fnames in os.walk(eng):
-            out += [os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/") for f in fnames]
-    elif os.path.lexists(eng):
-        out.append("engine")
-    return out
-
-
-def check_manifest(man, folder: str = "") -> str | None:
-    """What is wrong with a parsed manifest's shape, or None. Every file loading needs (model.pt and one
-    rank file per rank of the world size it records) must be listed with an int size and a sha256."""
-    if not isinstance(man, dict):
-        return f"manifest is a JSON {type(man).__name__}, not an object"
-    for key, low in (("version", 1), ("step", 0), ("world_size", 1)):
-        v = man.get(key)
-        if type(v) is not int or v < low:
-            return f"manifest field '{key}' is missing or not an integer >= {low}"
-    files = man.get("files")
-    if not isinstance(files, dict) or not files:
-        return "manifest lists no files"
-    for rel, meta in files.items():
-        if not _safe_rel(rel):
-            return f"manifest names a path outside the checkpoint ({str(rel)[:80]!r})"
-        if not isinstance(meta, dict) or type(meta.get("size")) is not int or meta["size"] < 0 \
-                or not isinstance(meta.get("sha256"), str) or not _SHA256.match(meta["sha256"]):
-            return f"manifest entry {rel!r} has no valid size and sha256"
-    if man["world_size"] > len(files):
-        return f"manifest records world size {man['world_size']} but lists only {len(files)} files"
-    for rel in ["model.pt"] + [f"rank_{r:05d}.pt" for r in range(man["world_size"])]:
-        if rel not in files:
-            return f"manifest does not list {rel}, which loading needs"
-    m = STEP_RE.match(os.path.basename(folder)) if folder else None
-    if m and int(m.group(1)) != man["step"]:
-        return f"manifest is for step {man['step']}, the folder is {os.path.basename(folder)}"
-    return None
-
-
-def verify(path: str) -> tuple[bool, str]:
-    """-> (ok, reason); never raises. The manifest must be a regular file of bounded size holding a manifest
-    of the right shape (``check_manifest``); every file it lists must be a regular file of its size and
-    sha256; and every file that loading reads must be listed (an unlisted file would load unverified)."""
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        st = os.lstat(mpath)
-        if not stat.S_ISREG(st.st_mode):
-            return False, f"{mpath} is not a regular file"
-        if st.st_size > MAX_MANIFEST_BYTES:
-            return False, f"{mpath} is {st.st_size} bytes, larger than any manifest (corrupt)"
-        with open(mpath, "rb") as f:
-            man = json.loads(f.read())
-    except FileNotFoundError:
-        return False, f"{mpath} missing (incomplete checkpoint)"
-    except (OSError, ValueError, RecursionError) as e:
-        return False, f"{mpath} corrupt ({type(e).__name__}: {str(e)[:200]})"
-    problem = check_manifest(man, path)
-    if problem:
-        return False, f"{mpath}: {problem} (corrupt)"
-    files = man["files"]
-    try:
-        for rel, meta in files.items():
-            fp = os.path.join(path, rel)
-            try:
-                fst = os.lstat(fp)
-            except FileNotFoundError:
-                return False, f"{fp} missing"
-            if not stat.S_ISREG(fst.st_mode):
-                return False, f"{fp} is not a regular file"
-            if fst.st_size != meta["size"]:
-                return False, f"{fp} size mismatch (manifest {meta['size']}, found {fst.st_size}): corrupt"
-            if sha256_file(fp) != meta["sha256"]:
-                return False, f"{fp} sha256 mismatch: corrupt"
-        unlisted = [rel for rel in _loaded_on_disk(path) if rel not in files]
-    except OSError as e:
-        return False, f"{path} unreadable ({e.strerror or e})"
-    if unlisted:
-        return False, f"{os.path.join(path, unlisted[0])} is not in the manifest (added after the commit)"
-    return True, "ok"
-
-
-def read_manifest(path: str) -> dict:
-    """The manifest of a folder ``verify`` accepted (call that first)."""
-    with open(os.path.join(path, MANIFEST), "rb") as f:
-        return json.loads(f.read())
 
 
 def read_latest(ckpt_root: str) -> str | None:
@@ -256,14 +118,13 @@ def read_latest(ckpt_root: str) -> str | None:
     to it (runs written before); None when absent, a directory (a copy made with cp -rL or scp -r) or junk."""
     p = os.path.join(ckpt_root, LATEST)
     try:
-        if os.path.islink(p):
+        if os.path.islink(p):  # the link's text names a step: read, never followed
             name = os.path.basename(os.readlink(p).rstrip("/"))
         elif os.path.isfile(p):
-            with open(p, "rb") as f:
-                name = f.read(64).decode("ascii", "replace").strip()
+            name = (read_bounded(p, 4096, "latest pointer") or b"").decode("ascii", "replace").strip()
         else:
             return None
-    except OSError:
+    except (OSError, UserError):
         return None
     return name if STEP_RE.match(name) else None
 
@@ -272,17 +133,13 @@ def write_latest(ckpt_root: str, name: str) -> None:
     """Points ``latest`` at ``name``: a small file written and fsynced aside, then renamed into place (a file
     survives copies and filesystems without symlinks). A ``latest`` that is a directory (a run copied with
     cp -rL) is a stale copy of a checkpoint: it is removed first, or no rename could replace it."""
-    tmp = os.path.join(ckpt_root, ".latest.tmp")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     dst = os.path.join(ckpt_root, LATEST)
-    if os.path.isdir(dst) and not os.path.islink(dst):
+    st = check_entry_any(dst)
+    if st is not None and stat.S_ISDIR(st.st_mode):
         shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    elif st is not None and not stat.S_ISREG(st.st_mode):
+        os.unlink(dst)  # the symlink older runs kept (or anything planted): replaced, never written through
+    write_atomic(dst, name + "\n", "latest pointer")
     fsync_dir(ckpt_root)
 
 
@@ -393,13 +250,17 @@ class CheckpointManager:
                                       f"parameters; last good checkpoint: {prev}")
         if err is None and self.env.is_main:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                os.makedirs(tmp)  # and checkpoints/ itself on the first save
-            except OSError as e:
+                run_subdir(os.path.dirname(self.root), "checkpoints")  # a real folder of the run, writable
+                _fresh_dir(tmp)
+            except (OSError, UserError) as e:
                 err = e
         if self._agree_failure(err is not None):
+            if isinstance(err, OSError):
+                err = os_error(err, f"checkpoint for step {step}")
             if isinstance(err, CheckpointError):
                 raise err
+            if isinstance(err, UserError):  # permanent (a read-only folder, a link): never requeued
+                raise CheckpointError(f"{err}; previous checkpoint {prev} kept")
             raise CheckpointWriteError(f"checkpoint for step {step} not started ({err or 'failed on another rank'}); "
                                   f"previous checkpoint {prev} kept")
         # the agreement above is an all-reduce: rank 0 had made the folder before anyone writes into it
@@ -465,14 +326,16 @@ class CheckpointManager:
                         rel = os.path.relpath(fp, tmp)
                         if rel not in files:  # DeepSpeed's own `latest` is recorded, never our commit marker
                             files[rel] = {"size": os.path.getsize(fp), "sha256": sha256_file(fp)}
-                man = {"version": FORMAT_VERSION, "step": step, "world_size": self.env.world_size,
+                man = {"version": MANIFEST_VERSION, "step": step, "world_size": self.env.world_size,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "versions": _versions(),
                        "files": dict(sorted(files.items()))}
                 man.update(job.extra_manifest)
-                with open(os.path.join(tmp, MANIFEST), "w") as f:
-                    json.dump(man, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
+                fd = create_exclusive(os.path.join(tmp, MANIFEST), "manifest")
+                try:
+                    write_fd(fd, json.dumps(man, indent=1).encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 fsync_dir(tmp)
                 old = None
                 if os.path.exists(final):  # e.g. a corrupt newer checkpoint left from before a fallback resume
@@ -484,7 +347,7 @@ class CheckpointManager:
                 write_latest(self.root, name)
                 if old:
                     shutil.rmtree(old, ignore_errors=True)
-            except OSError as e:
+            except (OSError, UserError) as e:
                 err = e
         failed = self._agree_failure(err is not None)
         if failed:
@@ -541,15 +404,40 @@ class CheckpointManager:
         if sig is not None:
             self._valid.add(sig)  # just written and hashed while writing
         valid = 0
+        try:  # nothing is ever removed outside this run's own checkpoints/ folder
+            run_subdir(os.path.dirname(self.root), "checkpoints", create=False, writable=False)
+        except UserError as e:
+            log.warning("not pruning: %s", e)
+            return
         for _step, p in list_checkpoints(self.root):
             if valid >= self.keep_last:
-                if os.path.realpath(p) != os.path.realpath(keep):
+                if os.path.realpath(p) != os.path.realpath(keep) and inside(p, self.root):
                     shutil.rmtree(p, ignore_errors=True)
             elif self._is_valid(p):
                 valid += 1
         for name in os.listdir(self.root):  # stale temporaries of crashed saves
             if name.startswith((".tmp-", ".old-")) and os.path.join(self.root, name) != keep:
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                _remove_entry(os.path.join(self.root, name))
 
     def latest_valid(self) -> str | None:
         return newest_valid(self.root, report=True)
+
+
+def _remove_entry(path: str) -> None:
+    """Removes a file, link or folder entry of checkpoints/ itself; a link is unlinked, never followed."""
+    st = check_entry_any(path)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _fresh_dir(path: str) -> None:
+    """An empty folder at ``path`` for one save; whatever was there (a crashed save, a planted link) goes."""
+    _remove_entry(path)
+    os.mkdir(path)

@@ -14,9 +14,11 @@ import logging
 import os
 
 from ..errors import UserError
+from .files import RunFileError, RunFileTooLarge, read_bounded, write_atomic
 
 log = logging.getLogger("stackgan_dist.checkpoint")
 RESTARTS_FILE = "restarts.json"
+MAX_RESTARTS_BYTES = 1 << 16  # the record is one short line
 
 
 class CrashLoop(UserError):
@@ -31,12 +33,17 @@ class RestartGuard:
 
     def read(self) -> dict:
         """The record, or an empty one when absent or unreadable (said once, as a warning)."""
-        try:
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read(1 << 16).decode("utf-8"))
-        except FileNotFoundError:
+        try:  # a regular file of bounded size only (a FIFO or a link here is refused, never waited on)
+            raw = read_bounded(self.path, MAX_RESTARTS_BYTES, "restart record")
+            if raw is None:
+                return {}
+            data = json.loads(raw.decode("utf-8"))
+        except RunFileTooLarge as e:
+            log.warning("%s; counting restarts afresh", e)
             return {}
-        except (OSError, ValueError) as e:
+        except RunFileError:  # a link, FIFO or folder: refused (one line, exit 2), never followed or waited on
+            raise
+        except (OSError, ValueError, RecursionError, UserError) as e:
             log.warning("%s is unreadable (%s: a crash while it was written?); counting restarts afresh",
                         self.path, type(e).__name__)
             return {}
@@ -61,9 +68,5 @@ class RestartGuard:
     def record(self, step: int) -> None:
         """Counts one resume from ``step`` (call it once every check has passed, as training begins)."""
         count = self.check(step)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "count": count, "config": self.config_hash}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"step": step, "count": count, "config": self.config_hash}),
+                     "restart record")

@@ -7,15 +7,19 @@ after SIGTERM or the scheduler's warning signal, which the launchers treat as "r
 ``EXIT_INTERRUPTED`` (130) after Ctrl-C (SIGINT), which they do not requeue. A second Ctrl-C interrupts at
 once, without a checkpoint.
 
-``install_early`` catches the same signals from the moment the command starts, so a warning signal that
-arrives while the run is still starting (imports, data checks, process group) is not fatal (exit 138): the
-trainer's flag picks it up, and the run checkpoints and exits 75 at its first step boundary.
+``install_early`` catches the same signals from the moment the command starts. A warning signal (USR1,
+USR2) that arrives while the run is still starting (imports, data checks, process group) is not fatal (exit
+138): the trainer's flag picks it up, and the run checkpoints and exits 75 at its first step boundary.
+SIGTERM and SIGINT while starting end the process at once (``StartupSignal``: 75 after SIGTERM, 130 after
+SIGINT): there is nothing to checkpoint yet, and a start blocked somewhere (a hung filesystem, a peer that
+never comes) would otherwise never reach the step boundary where a flag is read. Once the trainer's flag is
+installed (the step loop runs), every signal is a flag again.
 """
 from __future__ import annotations
 
 import signal
 
-from ..errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_USER_ERROR  # noqa: F401 -- re-exported
+from ..errors import EXIT_INTERRUPTED, EXIT_REQUEUE, EXIT_USER_ERROR, StartupSignal  # noqa: F401 -- re-exported
 
 _last_received: int | None = None  # kept after restore(): a launcher asks which signal stopped the run
 _early: "SignalFlag | None" = None
@@ -32,9 +36,14 @@ class SignalFlag:
         names = {"TERM", "USR1", "USR2", warning_signal} | ({"INT"} if interrupt else set())
         self.signals = [getattr(signal, f"SIG{n}") for n in sorted(names)]
         self._old: dict = {}
+        self.starting = False  # install_early's: TERM and INT raise StartupSignal until the loop takes over
 
     def _handler(self, signum, _frame):
         global _last_received
+        if self.starting and signum in (signal.SIGTERM, signal.SIGINT):
+            _last_received = signum
+            raise StartupSignal(signal.Signals(signum).name,
+                                EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_REQUEUE)
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.received = signum
@@ -44,6 +53,7 @@ class SignalFlag:
         global _early
         if _early is not None and _early is not self:  # a signal caught while the run was starting counts
             self.received = self.received or _early.received
+            _early.starting = False  # the loop runs: its handlers, restored after it, only set the flag
             _early = None
         for s in self.signals:
             try:
@@ -71,11 +81,13 @@ class SignalFlag:
 
 
 def install_early() -> SignalFlag:
-    """Catches TERM, USR1 and USR2 (every warning signal the config may name) from process start (see the
-    module docstring); the trainer's flag takes over. Ctrl-C while starting still stops at once (130)."""
+    """Catches TERM, INT, USR1 and USR2 (every warning signal the config may name) from process start (see
+    the module docstring): TERM and INT end the start at once, USR1/USR2 are kept for the trainer's flag."""
     global _early
     _early = None
-    _early = SignalFlag("USR1", interrupt=False).install()
+    flag = SignalFlag("USR1", interrupt=True)
+    flag.starting = True
+    _early = flag.install()
     return _early
 
 

@@ -19,6 +19,7 @@ from ..data.read.index import resolve_dataset
 from ..data.text.device_text import caption_embedder
 from ..data.read.reader import read_samples
 from ..data.format import CROP_SIZES
+from ..checkpoint.files import check_entry, write_atomic
 from ..errors import UserError
 from ..inference import generate, load_run
 from ..observability.images import to_uint8
@@ -118,6 +119,7 @@ def eval_targets(ck: str, out: str) -> list[str]:
     targets = [check_output_path(out, "--out")] if out else []
     run_dir = run_dir_of(ck)
     if run_dir is not None:
+        check_entry(os.path.join(run_dir, "eval.json"))  # a link or FIFO there: refused before any work
         targets.append(check_output_path(os.path.join(run_dir, "eval.json"), "the run's eval.json"))
     return targets
 
@@ -181,9 +183,7 @@ def _evaluate(env, run, info, names, n, weights, targets, batch_size, seed, data
         res["inception_classes"] = scorer.classes
     if not env.is_main:
         return None
-    for t in targets:
+    for t in targets:  # whole-file writes, no link followed (--out too: its .tmp is ours to create)
         os.makedirs(os.path.dirname(os.path.abspath(t)), exist_ok=True)
-        with open(t + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(t + ".tmp", t)
+        write_atomic(t, json.dumps(res, indent=1), "evaluation result")
     return res

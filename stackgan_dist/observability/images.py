@@ -29,7 +29,18 @@ def make_grid(rows: list[np.ndarray], size: int | None = None, pad: int = 2) -> 
 
 
 def save_png(arr: np.ndarray, path: str) -> None:
+    """A PNG at a path the user named (command line: trusted)."""
     Image.fromarray(arr).save(path)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """The PNG encoding of an HWC uint8 array, in memory: run files are written whole through
+    checkpoint/files.write_atomic (no link followed, no 0-byte file on a full disk)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _font(px: int):

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from ..checkpoint.files import check_entry, open_append, open_read, os_error, write_atomic
+
 log = logging.getLogger("stackgan_dist.metrics")
 
 
@@ -15,7 +17,10 @@ def read_records(path: str, up_to_step: float = float("inf")) -> tuple[list[dict
     last line cut short, NUL padding a crashed filesystem left, or anything else that is not a JSON object
     with an integer step. Never raises on the file's content."""
     keep, torn = [], 0
-    with open(path, "rb") as f:
+    f = open_read(path, "metrics file")  # a regular file: a FIFO here must not hang a resume
+    if f is None:
+        return keep, torn
+    with f:
         for raw in f:
             text = raw.strip()
             if not text:
@@ -39,15 +44,13 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
-        if os.path.isfile(self.path):  # drop records past the step we resume from: they will be redone
+        if check_entry(self.path, rewrite=True) is not None:  # drop records past the resume step: redone
             keep, torn = read_records(self.path, resume_step)
             if torn:
                 log.warning("%s: dropped %d unreadable line(s) (a record cut short or NUL-padded by a crash "
                             "mid-write); the records before and after are kept", self.path, torn)
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(self.path + ".tmp", self.path)
-        self.f = open(self.path, "a", buffering=1)
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep), "metrics file")
+        self.f = open_append(self.path, "metrics file")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -60,7 +63,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         rec = {"step": step, **record}
-        self.f.write(json.dumps(rec) + "\n")
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a full disk: transient (exit 75), one line
+            raise os_error(e, f"cannot append to {self.path}") from None
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -72,7 +78,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError as e:
+                raise os_error(e, f"cannot append to {self.path}") from None
             if self.tb is not None:
                 self.tb.close()
 

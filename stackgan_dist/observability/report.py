@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
+from ..checkpoint.files import check_entry, run_subdir, write_atomic
 from ..errors import UserError
+from .metrics import read_records
 
 LOSS_KEYS = ("d_loss", "d_real", "d_wrong", "d_fake", "g_loss", "g_adv")
 # on axes of their own: the KL term is orders of magnitude below the adversarial losses and would flatten
@@ -15,23 +16,20 @@ AUX_KEYS = ("kl", "g_color")
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Records of metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
-    recs = []
-    with open(path) as f:
-        for ln in f:
-            ln = ln.strip()
-            if not ln:
-                continue
-            try:
-                recs.append(json.loads(ln))
-            except json.JSONDecodeError:
-                continue
-    return recs
+    """Records of metrics.jsonl; lines that are not a JSON object with an integer step (a torn last line,
+    junk) are skipped and counted (``read_metrics_counted``)."""
+    return read_records(path)[0]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
 def latest_sample(run_dir: str) -> str | None:
     found = []
-    for p in glob.glob(os.path.join(run_dir, "samples", "step_*.png")):
+    if run_subdir(run_dir, "samples", create=False, writable=False) is None:
+        return None
+    for p in glob.glob(os.path.join(glob.escape(run_dir), "samples", "step_*.png")):
         m = re.search(r"step_(\d+)\.png$", p)
         if m:
             found.append((int(m.group(1)), p))
@@ -42,11 +40,11 @@ def make_report(run_dir: str, out: str = "") -> dict:
     if not os.path.isdir(run_dir):
         raise UserError(f"run directory not found: {run_dir}")
     mpath = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(mpath):
+    if check_entry(mpath) is None:  # a link, a FIFO or a folder here is refused in one line
         raise UserError(f"{run_dir} has no metrics.jsonl (is it a run directory? has it logged a step yet?)")
-    recs = read_metrics(mpath)
+    recs, junk = read_records(mpath)
     if not recs:
-        raise UserError(f"{mpath} holds no records yet")
+        raise UserError(f"{mpath} holds no records yet" + (f" ({junk} unreadable line(s) skipped)" if junk else ""))
     try:
         import matplotlib
     except ImportError:
@@ -65,7 +63,7 @@ def make_report(run_dir: str, out: str = "") -> dict:
     def curves(ax, names, ylabel, title):
         shown = []
         for k in names:
-            pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+            pts = [(r["step"], r[k]) for r in recs if _number(r.get(k))]
             if not pts:
                 continue
             # markers: a short run has one or two records, which a bare line would not draw
@@ -85,16 +83,45 @@ def make_report(run_dir: str, out: str = "") -> dict:
     curves(fig.add_subplot(gs[2, 0]), ("img_per_s",), "images/s", "throughput")
     axi = fig.add_subplot(gs[:, 1])
     axi.axis("off")
-    if sample:
-        axi.imshow(Image.open(sample).convert("RGB"), interpolation="nearest")
+    grid, why = _read_grid(sample, Image) if sample else (None, "no sample grid yet")
+    if grid is not None:
+        axi.imshow(grid, interpolation="nearest")
         axi.set_title(f"samples: {os.path.basename(sample)}")
     else:
-        axi.text(0.5, 0.5, "no sample grid yet", ha="center", va="center")
+        axi.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
     last = recs[-1]
     fig.suptitle(f"{os.path.abspath(run_dir)}  (step {last.get('step')})", fontsize=10)
     fig.tight_layout()
-    out = out or os.path.join(run_dir, "report.png")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return {"out": out, "records": len(recs), "last_step": last.get("step"), "sample": sample, "curves": keys}
+    if out:  # a path the user named (trusted): created where it says
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "wb") as f:
+            f.write(buf.getvalue())
+    else:  # RUN/report.png: a run file (no link followed, written whole)
+        out = os.path.join(run_dir, "report.png")
+        write_atomic(out, buf.getvalue(), "report", fsync=False)
+    return {"out": out, "records": len(recs), "skipped_lines": junk, "last_step": last.get("step"),
+            "sample": sample if grid is not None else None, "sample_problem": None if grid is not None else why,
+            "curves": keys}
+
+
+MAX_GRID_PIXELS = 64 << 20  # our grids are a few megapixels; anything larger is not one of ours
+
+
+def _read_grid(path: str, Image):
+    """(the newest sample grid as an RGB array, None) or (None, why it cannot be shown): a damaged, huge or
+    non-PNG file in samples/ is a line in the figure, not a traceback."""
+    import numpy as np
+
+    try:
+        check_entry(path)
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_GRID_PIXELS:
+                return None, f"{os.path.basename(path)}: {im.width}x{im.height} is too large to be a sample grid"
+            return np.asarray(im.convert("RGB")), ""
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for a bad file; the report goes on
+        return None, f"{os.path.basename(path)} is unreadable ({type(e).__name__})"

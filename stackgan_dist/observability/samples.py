@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoint.files import check_entry, run_subdir, write_atomic
 from ..data.read.reader import read_batches
-from .images import labelled_grid, save_png, to_uint8
+from .images import labelled_grid, png_bytes, to_uint8
 
 
 class SampleWriter:
@@ -66,14 +67,14 @@ class SampleWriter:
         per_caption = [np.stack([_resized(r[i], size) for r in rows]) for i in range(len(self.captions))]
         label = "Stage-I | II" if self.stage == 2 else "Stage-I"
         grid = labelled_grid(per_caption, self.captions, [label], size=size)
+        run_subdir(os.path.dirname(self.dir), "samples")  # a real folder of the run (not a link, not a file)
         cap_file = os.path.join(self.dir, "captions.json")
-        if not os.path.isfile(cap_file):
-            with open(cap_file, "w", encoding="utf-8") as f:
-                json.dump({"captions": self.captions, "layout": "one caption per line of the grid, "
-                           + ("its Stage-I image (upscaled) then its Stage-II image" if self.stage == 2
-                              else "its Stage-I image")}, f, indent=1)
+        if check_entry(cap_file) is None:
+            write_atomic(cap_file, json.dumps({"captions": self.captions, "layout": "one caption per line of the "
+                         "grid, " + ("its Stage-I image (upscaled) then its Stage-II image" if self.stage == 2
+                                     else "its Stage-I image")}, indent=1), "sample captions", fsync=False)
         path = os.path.join(self.dir, f"step_{step:08d}.png")
-        save_png(grid, path)
+        write_atomic(path, png_bytes(grid), "sample grid", fsync=False)
         self.metrics.image(step, "samples", grid)
         return path
 
