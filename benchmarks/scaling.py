@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stackgan_dist.config import Config, ModelConfig
+from stackgan_dist.distributed import make_strategy
 from stackgan_dist.distributed.env import DistEnv
-from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.train_step import GANStep
 

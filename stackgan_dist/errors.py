@@ -38,3 +38,9 @@ class TransientError(Exception):
 
 class CheckpointWriteError(TransientError):
     """A checkpoint could not be written or committed (ENOSPC, EFBIG, EIO...); the previous one is kept."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

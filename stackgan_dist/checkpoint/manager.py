@@ -15,8 +15,8 @@ A crash at any moment leaves the previous checkpoint complete and ``latest`` poi
 
 Every file of a checkpoint is untrusted when read. ``model.pt`` and ``rank_*.pt`` load through
 ``load_file`` (``torch.load(weights_only=True)``); DeepSpeed's ``engine/`` files load through
-``engine_files.SafeLoadingEngine`` (``weights_only=True`` with exactly the DeepSpeed metadata classes its
-ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
+``SafeLoadingEngine`` in ``distributed/deepspeed_files.py`` (``weights_only=True`` with exactly the DeepSpeed
+metadata classes its ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
 from elsewhere, even one whose manifest hashes were recomputed after tampering, cannot run code.
 """
 from __future__ import annotations
@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from ..distributed.collectives import all_gather_object, any_flags, barrier
-from ..errors import CheckpointError, CheckpointWriteError
-from .engine_files import first_line
+from ..errors import CheckpointError, CheckpointWriteError, first_line
 
 log = logging.getLogger("stackgan_dist.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8,})$")
