@@ -1,5 +1,5 @@
 """PowerSGD's own work per training step, measured on one device: the scaling projection's one input that is
-otherwise an estimate (``scaling.MODEL_ASSUMPTIONS["powersgd_hook_work"]``).
+otherwise an estimate (``scaling_model.MODEL_ASSUMPTIONS["powersgd_hook_work"]``).
 
 For each stage (paper widths by default), PowerSGD rank and bucket cap, and each of the two DDP modules (G and
 D, each with its own hook state, as ``ddp.DDPStrategy`` sets them up): DDP at world size 1 over the real
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaling import PAPER
+from scaling_paper import PAPER
 
 from stackgan_dist.config import Config, DistributedConfig
 from stackgan_dist.distributed.comm_hooks import comm_hook_for
