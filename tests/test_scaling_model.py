@@ -99,3 +99,70 @@ def test_strong_scaling_at_the_paper_batch_and_the_batchnorm_floor():
                                             "Oxford-102 (flowers)": 109 * 2.58847e-3}, rel=1e-5)
     # 2 -> 16 GPUs gains 1.8062571 / 1.4415939 = 1.253x: above the 1.25x rule, so every count here pays
     assert M.stops_paying_off(rows) is None and M.stops_paying_off(rows, min_gain=1.26) == 16
+
+
+def test_strong_and_weak_figures_from_the_committed_measurements(tmp_path):
+    """scaling_figures.py: JSON + PNG named after the device that measured the inputs and the day, labelled as a
+    projection that names those inputs; a file that is not a scaling results JSON is one line and exit 2."""
+    import json
+    import subprocess
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    src = os.path.join(bench, "results", "scaling-2-core-cpu-shared-2026-12-02.json")
+    p = subprocess.run([sys.executable, os.path.join(bench, "scaling_figures.py"), "--from-json", src,
+                        "--out-dir", str(tmp_path), "--date", "2026-12-07"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stem = tmp_path / "scaling-strong-weak-2-core-cpu-shared-2026-12-07"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.with_suffix(".png").stat().st_size > 0
+    assert data["label"].startswith("PROJECTION") and "2026-12-02" in data["inputs"] and "CPU" in data["inputs"]
+    strong = data["strong"]["rows"]
+    assert {(r["stage"], r["gpus"], r["batch_per_gpu"]) for r in strong} == \
+        {(s, n, 64 // n) for s in (1, 2) for n in (1, 2, 4, 8, 16)}
+    assert all(r["per_rank_bn_ok"] == (r["batch_per_gpu"] >= 8) for r in strong)
+    # the paper's shape: a second node (16 GPUs, batch 4) is slower than one node of 8 for both stages
+    for st in (1, 2):
+        by_n = {r["gpus"]: r for r in strong if r["stage"] == st and r["inter_node_GBps"] == 25.0}
+        assert by_n[16]["step_ms_best"] > by_n[8]["step_ms_best"]
+        assert data["strong"]["stops_paying_off"][f"{st}@25"] in (2, 4, 8, 16)
+    assert {r["gpus"] for r in data["weak"]["rows"]} == {1, 2, 4, 8, 16, 32, 64}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    p = subprocess.run([sys.executable, os.path.join(bench, "scaling_figures.py"), "--from-json", str(bad),
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "not a scaling results JSON" in p.stderr
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-10, 10**16) | st.floats(allow_nan=True) | st.text(max_size=8)
+    return st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+        st.sampled_from(["1", "2", "projection", "device", "date", "commit", "flops_per_img_paper", "overlap_used",
+                         "chosen", "hook", "algo", "bucket_cap_mb", "rank", "none"]), kids, max_size=6), max_leaves=30)
+
+
+def test_a_results_json_of_any_shape_is_accepted_or_refused_cleanly():
+    """check_source on arbitrary JSON values: the source is returned unchanged or one of the errors main() turns
+    into its exit-2 line; and the committed source passes."""
+    import json
+
+    from hypothesis import given, settings
+
+    import scaling_figures
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    with open(os.path.join(bench, "results", "scaling-2-core-cpu-shared-2026-12-02.json")) as f:
+        good = json.load(f)
+    assert scaling_figures.check_source(good) is good
+
+    @settings(max_examples=300, deadline=None)
+    @given(_json_values())
+    def check(value):
+        try:
+            assert scaling_figures.check_source(value) is value
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    check()
