@@ -21,7 +21,7 @@ VARIANTS = {  # name -> distributed.* overrides
     "bf16": ["distributed.comm_hook=bf16"],
     # PowerSGD from step 3 (steps 1-2: plain all-reduce, its warm-up)
     "powersgd": ["distributed.comm_hook=powersgd", "distributed.powersgd_rank=2", "distributed.powersgd_start_step=2"],
-    # PowerSGD over many buckets: on gloo torch's hook deadlocked with two buckets in flight (wrap.py runs
+    # PowerSGD over many buckets: on gloo torch's hook deadlocked with two buckets in flight (comm_hooks.py runs
     # them one at a time on CPU); a hang fails the fixture at its timeout
     "powersgd_buckets": ["distributed.comm_hook=powersgd", "distributed.powersgd_rank=2",
                          "distributed.powersgd_start_step=2", "distributed.bucket_cap_mb=0.05"],
