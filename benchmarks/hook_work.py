@@ -1,9 +1,9 @@
 """PowerSGD's own work per training step, measured on one device: the scaling projection's one input that is
-otherwise an estimate (``scaling.MODEL_ASSUMPTIONS["powersgd_hook_work"]``).
+otherwise an estimate (``scaling_model.MODEL_ASSUMPTIONS["powersgd_hook_work"]``).
 
 For each stage (paper widths by default), PowerSGD rank and bucket cap, and each of the two DDP modules (G and
-D, each with its own hook state, as ``wrap.DDPStrategy`` sets them up): DDP at world size 1 over the real
-module with the hook ``wrap.comm_hook_for`` makes (torch's PowerSGD: error feedback, warm start), and a
+D, each with its own hook state, as ``ddp.DDPStrategy`` sets them up): DDP at world size 1 over the real
+module with the hook ``comm_hooks.comm_hook_for`` makes (torch's PowerSGD: error feedback, warm start), and a
 backward whose gradients cost almost nothing (every parameter times one scalar), so that the hook is most of
 the step; subtracted from it, the same backward through a DDP copy whose hook hands the bucket back untouched.
 Both alternate step by step, past PowerSGD's own warm-up (``distributed.powersgd_start_step``); the device is
@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaling import PAPER
+from scaling_paper import PAPER
 
 from stackgan_dist.config import Config, DistributedConfig
-from stackgan_dist.distributed.wrap import comm_hook_for
+from stackgan_dist.distributed.comm_hooks import comm_hook_for
 from stackgan_dist.models.build import build_models
 
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from stackgan_dist.config import Config, ModelConfig, apply_overrides, kl_weight, preset_overrides
+from stackgan_dist.distributed import make_strategy
 from stackgan_dist.distributed.device import local_cuda_device
 from stackgan_dist.distributed.env import DistEnv
-from stackgan_dist.distributed.wrap import make_strategy
 from stackgan_dist.losses import LossOptions
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.observability.flops import compute_precision, count_flops, measure_matmul_peak, mfu, stated_peak
@@ -138,12 +138,12 @@ def step_flops(ours: GANStep, batch: dict) -> int:
     inside compiled graphs; the arithmetic is the same): the compiled modules are swapped for their eager
     originals for this one counted step."""
     s = ours.s
-    saved = s.g.module, s.d.module, s.D_eval
-    s.g.module, s.d.module, s.D_eval = s.G_module, s.D_module, s.D_module
+    saved = s.g.wrapped, s.d.wrapped, s.d.unsynced
+    s.g.wrapped, s.d.wrapped, s.d.unsynced = s.g.net, s.d.net, s.d.net
     try:
         return count_flops(lambda: ours([batch]))
     finally:
-        s.g.module, s.d.module, s.D_eval = saved
+        s.g.wrapped, s.d.wrapped, s.d.unsynced = saved
 
 
 class Timer:

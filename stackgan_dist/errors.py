@@ -49,3 +49,9 @@ class StartupSignal(BaseException):
         super().__init__(f"received {signame} while starting (before the first training step); exiting with "
                          f"{exit_code} ({'requeue' if exit_code == EXIT_REQUEUE else 'interrupted'})")
         self.exit_code = exit_code
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -59,9 +59,9 @@ class Hooks:
 
 def write_digest(out: str, step: int, strategy, rank: int) -> None:
     from .checkpoint.manager import params_digest
-    from .distributed.wrap import unwrap
+    from .distributed import unwrap
 
-    G, D = unwrap(strategy.G_module), unwrap(strategy.D_module)
+    G, D = unwrap(strategy.g.net), unwrap(strategy.d.net)
     rec = {"step": step, "rank": rank,
            "G_params": params_digest(dict(G.named_parameters())),
            "D_params": params_digest(dict(D.named_parameters())),

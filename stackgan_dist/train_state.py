@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint.state import numpy_state_from_safe, numpy_state_to_safe, to_cpu
 from .config import MODEL_DEFINING_KEYS, Config, model_defining
-from .distributed.wrap import unwrap
+from .distributed import unwrap
 from .errors import CheckpointError
 
 log = logging.getLogger("stackgan_dist.train")
@@ -170,7 +170,7 @@ def model_state(strategy, cfg: Config, st: TrainState, world_size: int, text_enc
     """Rank 0's model.pt, as a CPU copy (written while training goes on). ``stage1``: (G1, its ModelConfig,
     where it came from) at Stage-II."""
     out = {"format_version": CHECKPOINT_FORMAT_VERSION, "train_state": st.to_dict(),
-           "G": unwrap(strategy.G_module).state_dict(), "D": unwrap(strategy.D_module).state_dict(),
+           "G": unwrap(strategy.g.net).state_dict(), "D": unwrap(strategy.d.net).state_dict(),
            "strategy": strategy.state_dict(),
            "model_config": model_defining(cfg) | {"stage1_checkpoint": cfg.model.stage1_checkpoint},
            "config": cfg.to_dict(), "config_hash": cfg.model_hash(), "text_encoder": text_encoder,

@@ -1,8 +1,8 @@
 """One GAN iteration: ``d_step()`` then ``g_step()`` over the strategy's two phases. No I/O, no host sync.
 
 Each phase (``strategy.d``, ``strategy.g``) owns its module, optimizer, scaler and gradient-sync switch;
-D's phase turns D's ``requires_grad`` on, G's phase turns it off and calls the unwrapped D (``D_eval``), so
-G's loss through D reduces only G's gradients.
+D's phase turns D's ``requires_grad`` on, G's phase turns it off and calls ``strategy.d.unsynced`` (D without
+its gradient sync), so G's loss through D reduces only G's gradients.
 
 BatchNorm running statistics under gradient accumulation: a step over ``grad_accum`` micro-batches moves
 every running statistic exactly as one step over the same samples split across ``grad_accum`` ranks does
@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from .distributed.wrap import Strategy, set_requires_grad, unwrap
+from .distributed import Strategy, set_requires_grad, unwrap
 from .losses import (LossOptions, color_consistency, d_condition, discriminator_loss, generator_loss,
                      mismatched_conditions)
 from .models.stage1 import frozen_stage1_forward
@@ -82,9 +82,9 @@ class GANStep:
         self.accum = grad_accum
         self.channels_last = channels_last
         self.color_coeff = color_coeff  # Stage-II only: the StackGAN++ colour term against the Stage-I image
-        self.opt = options  # the faithfulness switches (losses.LossOptions)
-        self.g_stats = RunningStats(strategy.G_module)
-        self.d_stats = RunningStats(strategy.D_module)
+        self.loss_options = options  # the faithfulness switches (losses.LossOptions)
+        self.g_stats = RunningStats(strategy.g.net)
+        self.d_stats = RunningStats(strategy.d.net)
 
     def _noise(self, b: int, device) -> dict:
         n = {"z": torch.randn(b, self.z_dim, generator=self.gen, device=self.gen.device).to(device),
@@ -98,26 +98,26 @@ class GANStep:
         """-> (fake, mu, logvar, the Stage-I image it refines or None)."""
         if self.stage == 1:
             return (*G(text, noise["z"], noise["eps"]), None)
-        s0 = frozen_stage1_forward(self.G1, text, noise["z"], noise["eps1"], self.opt.stage1_bn)
+        s0 = frozen_stage1_forward(self.G1, text, noise["z"], noise["eps1"], self.loss_options.stage1_bn)
         return (*G(text, s0, noise["eps"]), s0)
 
     def d_losses(self, real, text, wrong, fake) -> dict:
-        r = self.s.D(real, text, wrong)
-        f = self.s.D(fake.detach(), text)
+        r = self.s.d.wrapped(real, text, wrong)
+        f = self.s.d.wrapped(fake.detach(), text)
         return discriminator_loss(r["cond"], r["wrong"], f["cond"], r.get("uncond"), f.get("uncond"),
-                                  self.opt.d_loss_weights, self.opt.d_output)
+                                  self.loss_options.d_loss_weights, self.loss_options.d_output)
 
     def g_losses(self, fake, text, mu, logvar, s0=None) -> dict:
-        cond = d_condition(text, mu, self.opt.d_condition)
-        f = self.s.D_eval(fake, cond)  # unwrapped D: its reducer never fires for G's loss
+        cond = d_condition(text, mu, self.loss_options.d_condition)
+        f = self.s.d.unsynced(fake, cond)  # D without its reducer: never fires for G's loss
         color = color_consistency(fake, s0) if self.color_coeff and s0 is not None else None
         return generator_loss(f["cond"], mu, logvar, self.kl_coeff, f.get("uncond"), color, self.color_coeff,
-                              self.opt.d_output)
+                              self.loss_options.d_output)
 
     def d_step(self, inputs: list, noises: list, out: dict) -> list:
         """D's optimizer step over the micro-batches. -> G's outputs when one forward serves both phases."""
         s, phase, n = self.s, self.s.d, len(inputs)
-        set_requires_grad(phase.raw, True)
+        set_requires_grad(phase.net, True)
         fakes = []
         if n > 1:
             g_begin, g_end = self.g_stats.averaged(n)
@@ -129,13 +129,13 @@ class GANStep:
             with phase.no_sync() if i < n - 1 else contextlib.nullcontext():
                 with s.autocast():
                     if n == 1:  # one G forward serves both phases (the authors' schedule)
-                        fakes.append(self.generate(s.G, text, noise))
+                        fakes.append(self.generate(s.g.wrapped, text, noise))
                         fake, mu = fakes[0][0], fakes[0][1]
                     else:
                         with torch.no_grad():
-                            fake, mu = self.generate(s.G, text, noise)[:2]
-                    cond = d_condition(text, mu, self.opt.d_condition)
-                    wrong = mismatched_conditions(cond, cls, self.opt.wrong_pairs)
+                            fake, mu = self.generate(s.g.wrapped, text, noise)[:2]
+                    cond = d_condition(text, mu, self.loss_options.d_condition)
+                    wrong = mismatched_conditions(cond, cls, self.loss_options.wrong_pairs)
                     dl = self.d_losses(real, cond, wrong, fake)
                 phase.backward(dl["d_loss"] / n)
             _accumulate(out, dl, n)
@@ -148,7 +148,7 @@ class GANStep:
     def g_step(self, inputs: list, noises: list, fakes: list, out: dict) -> None:
         """G's optimizer step; with accumulation G runs again per micro-batch (statistics frozen: see top)."""
         s, phase, n = self.s, self.s.g, len(inputs)
-        set_requires_grad(s.D_module, False)
+        set_requires_grad(s.d.net, False)
         if n > 1:
             d_begin, d_end = self.d_stats.averaged(n)
             g_snap = self.g_stats.snapshot()
@@ -161,7 +161,7 @@ class GANStep:
                         if n == 1:
                             fake, mu, logvar, s0 = fakes[0]
                         else:
-                            fake, mu, logvar, s0 = self.generate(s.G, text, noise)
+                            fake, mu, logvar, s0 = self.generate(s.g.wrapped, text, noise)
                         gl = self.g_losses(fake, text, mu, logvar, s0)
                     phase.backward(gl["g_loss"] / n)
                 if n > 1:  # after backward: BatchNorm's backward checks its buffers were not touched
@@ -171,7 +171,7 @@ class GANStep:
                 d_end()
             phase.step()
         finally:
-            set_requires_grad(s.D_module, True)
+            set_requires_grad(s.d.net, True)
 
     def __call__(self, micro_batches: list[dict]) -> dict:
         """One optimizer step of D then of G over ``grad_accum`` micro-batches. Returns detached losses

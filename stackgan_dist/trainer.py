@@ -29,10 +29,10 @@ from .data.read.index import resolve_dataset
 from .data.read.loader import (LoaderSpec, check_loader_plan, dataset_text_dim, first_sample_check, make_loader,
                                make_order)
 from .data.read.cursor import cursor_after_batches, merge_cursors
+from .distributed import make_strategy, refuse_cpu_amp, unwrap
 from .distributed.collectives import all_gather_object, any_flags
 from .distributed.env import DistEnv, set_collective_timeout
 from .distributed.seeding import rank_seed, seed_all
-from .distributed.wrap import make_strategy, refuse_cpu_amp, unwrap
 from .errors import CheckpointError, UserError
 from .models.build import build_models, build_stage1_generator
 from .losses import LossOptions
@@ -316,8 +316,8 @@ class Trainer:
 
     def _load(self, saved: dict) -> None:
         s = self.strategy
-        unwrap(s.G_module).load_state_dict(saved["G"])
-        unwrap(s.D_module).load_state_dict(saved["D"])
+        unwrap(s.g.net).load_state_dict(saved["G"])
+        unwrap(s.d.net).load_state_dict(saved["D"])
         s.load_state_dict(saved["strategy"])  # refuses another backend's state
         s.load_extra(os.path.join(self.resume_from, "engine"))
         if self.state.schedule and self.state.schedule != self.schedule.__dict__:
@@ -366,7 +366,7 @@ class Trainer:
 
     def write_samples(self) -> None:
         self._last_sample = self.state.step
-        self.samples.write(self.state.step, unwrap(self.strategy.G_module), self.G1, self.strategy.autocast())
+        self.samples.write(self.state.step, unwrap(self.strategy.g.net), self.G1, self.strategy.autocast())
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -134,19 +134,24 @@ def _run_throughput(throughput, stage, path):
 
 
 def test_scaling_projection_model():
-    import scaling
+    import scaling_model
+    import scaling_paper
 
-    rows = scaling.projection(2, 100 * 2 ** 20, [25.0], [8, 64, 512])
+    rows = scaling_model.projection(2, scaling_paper.paper_nets(2), [25.0], [8, 64, 512],
+                                    grad_bytes_scaled=100 * 2 ** 20)
     eff = [r["efficiency"] for r in rows]
     assert all(0 < e <= 1 for e in eff) and eff[0] >= eff[1] >= eff[2]  # more GPUs, more time in all-reduce
-    assert scaling.paper_grad_bytes(2) > scaling.paper_grad_bytes(1) > 0
+    assert scaling_paper.paper_grad_bytes(2) > scaling_paper.paper_grad_bytes(1) > 0
+    assert scaling_model.grad_bytes(scaling_paper.paper_nets(1)) == scaling_paper.paper_grad_bytes(1)
 
 
 def test_hook_work_measures_powersgd_and_the_projection_uses_it(tmp_path):
-    """hook_work.py times torch's PowerSGD hook (as wrap.comm_hook_for makes it) in a world-size-1 DDP, for
+    """hook_work.py times torch's PowerSGD hook (as comm_hooks.comm_hook_for makes it) in a world-size-1 DDP, for
     every rank and bucket cap the projection searches; scaling.py --from-json --hook-work-json recomputes the
     committed CPU results' projection with those times in place of the estimate."""
     import scaling
+    import scaling_model
+    import scaling_paper
 
     hw = tmp_path / "hook_work.json"
     ranks, caps = ["1", "2", "4", "8"], ["0", "5", "25", "100", "400"]
@@ -180,7 +185,7 @@ def test_hook_work_measures_powersgd_and_the_projection_uses_it(tmp_path):
             assert r["efficiency"] == pytest.approx(r["compute_ms"] / (r["compute_ms"] + r["exposed_ms"]))
     assert (tmp_path / "proj.png").stat().st_size > 0
     with pytest.raises(KeyError, match="not measured for stage 1, rank 3"):
-        scaling.hook_work_gpu(scaling.paper_modules(1), "powersgd", 25.0, 3, 1, table)
+        scaling_model.hook_work_gpu(scaling_paper.paper_nets(1), "powersgd", 25.0, 3, 1, table)
     p = subprocess.run([PY, os.path.join(BENCH, "scaling.py"), "--hook-work-json", str(hw)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "give both" in p.stderr.strip().splitlines()[-1]

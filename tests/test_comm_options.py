@@ -140,7 +140,7 @@ def test_deepspeed_maps_bf16_hook_and_bucket_size(tmp_path):
     import json
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config
     from stackgan_dist.errors import UserError
 
     cfg = load_config(None, ["train.backend=deepspeed", "train.zero_stage=2", "distributed.comm_hook=bf16",

@@ -107,7 +107,7 @@ def _ds_cfg(*ov):
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", None)])
 def test_generated_deepspeed_config_keeps_weights_fp32_and_autocasts(precision, dtype):
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config
 
     zero = 0 if precision == "fp16" else 2
     ds = build_ds_config(_ds_cfg(f"train.precision={precision}", f"train.zero_stage={zero}"), 2)
@@ -122,7 +122,7 @@ def test_generated_deepspeed_config_keeps_weights_fp32_and_autocasts(precision, 
 def test_deepspeed_config_refuses_what_breaks_the_dtype_contract(tmp_path):
     import json
 
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config
 
     with pytest.raises(UserError, match="fp16 with train.backend=deepspeed needs train.zero_stage=0"):
         build_ds_config(_ds_cfg("train.precision=fp16", "train.zero_stage=2"), 1)
@@ -151,7 +151,7 @@ def _engine_dtype_worker(out: str) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     import deepspeed
 
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config, fp32_module_contract
+    from stackgan_dist.distributed.deepspeed import build_ds_config, fp32_module_contract
     from stackgan_dist.models.build import build_models
 
     cfg = _ds_cfg("train.zero_stage=2", "train.precision=bf16", "train.batch_size=4", "model.gf_dim=16",

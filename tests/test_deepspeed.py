@@ -137,7 +137,7 @@ def _cfg(*ov):
 
 
 def test_generated_deepspeed_config_follows_train_keys():
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config
 
     ds = build_ds_config(_cfg("train.zero_stage=2", "train.batch_size=6", "train.grad_accum=3",
                               "train.precision=bf16"), world_size=4)
@@ -152,7 +152,7 @@ def test_generated_deepspeed_config_follows_train_keys():
 
 
 def test_user_deepspeed_config_is_checked_against_our_keys(tmp_path):
-    from stackgan_dist.distributed.deepspeed_strategy import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config
     from stackgan_dist.errors import UserError
 
     def write(d):

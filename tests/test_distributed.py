@@ -202,7 +202,7 @@ def _tiny_strategy(precision="fp32"):
 
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.env import DistEnv
-    from stackgan_dist.distributed.wrap import DDPStrategy
+    from stackgan_dist.distributed.ddp import DDPStrategy
     from stackgan_dist.models.build import build_models
 
     cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",
@@ -219,12 +219,12 @@ def test_non_finite_gradients_skip_the_step_and_keep_adam_state_finite():
     s.setup(m.G, m.D)
     x = torch.randn(4, 32)
     for bad in (False, True, False):
-        before = [p.detach().clone() for p in s.D_module.parameters()]
-        out = s.D(torch.randn(4, 3, 64, 64), x)
+        before = [p.detach().clone() for p in s.d.net.parameters()]
+        out = s.d.wrapped(torch.randn(4, 3, 64, 64), x)
         loss = out["cond"].float().mean() * (float("nan") if bad else 1.0)
         s.d.backward(loss)
         s.d.step()
-        after = list(s.D_module.parameters())
+        after = list(s.d.net.parameters())
         same = all(torch.equal(a, b) for a, b in zip(before, after))
         assert same == bad
     assert s.skipped_steps()["d"] == 1
@@ -236,34 +236,34 @@ def test_grad_scaler_per_optimizer_skips_overflow_and_round_trips():
     """The fp16 path's GradScaler logic, exercised on CPU (the CPU refusal is a policy, lifted here)."""
     import torch
 
-    from stackgan_dist.distributed import wrap
+    from stackgan_dist.distributed import strategy as base  # where setup looks refuse_cpu_amp up
 
     s, m = _tiny_strategy("fp16")
-    orig = wrap.refuse_cpu_amp
-    wrap.refuse_cpu_amp = lambda *a: None
+    orig = base.refuse_cpu_amp
+    base.refuse_cpu_amp = lambda *a: None
     try:
         s.setup(m.G, m.D)
     finally:
-        wrap.refuse_cpu_amp = orig
+        base.refuse_cpu_amp = orig
     assert s.d.scaler is not None and s.g.scaler is not None and s.d.scaler is not s.g.scaler
     scale0 = s.d.scaler.get_scale()
-    before = [p.detach().clone() for p in s.D_module.parameters()]
-    out = s.D(torch.randn(4, 3, 64, 64), torch.randn(4, 32))
+    before = [p.detach().clone() for p in s.d.net.parameters()]
+    out = s.d.wrapped(torch.randn(4, 3, 64, 64), torch.randn(4, 32))
     s.d.backward(out["cond"].float().mean() * float("inf"))
     s.d.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, s.D_module.parameters())), "overflow step not skipped"
+    assert all(torch.equal(a, b) for a, b in zip(before, s.d.net.parameters())), "overflow step not skipped"
     assert s.d.scaler.get_scale() == scale0 / 2 and s.g.scaler.get_scale() == scale0
-    out = s.D(torch.randn(4, 3, 64, 64), torch.randn(4, 32))
+    out = s.d.wrapped(torch.randn(4, 3, 64, 64), torch.randn(4, 32))
     s.d.backward(out["cond"].float().mean())
     s.d.step()
-    assert not all(torch.equal(a, b) for a, b in zip(before, s.D_module.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, s.d.net.parameters()))
     sd = s.state_dict()
     s2, m2 = _tiny_strategy("fp16")
-    wrap.refuse_cpu_amp = lambda *a: None
+    base.refuse_cpu_amp = lambda *a: None
     try:
         s2.setup(m2.G, m2.D)
     finally:
-        wrap.refuse_cpu_amp = orig
+        base.refuse_cpu_amp = orig
     s2.load_state_dict(sd)
     assert s2.d.scaler.get_scale() == scale0 / 2
 

@@ -15,7 +15,8 @@ from torch import nn, optim
 from stackgan_dist.config import (ConfigError, Config, ModelConfig, kl_weight, load_config, model_defining,
                                   preset_overrides)
 from stackgan_dist.distributed.env import DistEnv
-from stackgan_dist.distributed.wrap import make_adam, make_strategy
+from stackgan_dist.distributed import make_strategy
+from stackgan_dist.distributed.optim import make_adam
 from stackgan_dist.losses import LossOptions, bce, discriminator_loss, mismatched_conditions
 from stackgan_dist.models.build import build_models, build_stage1_generator
 from stackgan_dist.models.conditioning import CondAugment
@@ -131,7 +132,7 @@ def test_one_step_under_the_preset_is_the_authors_step(stage):
     theirs = authors_step(stage, batch, aG, aD, aG1, cfg.model.z_dim, cfg.model.condition_dim)
     assert torch.allclose(ours["d_loss"], theirs["d_loss"], rtol=1e-5, atol=1e-6), (ours["d_loss"], theirs["d_loss"])
     assert torch.allclose(ours["g_loss"], theirs["g_loss"], rtol=1e-5, atol=1e-6), (ours["g_loss"], theirs["g_loss"])
-    for name, a, b in (("G", strategy.G_module, aG), ("D", strategy.D_module, aD)):
+    for name, a, b in (("G", strategy.g.net, aG), ("D", strategy.d.net, aD)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         for k in sa:  # parameters after their Adam step, and BatchNorm statistics
@@ -368,6 +369,6 @@ def test_benchmark_baseline_is_our_step_under_the_preset():
     c = base.cfg
     assert (c.train.precision, c.train.channels_last, c.train.compile, c.train.adam_foreach) == ("fp32", False, False,
                                                                                                   False)
-    assert base.step.opt == LossOptions("sigmoid", "authors", "shift", "ca_mu", "train")
+    assert base.step.loss_options == LossOptions("sigmoid", "authors", "shift", "ca_mu", "train")
     assert base.step.kl_coeff == pytest.approx(2.0 / 8) and base.step.G1.ca.relu
     assert base.step.s.d.optimizer.defaults["foreach"] is None

@@ -355,7 +355,7 @@ def test_deepspeed_engine_files_resume_and_a_tampered_one_runs_no_code(synth_dat
     import torch
 
     from conftest import CFG1, check, run_cli, tiny_overrides
-    from stackgan_dist.checkpoint.engine_files import load_engine_file
+    from stackgan_dist.distributed.deepspeed_files import load_engine_file
 
     o = ["train.backend=deepspeed", "train.zero_stage=2", "checkpoint.every_steps=2"]
     run = tmp_path / "run"

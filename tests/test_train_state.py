@@ -79,7 +79,7 @@ def test_rng_state_keeps_only_the_device_in_use():
 
 def _strategy(optimizer_kind="fused"):
     from stackgan_dist.distributed.env import DistEnv
-    from stackgan_dist.distributed.wrap import DDPStrategy
+    from stackgan_dist.distributed.ddp import DDPStrategy
     from stackgan_dist.models.build import build_models
 
     cfg = load_config(None, ["model.gf_dim=16", "model.df_dim=8", "model.condition_dim=16", "model.z_dim=16",
@@ -88,7 +88,7 @@ def _strategy(optimizer_kind="fused"):
     s = DDPStrategy(cfg, DistEnv(device=torch.device("cpu")))
     s.setup(m.G, m.D)
     if optimizer_kind == "foreach":  # any non-fused optimizer: the masked-update fallback
-        s.d.optimizer = torch.optim.Adam(s.D_module.parameters(), lr=1e-3, foreach=True)
+        s.d.optimizer = torch.optim.Adam(s.d.net.parameters(), lr=1e-3, foreach=True)
     return s
 
 
@@ -115,14 +115,14 @@ def test_non_finite_guard_skips_on_the_device_without_a_host_read(kind):
     s = _strategy(kind)
     text = torch.randn(4, 32)
     for bad in (False, True, False):
-        before = [p.detach().clone() for p in s.D_module.parameters()]
+        before = [p.detach().clone() for p in s.d.net.parameters()]
         state_before = {k: v.clone() for st in s.d.optimizer.state.values() for k, v in st.items()}
-        loss = s.D(torch.randn(4, 3, 64, 64), text)["cond"].float().mean() * (float("nan") if bad else 1.0)
+        loss = s.d.wrapped(torch.randn(4, 3, 64, 64), text)["cond"].float().mean() * (float("nan") if bad else 1.0)
         s.d.backward(loss)
         # the decision itself never reads the device; non-fused Adam reads its own step counter on CPU
         with _NoHostRead() if kind == "fused" else contextlib.nullcontext():
             s.d.step()
-        same = all(torch.equal(a, b) for a, b in zip(before, s.D_module.parameters()))
+        same = all(torch.equal(a, b) for a, b in zip(before, s.d.net.parameters()))
         assert same == bad
         if bad:  # Adam's moments and step counter untouched too
             after = {k: v for st in s.d.optimizer.state.values() for k, v in st.items()}

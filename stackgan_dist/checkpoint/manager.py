@@ -15,8 +15,8 @@ A crash at any moment leaves the previous checkpoint complete and ``latest`` poi
 
 Every file of a checkpoint is untrusted when read. ``model.pt`` and ``rank_*.pt`` load through
 ``load_file`` (``torch.load(weights_only=True)``); DeepSpeed's ``engine/`` files load through
-``engine_files.SafeLoadingEngine`` (``weights_only=True`` with exactly the DeepSpeed metadata classes its
-ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
+``SafeLoadingEngine`` in ``distributed/deepspeed_files.py`` (``weights_only=True`` with exactly the DeepSpeed
+metadata classes its ZeRO files pickle allowed), never through DeepSpeed's own ``weights_only=False`` loader. So a checkpoint
 from elsewhere, even one whose manifest hashes were recomputed after tampering, cannot run code.
 
 This file is the protocol (temporary folder, manifest last, rename, ``latest``, discovery, pruning); how a
@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed.collectives import all_gather_object, any_flags, barrier
-from ..errors import CheckpointError, CheckpointWriteError, UserError
-from .engine_files import first_line
+from ..errors import CheckpointError, CheckpointWriteError, UserError, first_line
 from .files import (check_entry_any, create_exclusive, inside, open_read, os_error, read_bounded,
                     run_subdir, write_atomic, write_fd)
 # re-exported: callers and tests import these from here since before the split

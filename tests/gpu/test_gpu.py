@@ -115,7 +115,7 @@ def _strategy(precision, *extra, widths=("model.gf_dim=16", "model.df_dim=8", "m
     need_cuda()
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.env import DistEnv
-    from stackgan_dist.distributed.wrap import DDPStrategy
+    from stackgan_dist.distributed.ddp import DDPStrategy
     from stackgan_dist.models.build import build_models
 
     cfg = load_config(None, [*widths, f"train.precision={precision}", "train.device=cuda", *extra])
@@ -133,16 +133,16 @@ def test_autocast_dtype_and_scaler_per_optimizer(precision, dtype):
     text = torch.randn(4, 32, device=dev)
     z, eps = torch.randn(4, 16, device=dev), torch.randn(4, 16, device=dev)
     with s.autocast():
-        img, mu, logvar = s.G(text, z, eps)
-        logits = s.D(img.detach(), text)["cond"]
+        img, mu, logvar = s.g.wrapped(text, z, eps)
+        logits = s.d.wrapped(img.detach(), text)["cond"]
     assert img.dtype == dtype, img.dtype
-    assert all(p.dtype == torch.float32 for p in s.G_module.parameters())  # master weights stay fp32
+    assert all(p.dtype == torch.float32 for p in s.g.net.parameters())  # master weights stay fp32
     if precision == "fp16":
         assert s.d.scaler is not None and s.d.scaler is not s.g.scaler
-        before = [p.detach().clone() for p in s.D_module.parameters()]
+        before = [p.detach().clone() for p in s.d.net.parameters()]
         s.d.backward(logits.float().mean() * float("inf"))
         s.d.step()  # overflow: the scaler skips the step and lowers the scale
-        assert all(torch.equal(a, b) for a, b in zip(before, s.D_module.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(before, s.d.net.parameters()))
         assert s.d.scaler.get_scale() < s.g.scaler.get_scale()
         sd = s.state_dict()
         assert "scaler_g" in sd and "scaler_d" in sd
@@ -158,7 +158,7 @@ def test_adam_is_fused_on_cuda():
 
 def test_channels_last_memory_format_reaches_the_models():
     s, _ = _strategy("bf16", "train.channels_last=true")
-    w = next(p for n, p in s.D_module.named_parameters() if p.dim() == 4)
+    w = next(p for n, p in s.d.net.named_parameters() if p.dim() == 4)
     assert w.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -212,8 +212,8 @@ def test_bf16_losses_and_d_gradient_close_to_fp32_at_paper_widths(stage):
         for precision in ("fp32", "bf16"):
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
             s, cfg = _strategy(precision, f"model.stage={stage}", widths=PAPER)
-            s.G_module.load_state_dict(ref.G.state_dict())
-            s.D_module.load_state_dict(ref.D.state_dict())
+            s.g.net.load_state_dict(ref.G.state_dict())
+            s.d.net.load_state_dict(ref.D.state_dict())
             g1 = G1.to(s.device) if G1 is not None else None
             step = GANStep(s, stage, 100, 128, cfg.train.kl_coeff, g1, torch.Generator(device=s.device), 1)
             gn = torch.Generator(device=s.device).manual_seed(3)
@@ -221,10 +221,10 @@ def test_bf16_losses_and_d_gradient_close_to_fp32_at_paper_widths(stage):
                      for k, n in (("z", 100), ("eps", 128), ("eps1", 128))}
             real, text, cls = to_model_input(batch, s.device)
             with s.autocast():
-                fake, mu, logvar, s0 = step.generate(s.G, text, noise)
+                fake, mu, logvar, s0 = step.generate(s.g.wrapped, text, noise)
                 dl = step.d_losses(real, text, mismatched_conditions(text, cls), fake)
             dl["d_loss"].backward()
-            dgrad = torch.cat([p.grad.flatten().float() for p in s.D_module.parameters() if p.grad is not None])
+            dgrad = torch.cat([p.grad.flatten().float() for p in s.d.net.parameters() if p.grad is not None])
             with s.autocast():
                 gl = step.g_losses(fake, text, mu, logvar, s0)
             results[precision] = (float(dl["d_loss"]), float(gl["g_loss"]), dgrad)

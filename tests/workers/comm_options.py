@@ -26,7 +26,7 @@ def _worker(out: str) -> None:
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.env import init_distributed, teardown
     from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
+    from stackgan_dist.distributed import make_strategy, unwrap
     from stackgan_dist.models.build import build_models
     from stackgan_dist.train_step import GANStep
 
@@ -50,7 +50,7 @@ def _worker(out: str) -> None:
         step = GANStep(s, 1, 16, 16, cfg.train.kl_coeff, None, torch.Generator().manual_seed(env.rank),
                        cfg.train.grad_accum)
         losses = [step(batches[i]) for i in range(STEPS)]
-        r = {"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
+        r = {"G": to_cpu(unwrap(s.g.net).state_dict()), "D": to_cpu(unwrap(s.d.net).state_dict()),
              "losses": [{k: float(v) for k, v in x.items() if k != "bad"} for x in losses],
              "skipped": s.skipped_steps(), "bucket_bytes_cap": s.g._ddp.bucket_bytes_cap,
              "static_graph": bool(s.g._ddp.static_graph)}
@@ -59,7 +59,7 @@ def _worker(out: str) -> None:
             r["powersgd_iter_d"] = s.d.powersgd.iter
             # the guard with PowerSGD's error feedback: a NaN in D's loss on rank 0 only, then clean steps
             img = torch.randn(4, 3, 64, 64)
-            d_out = s.D(img, torch.randn(4, 32))
+            d_out = s.d.wrapped(img, torch.randn(4, 32))
             bad = d_out["cond"].float().mean() * (float("nan") if env.rank == 0 else 1.0)
             s.d.backward(bad)
             s.d.step()
@@ -68,8 +68,8 @@ def _worker(out: str) -> None:
             for i in range(STEPS, STEPS + 3):
                 step(batches[i])
             r["skipped_end"] = s.skipped_steps()
-            r["D_after_nan"] = to_cpu(unwrap(s.D_module).state_dict())
-            r["G_after_nan"] = to_cpu(unwrap(s.G_module).state_dict())
+            r["D_after_nan"] = to_cpu(unwrap(s.d.net).state_dict())
+            r["G_after_nan"] = to_cpu(unwrap(s.g.net).state_dict())
         res[name] = r
     torch.save(res, f"{out}.rank{env.rank}")
     teardown(env, synchronize=True)
@@ -83,7 +83,7 @@ def _static_graph_run(env, base, batches) -> dict:
     from stackgan_dist.checkpoint.manager import to_cpu
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
+    from stackgan_dist.distributed import make_strategy, unwrap
     from stackgan_dist.models.build import build_models
     from stackgan_dist.train_step import GANStep
 
@@ -98,7 +98,7 @@ def _static_graph_run(env, base, batches) -> dict:
         step = GANStep(s, 1, 16, 16, cfg.train.kl_coeff, None, torch.Generator().manual_seed(env.rank), 1)
         for i in range(3):
             step(batches[i][:1])
-        out[sg] = {"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
+        out[sg] = {"G": to_cpu(unwrap(s.g.net).state_dict()), "D": to_cpu(unwrap(s.d.net).state_dict()),
                    "static_graph": bool(s.g._ddp.static_graph), "skipped": s.skipped_steps()}
     return {**out["true"], "reference": out["false"]}
 

@@ -19,7 +19,7 @@ def _equiv_worker(out: str, mode: str) -> None:
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.env import init_distributed, teardown
     from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy, unwrap
+    from stackgan_dist.distributed import make_strategy, unwrap
     from stackgan_dist.models.build import build_models
     from stackgan_dist.train_step import GANStep
 
@@ -71,7 +71,7 @@ def _equiv_worker(out: str, mode: str) -> None:
     step.queue = [p[1] for p in parts]
     losses = step([p[0] for p in parts])
     if env.is_main:
-        torch.save({"G": to_cpu(unwrap(s.G_module).state_dict()), "D": to_cpu(unwrap(s.D_module).state_dict()),
+        torch.save({"G": to_cpu(unwrap(s.g.net).state_dict()), "D": to_cpu(unwrap(s.d.net).state_dict()),
                     "d_loss": float(losses["d_loss"])}, out)
     teardown(env, synchronize=True)
 

@@ -11,7 +11,7 @@ def _guard_worker(out: str) -> None:
     from stackgan_dist.config import load_config
     from stackgan_dist.distributed.env import init_distributed, teardown
     from stackgan_dist.distributed.seeding import seed_all
-    from stackgan_dist.distributed.wrap import make_strategy
+    from stackgan_dist.distributed import make_strategy
     from stackgan_dist.models.build import build_models
 
     torch.set_num_threads(1)
@@ -28,14 +28,14 @@ def _guard_worker(out: str) -> None:
         g = torch.Generator().manual_seed(env.rank)
         rows = []
         for bad in (False, True, False):
-            before = torch.cat([p.detach().flatten().clone() for p in s.D_module.parameters()])
-            o = s.D(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 32, generator=g))
+            before = torch.cat([p.detach().flatten().clone() for p in s.d.net.parameters()])
+            o = s.d.wrapped(torch.randn(4, 3, 64, 64, generator=g), torch.randn(4, 32, generator=g))
             loss = o["cond"].float().mean()
             if bad and env.rank == 1:
                 loss = loss * float("nan")
             s.d.backward(loss)
             s.d.step()
-            after = torch.cat([p.detach().flatten() for p in s.D_module.parameters()])
+            after = torch.cat([p.detach().flatten() for p in s.d.net.parameters()])
             opt = s.d.engine.optimizer
             inner = getattr(opt, "optimizer", opt)
             finite_state = all(bool(torch.isfinite(v).all()) for st in inner.state.values()

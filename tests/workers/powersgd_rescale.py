@@ -4,7 +4,8 @@ import json, sys
 import torch, torch.distributed as dist
 from torch import nn
 from stackgan_dist.config import DistributedConfig
-from stackgan_dist.distributed.wrap import DDPPhase, comm_hook_for
+from stackgan_dist.distributed.comm_hooks import comm_hook_for
+from stackgan_dist.distributed.ddp import DDPPhase
 
 torch.manual_seed(0)
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)

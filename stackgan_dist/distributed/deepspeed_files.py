@@ -13,8 +13,8 @@ weights-only unpickler rebuilds by setting attributes, never by calling code of 
 - ``deepspeed.runtime.zero.config.ZeroStageEnum``: an ``int`` enum;
 - ``deepspeed.utils.tensor_fragment.fragment_address``: a dataclass of two ints (parameter slices).
 
-This module does not import deepspeed (only ``stackgan_dist.distributed`` does): the classes are taken
-from the modules DeepSpeed has already loaded, which it has whenever one of its engines exists.
+This module does not import deepspeed (``deepspeed.py`` beside it does, when that backend is chosen): the classes
+are taken from the modules DeepSpeed has already loaded, which it has whenever one of its engines exists.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -41,11 +41,6 @@ def deepspeed_safe_globals() -> list:
         if cls is not None:
             out.append(cls)
     return out
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def load_engine_file(path, map_location=None):
