@@ -9,7 +9,8 @@ import torch
 from .checkpoint.manager import load_file, params_digest, read_manifest, resolve_checkpoint, verify
 from .config import ModelConfig
 from .errors import UserError
-from .models.build import build_models, build_stage1_generator
+from .models.build import build_models
+from .models.frozen import load_frozen_stage1
 from .train_state import saved_step
 
 
@@ -35,9 +36,7 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
     models.D.load_state_dict(st["D"])
     G1 = None
     if mc.stage == 2:
-        G1 = build_stage1_generator(ModelConfig(**st["stage1_model_config"]))
-        G1.load_state_dict(st["stage1_G"])
-        G1 = G1.eval().to(device)
+        G1 = load_frozen_stage1(st).G1.to(device)
     return LoadedRun(ck, saved_step(st, ck), mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
                      mc, st.get("text_encoder", {}), st)
 
