@@ -34,13 +34,13 @@ def one_of(*choices, bools: bool = False):
     return field(default=choices[0], metadata={"choices": choices, "bools": bools})
 
 
-def num(default, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, auto: bool = False):
-    """A number in [lo, hi] (``*_open``: the bound itself excluded; None: unbounded). ``auto``: the string
-    "auto" is accepted and stored as AUTO."""
-    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "auto": auto})
+def num(default, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, auto: bool = False, words=""):
+    """A number in [lo, hi] (``*_open``: the bound itself excluded; None: unbounded), refused as "must be
+    ``words``" or else "must lie in [lo, hi]". ``auto``: the string "auto" is accepted, stored as AUTO."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open), "auto": auto, "words": words})
 
 
-POSITIVE = {"lo": 0, "lo_open": True}
+POSITIVE, NON_NEGATIVE = {"lo": 0, "lo_open": True, "words": "positive"}, {"lo": 0, "words": ">= 0"}
 
 
 @dataclass
@@ -64,12 +64,12 @@ class DataConfig:
     shard_url: str = ""
     # DataLoader worker processes per rank; "auto" (stored as -1): the CPUs this rank was granted, less one,
     # found at start on the node that runs (a login node's CPU count says nothing of a compute node's)
-    num_workers: int = num(2, lo=AUTO, auto=True)
+    num_workers: int = num(2, lo=AUTO, auto=True, words=">= 0 or auto")
     shuffle_buffer: int = num(512, lo=0)  # samples held for in-stream shuffling (per worker)
     prefetch_factor: int = num(4, lo=1)
     # shuffle units of an epoch, fixed whatever the world size (0: auto; data/slots.py); at most the number
     # of samples (checked at start, where the dataset is known)
-    slots: int = num(0, lo=0)
+    slots: int = num(0, **NON_NEGATIVE)
     max_bad_fraction: float = num(0.01, lo=0.0, hi=1.0)  # stop the run if more than this share fails to decode
     pipe_timeout_s: float = num(600.0, lo=0.0, lo_open=True)
 
@@ -115,18 +115,18 @@ class TrainConfig:
     # Length and schedules: in epochs (images seen / dataset size), the same at any world size, or in steps
     # of the global batch. A command-line train.max_steps beside a config's max_epochs wins (load_config)
     max_steps: int = num(1000, **POSITIVE)  # used when max_epochs is 0
-    max_epochs: float = num(0.0, lo=0.0)  # > 0: train until this many epochs of images are seen
+    max_epochs: float = num(0.0, **NON_NEGATIVE)  # > 0: train until this many epochs of images are seen
     # The batch, exactly one > 0 (plan.py splits it). global_batch: images per optimizer step (the paper: 64),
     # split over world size x grad_accum: the same optimisation on 1 or 16 GPUs (strong scaling). batch_size:
     # per worker, the global batch grows with the world size (weak scaling; pair it with train.lr_scaling)
-    global_batch: int = num(0, lo=0)
-    batch_size: int = num(64, lo=0)
+    global_batch: int = num(0, **NON_NEGATIVE)
+    batch_size: int = num(64, **NON_NEGATIVE)
     grad_accum: int = num(1, **POSITIVE)
     # lr_g/lr_d scaled by none, sqrt or linear in global batch / lr_reference_batch (the paper's 64);
     # a linear warmup over lr_warmup_epochs (0: off)
     lr_scaling: str = one_of("none", "sqrt", "linear")
     lr_reference_batch: int = num(64, **POSITIVE)
-    lr_warmup_epochs: float = num(0.0, lo=0.0)
+    lr_warmup_epochs: float = num(0.0, **NON_NEGATIVE)
     seed: int = num(0, lo=0, hi=2**63 - 1)  # seeds torch's generators, which take 0..2**63-1
     backend: str = one_of("ddp", "deepspeed")
     precision: str = one_of("fp32", "bf16", "fp16")
@@ -137,8 +137,8 @@ class TrainConfig:
     lr_d: float = num(2e-4, lo=0.0, lo_open=True)
     beta1: float = num(0.5, lo=0.0, hi=1.0, hi_open=True)
     beta2: float = num(0.999, lo=0.0, hi=1.0, hi_open=True)
-    lr_decay_steps: int = num(0, lo=0)  # halve (x lr_decay_factor) every N steps; 0: constant
-    lr_decay_epochs: float = num(0.0, lo=0.0)  # or every N epochs of images seen (the paper: 100); 0: off
+    lr_decay_steps: int = num(0, **NON_NEGATIVE)  # halve (x lr_decay_factor) every N steps; 0: constant
+    lr_decay_epochs: float = num(0.0, **NON_NEGATIVE)  # or every N epochs of images (the paper: 100); 0: off
     lr_decay_factor: float = num(0.5, lo=0.0, hi=1.0, lo_open=True)
     kl_coeff: float = num(2.0, lo=0.0)  # lambda; the paper uses 1, the authors' code 2
     # "mean": KL averaged over the condition dimensions, as the authors' code computes it (their lambda=2
@@ -146,7 +146,7 @@ class TrainConfig:
     kl_reduction: str = one_of("mean", "sum")
     # Stage-II only, 0 = off (the ICCV 2017 paper): weight of StackGAN++'s colour-consistency term, which
     # ties each Stage-II image's pixel mean and covariance to its Stage-I image's (losses.color_consistency)
-    color_coeff: float = num(0.0, lo=0.0)
+    color_coeff: float = num(0.0, **NON_NEGATIVE)
     # the faithfulness switches (docs/faithfulness.md; the "authors" preset sets the other side of each)
     d_output: str = one_of("logits", "sigmoid")  # sigmoid: Sigmoid + BCELoss, the authors' (fp32 only)
     # "ours": real + (wrong + fake)/2, the unconditional head's real/fake terms averaged into real/fake;
@@ -196,7 +196,7 @@ class DistributedConfig:
     # feedback; DDP only). DeepSpeed: fp16/bf16 become its communication_data_type, powersgd is refused
     comm_hook: str = one_of("none", "fp16", "bf16", "powersgd")
     # 0: the backend's default (DDP 25 MB; DeepSpeed reduce_bucket_size 5e7 elements)
-    bucket_cap_mb: float = num(0.0, lo=0.0)
+    bucket_cap_mb: float = num(0.0, lo=0.0, words=">= 0 (0: the backend's default)")
     static_graph: bool = False  # DDP's static_graph (the same parameters get gradients every step); DDP only
     powersgd_rank: int = num(1, lo=1)  # PowerSGD's matrix_approximation_rank
     # optimizer steps of plain all-reduce before PowerSGD starts (torch: >= 2 with error feedback and warm
@@ -207,8 +207,8 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = num(500, **POSITIVE)  # used when every_epochs is 0
-    every_epochs: float = num(0.0, lo=0.0)  # > 0: a checkpoint each time this many epochs of images are seen
-    every_minutes: float = num(0.0, lo=0.0)  # 0: off (checked every train.stop_check_every steps)
+    every_epochs: float = num(0.0, **NON_NEGATIVE)  # > 0: a checkpoint each time this many epochs are seen
+    every_minutes: float = num(0.0, **NON_NEGATIVE)  # 0: off (checked every train.stop_check_every steps)
     keep_last: int = num(3, **POSITIVE)
     max_restarts: int = num(5, lo=1)  # restarts without progress past the resumed step before giving up
     signal: str = one_of("USR1", "USR2", "TERM")  # the warning signal the scheduler sends before a time limit
@@ -219,7 +219,7 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = num(10, **POSITIVE)
     sample_every: int = num(500, **POSITIVE)  # steps; used when sample_every_epochs is 0
-    sample_every_epochs: float = num(0.0, lo=0.0)
+    sample_every_epochs: float = num(0.0, **NON_NEGATIVE)
     # the tqdm bar: "auto" draws it only on a terminal outside Slurm/Ray jobs; else a plain line per log tick
     progress: str = one_of("auto", "true", "false", bools=True)
     level: str = one_of("INFO", "DEBUG", "WARNING", "ERROR")
@@ -341,8 +341,8 @@ def _check_key(key: str, v: Any, meta) -> None:
         (hi is not None and (v >= hi if hi_open else v > hi))
     if not bad:
         return
-    if hi is None and lo == 0:
-        raise ConfigError(f"config key '{key}' must be {'positive' if lo_open else '>= 0'}, got {v!r}")
+    if meta.get("words"):
+        raise ConfigError(f"config key '{key}' must be {meta['words']}, got {v!r}")
     rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open else ']'}"
     raise ConfigError(f"config key '{key}' must lie in {rng}, got {v!r}")
 
@@ -392,7 +392,7 @@ def preset_overrides(name: str) -> list[str]:
 
 
 def _preset_names() -> list[str]:
-    return [] if not os.path.isdir(PRESET_DIR) else sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml")) if os.path.isdir(PRESET_DIR) else []
 
 
 def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:

@@ -132,7 +132,7 @@ class StartPlan:
         return dataclasses.asdict(self) | {"notes": list(self.notes), "warnings": list(self.warnings)}
 
     def banner(self) -> list[str]:
-        """The lines that open a run (rank 0, through logging)."""
+        """The lines that open a run (rank 0, logged at info; the warnings follow at warning level)."""
         where = f"resumes {self.resume_from} at step {self.resume_step}" if self.resume_from else "starts fresh"
         mode = "split over the workers" if self.batch_mode == "global" else "per-worker batch x workers"
         out = [f"stage {self.stage}: {self.launcher}, world size {self.world_size}, {self.device}, {self.precision}, "
@@ -144,7 +144,7 @@ class StartPlan:
                f"lr_g {self.lr_g:.3g}, lr_d {self.lr_d:.3g} (x{self.lr_scale:.3g} for the global batch"
                + (f", warmup {self.lr_warmup_steps} steps" if self.lr_warmup_steps else "") + ")",
                self.stops]
-        return out + list(self.notes) + [f"warning: {w}" for w in self.warnings]
+        return out + list(self.notes)
 
 
 def stop_words(max_steps: int, max_epochs: float, max_images: int, total_steps: int, global_batch: int,
@@ -195,6 +195,9 @@ def make_plan(cfg, *, launcher: str, world_size: int, device: str, num_samples: 
     state = TrainState(step=resume_step, images_seen=resume_images)
     total = sched.total_steps(state, global_batch)
     rule, stops = stop_words(sched.max_steps, t.max_epochs, sched.max_images, total, global_batch, num_samples)
+    why = [n for n in notes if n.startswith("train.max_steps from the command line")]
+    if why:  # the stop rule and why it is this one, in one line
+        stops, notes = f"{stops} ({why[0]})", [n for n in notes if n not in why]
     scale = lr_scale(t.lr_scaling, global_batch, t.lr_reference_batch)
     return StartPlan(stage=cfg.model.stage, launcher=launcher, world_size=world_size, device=device,
                      precision=t.precision, run_dir=cfg.run.dir, resume_from=resume_from, resume_step=resume_step,

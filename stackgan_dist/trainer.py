@@ -88,10 +88,9 @@ class Trainer:
     def build(self) -> None:
         plan = self.check_start()
         cfg, env = self.cfg, self.env
-        if env.is_main:
-            for line in plan.banner():
-                log.info("%s", line)
-        for w in plan.warnings if env.is_main else ():
+        for line in plan.banner() if env.is_main else ():
+            log.info("%s", line)
+        for w in plan.warnings if env.is_main else ():  # once, on rank 0
             log.warning("%s", w)
         if plan.finished:
             return
