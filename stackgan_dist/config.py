@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .config_parse import closest_key, coerce, flatten, parse_override, yaml_load
+from .config_parse import flatten as _flatten  # noqa: F401 -- launch/ray_job.py imports it from here
 from .errors import ConfigError  # noqa: F401 -- callers import ConfigError and parse_override from here
 
 
