@@ -162,8 +162,8 @@ def make_plan(cfg, *, launcher: str, world_size: int, device: str, num_samples: 
               saved_batch: tuple[int, int, int] | None = None, finished: bool = False,
               unused_devices: int = 0) -> StartPlan:
     """The plan of a start from the config and the facts the trainer read (dataset size, the checkpoint's
-    step and images seen, and ``saved_batch``: its (per-worker batch, grad_accum, world size)). Raises
-    PlanError where the shape cannot run."""
+    step and images seen, and ``saved_batch``: its (per-worker batch, grad_accum, world size); GPUs this
+    node's ranks see beyond one each: ``unused_devices``). Raises PlanError where the shape cannot run."""
     t = cfg.train
     notes = list(cfg.notes)
     warnings = []
@@ -188,8 +188,8 @@ def make_plan(cfg, *, launcher: str, world_size: int, device: str, num_samples: 
                         "each GPU mostly waits, fewer GPUs would train about as fast; to use "
                         f"{world_size} GPUs run a sweep (several runs side by side) instead")
     if unused_devices:
-        warnings.append(f"this rank sees {unused_devices + 1} CUDA devices and uses one: start one task per GPU "
-                        "(e.g. srun/sbatch --ntasks-per-node equal to the GPUs per node)")
+        warnings.append(f"{unused_devices} CUDA device(s) on this node are used by no rank: start one task per GPU "
+                        "(--ntasks-per-node equal to the GPUs per node)")
     used = images_used_per_pass(num_samples, per_worker, world_size)
     sched = Schedule.from_config(cfg, num_samples)
     state = TrainState(step=resume_step, images_seen=resume_images)

@@ -127,7 +127,12 @@ def test_config_batch_keys_and_command_line_stop_rule():
         load_config(None, ["run.dir=a\0b"])
 
 
-def test_a_rank_that_sees_gpus_it_does_not_use_is_warned():
+def test_gpus_that_no_rank_uses_are_warned():
+    from stackgan_dist.distributed.env import ranks_on_this_node
+
+    assert [ranks_on_this_node(e) for e in ({}, {"LOCAL_WORLD_SIZE": "8"}, {"SLURM_TASKS_PER_NODE": "1(x2)"},
+                                            {"SLURM_STEP_TASKS_PER_NODE": "4,3"})] == [1, 8, 1, 4]
     p = _plan(["train.batch_size=64"], unused_devices=7)
-    assert any("sees 8 CUDA devices and uses one" in w and "--ntasks-per-node" in w for w in p.warnings)
+    assert any("7 CUDA device(s) on this node are used by no rank" in w and "--ntasks-per-node" in w
+               for w in p.warnings)
     assert p.to_dict()["warnings"] == list(p.warnings)  # the dry run's JSON; a real start logs it at warning

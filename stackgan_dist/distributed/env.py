@@ -94,12 +94,22 @@ def under_batch_system(environ=os.environ) -> bool:
     return "SLURM_JOB_ID" in environ or environ.get("STACKGAN_LAUNCHER") == "ray" or "RAY_JOB_ID" in environ
 
 
-def unused_cuda_devices(device: torch.device) -> int:
-    """CUDA devices this process sees but does not use (0 on CPU): several per rank usually means a job
-    shape that starts fewer tasks than GPUs (e.g. no --ntasks-per-node)."""
-    if device.type != "cuda":
+def ranks_on_this_node(environ=os.environ) -> int:
+    """How many ranks share this node, as the launcher says (torchrun LOCAL_WORLD_SIZE, Slurm's tasks per
+    node: "8", "8(x2)" or "4,3", the first count being ours when SLURM_NODEID is 0); 1 when none says."""
+    if environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(environ["LOCAL_WORLD_SIZE"]))
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    m = re.match(r"(\d+)", per_node)
+    return max(1, int(m.group(1))) if m else 1
+
+
+def unused_cuda_devices(device: torch.device, environ=os.environ) -> int:
+    """CUDA devices this rank sees beyond one per rank on its node (0 on CPU): GPUs nobody uses, usually a job
+    shape that starts fewer tasks than GPUs (sbatch --gpus-per-node=8 without --ntasks-per-node=8)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
         return 0
-    return max(0, torch.cuda.device_count() - 1)
+    return max(0, torch.cuda.device_count() - ranks_on_this_node(environ))
 
 
 def set_backend_flags(deterministic: bool, device: torch.device) -> None:
