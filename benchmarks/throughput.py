@@ -2,7 +2,7 @@
 
 Our step: stackgan_dist.train_step.GANStep over the configured Strategy (DDP at world size 1 here).
 Baseline (``--baseline``): the authors' StackGAN-Pytorch step as it runs on the same torch, which is our
-own step under the "authors" preset (configs/presets/authors.yaml, docs/faithfulness.md; one implementation
+own step under the "authors" preset (stackgan_dist/presets/authors.yaml, docs/faithfulness.md; one implementation
 of their formulas serves the preset and this baseline): fp32 with torch's default TF32 settings, D ending in
 Sigmoid with nn.BCELoss, their D-loss weights, their KL (the mean, times 2), their shifted wrong pairs, D
 conditioned on the detached CA mean, torch's default Adam, the frozen Stage-I generator in train mode, NCHW,

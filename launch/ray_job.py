@@ -81,7 +81,8 @@ def _is_local_path(v: str) -> bool:
 def resolve_config(config: str, overrides: list[str]) -> tuple[str, list[str], str]:
     """Validates the config here (errors surface before submitting) and returns (config path relative to the repo,
     overrides with absolute local paths, run dir)."""
-    from stackgan_dist.config import _flatten, load_config
+    from stackgan_dist.config import load_config
+    from stackgan_dist.config_parse import flatten as _flatten
 
     cfg = load_config(config, overrides)
     flat = _flatten(cfg.to_dict())

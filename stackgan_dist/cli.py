@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from .errors import EXIT_INTERRUPTED, StartupSignal, TransientError, UserError
+from .errors import EXIT_INTERRUPTED, Preempted, StartupSignal, TransientError, UserError
 
 
 def _cmd_prepare(a) -> int:
@@ -62,22 +62,33 @@ def _cmd_train(a) -> int:
     _check_config_path(a.config)
     if a.dry_run:
         return _dry_run(a)
-    cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
+    if a.nodes is not None or a.tasks_per_node is not None:
+        raise UserError("--nodes and --tasks-per-node plan a layout for --dry-run; a real run takes its layout "
+                        "from its launcher (torchrun, srun, Ray)")
+    device = [f"train.device={a.device}"] if a.device else []
+    cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides) + device)
     run_training(cfg, fresh=a.fresh)
     return 0
 
 
 def _dry_run(a) -> int:
-    """``train --dry-run``: every check a real start makes, nothing written, no process group. Under a
-    launcher every rank checks (its device may differ) and only the main rank speaks: the summary, or the
-    error line (the other ranks exit with the same code, silently)."""
+    """``train --dry-run``: every check a real start makes, nothing written, no process group; prints the
+    start plan as JSON. ``--device cuda`` (or train.device=cuda) plans a CUDA run on a host without one;
+    ``--nodes N --tasks-per-node T`` (or WORLD_SIZE) the layout. Under a launcher every rank checks (its
+    device may differ) and only the main rank speaks: the plan, or the error line (the other ranks exit with
+    the same code, silently)."""
     from .config import load_config, preset_overrides
+    from .distributed.env import planned_env
     from .train import dry_run_checks
 
     main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")
     try:
-        cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides))
-        summary = dry_run_checks(cfg, fresh=a.fresh)
+        if (a.nodes is None) != (a.tasks_per_node is None) or min(a.nodes or 1, a.tasks_per_node or 1) < 1:
+            raise UserError("--nodes and --tasks-per-node go together, each at least 1 (the layout to plan)")
+        device = [f"train.device={a.device}"] if a.device else []
+        cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides) + device)
+        world = a.nodes * a.tasks_per_node if a.nodes else None
+        summary = dry_run_checks(cfg, fresh=a.fresh, env=planned_env(cfg.train.device, world))
     except UserError as e:
         if main:
             raise
@@ -276,9 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", help="YAML config, e.g. configs/demo/stage1.yaml")
     pt.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=30 run.dir=runs/x")
     pt.add_argument("--fresh", action="store_true", help="start over; refused unless the run directory is empty")
-    pt.add_argument("--dry-run", action="store_true", help="run every check a start runs (config, data and its text_dim, run dir and lock, "
-                    "resume, Stage-I checkpoint, precision on the device), print the plan, write nothing")
-    pt.add_argument("--preset", default="", help="configs/presets/NAME.yaml applied before the overrides; "
+    pt.add_argument("--dry-run", action="store_true", help="run every check a start runs (config, data and its "
+                    "text_dim, run dir and lock, resume, batch split, loader share, Stage-I checkpoint, precision on "
+                    "the device), print the start plan as JSON, write nothing")
+    pt.add_argument("--device", choices=("cpu", "cuda"), default="",
+                    help="the same as train.device=...; with --dry-run cuda plans a CUDA run on a host without "
+                    "one (every check but the device itself)")
+    pt.add_argument("--nodes", type=int, default=None, help="with --dry-run: plan N nodes x --tasks-per-node ranks")
+    pt.add_argument("--tasks-per-node", type=int, default=None, help="with --dry-run: ranks per node")
+    pt.add_argument("--preset", default="", help="stackgan_dist/presets/NAME.yaml applied before the overrides; "
                     "'authors': the authors' StackGAN-Pytorch code where it differs from the paper")
 
     pm = sub.add_parser("sample", help="PNG grid for free-text captions", formatter_class=fmt)
@@ -409,6 +426,8 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Preempted as e:  # checkpointed on a signal: not an error
+        return e.exit_code
     except StartupSignal as e:  # SIGTERM / SIGINT before the step loop: promptly, nothing to checkpoint yet
         print(f"stackgan {args.cmd}{where}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -421,9 +440,3 @@ def _main(argv: list[str]) -> int:
         kind = "error" if isinstance(err, UserError) else "transient error, exiting 75 (requeue)"
         print(f"stackgan {args.cmd}: {kind}{where}: {err}", file=sys.stderr, flush=True)
         return err.exit_code
-    except Exception as e:  # noqa: BLE001
-        from .trainer import Preempted
-
-        if isinstance(e, Preempted):
-            return e.exit_code
-        raise

@@ -79,8 +79,9 @@ def sections():
     hints = {f.name: f.type for f in dataclasses.fields(config.Config)}
     out = []
     for name, typ in hints.items():
-        cls = getattr(config, typ) if isinstance(typ, str) else typ
-        out.append((name, cls))
+        cls = getattr(config, typ, None) if isinstance(typ, str) else typ
+        if dataclasses.is_dataclass(cls):  # sections only (Config.notes is not one)
+            out.append((name, cls))
     return out
 
 
@@ -108,8 +109,9 @@ def render() -> str:
             key = f"{name}.{f.name}"
             meaning = f.metadata.get("help") or notes.get(f.name, "")
             extra = []
-            if key in choices and not all(str(c) in meaning for c in choices[key]):
-                extra.append("one of " + ", ".join(f"`{c}`" for c in choices[key]))
+            allowed = f.metadata.get("choices") or choices.get(key)
+            if allowed and not all(str(c) in meaning for c in allowed):
+                extra.append("one of " + ", ".join(f"`{c}`" for c in allowed))
             if name == "model" and f.name in model_defining:
                 extra.append("*model-defining*")
             meaning = "; ".join([m for m in [meaning] if m] + extra)

@@ -22,6 +22,10 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
+class ConfigError(UserError):
+    """A config file, key or value that is wrong (config.py names the key and the closest valid one)."""
+
+
 class DataError(UserError):
     """A dataset that is missing, malformed or does not match the config."""
 
@@ -55,3 +59,12 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when empty), for one-line error reports."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint a signal asked for is written; the CLI exits with ``exit_code`` (75 requeue
+    me; 130 after Ctrl-C). Not an error: the run resumes from that checkpoint."""
+
+    def __init__(self, exit_code: int = EXIT_REQUEUE):
+        super().__init__(exit_code)
+        self.exit_code = exit_code

@@ -10,7 +10,8 @@ from .checkpoint.contents import check_model_file
 from .checkpoint.manager import params_digest
 from .checkpoint.readers import load_newest
 from .errors import UserError
-from .models.build import build_models, build_stage1_generator
+from .models.build import build_models
+from .models.frozen import load_frozen_stage1
 from .train_state import read_checkpoint
 
 
@@ -35,11 +36,7 @@ def load_run(path: str, device: str = "cpu") -> LoadedRun:
     models.D.load_state_dict(st["D"])
     G1 = None
     if mc.stage == 2:
-        from .checkpoint.contents import model_config_from
-
-        G1 = build_stage1_generator(model_config_from(st["stage1_model_config"], ck, "stage1_model_config"))
-        G1.load_state_dict(st["stage1_G"])
-        G1 = G1.eval().requires_grad_(False).to(device)
+        G1 = load_frozen_stage1(st).G1.to(device)
     return LoadedRun(ck, tstate.step, mc.stage, models.G.eval().to(device), models.D.eval().to(device), G1,
                      mc, st.get("text_encoder", {}), st)
 

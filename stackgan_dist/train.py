@@ -1,11 +1,14 @@
-"""Training entry point: config -> Trainer(cfg).train(); always tears down the process group.
+"""Training entry point: config -> start checks and plan -> Trainer.build() -> train(); always tears down
+the process group.
 
-Every launcher (plain process, torchrun, srun, submitit, Ray Train) ends up calling ``run_training``.
+Every launcher (plain process, torchrun, srun, submitit, Ray Train) ends up calling ``run_training``; a dry
+run (``stackgan train --dry-run``, launchers before they submit) calls ``dry_run_checks``, which runs the
+same start checks (start.py) and returns the same plan, printed as JSON.
 """
 from __future__ import annotations
 
 from .config import Config
-from .distributed.env import DistEnv, init_distributed, probe_env, teardown
+from .distributed.env import DistEnv, init_distributed, planned_env, teardown
 from .observability.logging import setup_logging
 from .trainer import Trainer
 
@@ -27,21 +30,21 @@ def run_training(cfg: Config, fresh: bool = False, on_checkpoint=None) -> dict:
 
 
 def dry_run_checks(cfg: Config, fresh: bool = False, env: DistEnv | None = None) -> dict:
-    """Every check a start makes (``Trainer.check_start``: config, data and its text_dim, run directory and
-    lock, resume compatibility, the Stage-I checkpoint, precision on the device), without forming a process
-    group and without writing anything. ``env``: the layout to check for (default: this process's, as a
-    launcher set it up). -> a summary; raises the UserError a real start would raise."""
-    env = env or probe_env(cfg.train.device)
+    """Every check a start makes (start.check_start: config, data and its text_dim, run directory and lock,
+    resume compatibility, the plan's batch split and stop rule, the Stage-I checkpoint, the loader's share,
+    precision on the device), without forming a process group and without writing anything. ``env``: the
+    layout to check for (default: this process's, as a launcher set it up; ``planned_env`` plans another,
+    e.g. a CUDA layout from a login node). -> the plan and a summary; raises the UserError a real start
+    would raise."""
+    env = env or planned_env(cfg.train.device)
     t = Trainer(cfg, env, fresh=fresh, dry_run=True)
     try:
-        t.check_start()
+        plan = t.check_start()
     finally:
-        lock = getattr(t, "lock", None)
-        if lock is not None:
-            lock.release()  # the check may have taken an existing lock file's lock for a moment
-    return {"launcher": env.launcher, "world_size": env.world_size, "device": str(env.device),
-            "batch_per_worker": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-            "global_batch": t.global_batch, "run_dir": cfg.run.dir, "text_dim": cfg.model.text_dim,
-            "train_samples": t.data.num_samples, "test_samples": t.test_data.num_samples if t.test_data else 0,
-            "resume_from": t.resume_from, "finished": t.finished_at is not None,
-            "stage1_checkpoint": getattr(t, "stage1_ref", "") or None, "config": cfg.to_dict()}
+        t.lock.release()  # the check may have taken an existing lock file's lock for a moment
+    c = t.cfg
+    return plan.to_dict() | {
+        "launcher": env.launcher, "world_size": env.world_size, "device": str(env.device), "run_dir": c.run.dir,
+        "text_dim": c.model.text_dim, "train_samples": t.data.num_samples,
+        "test_samples": t.test_data.num_samples if t.test_data else 0, "finished": plan.finished,
+        "stage1_checkpoint": t.stage1.ref if t.stage1 else None, "banner": plan.banner(), "config": c.to_dict()}

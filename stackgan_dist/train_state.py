@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint.state import numpy_state_from_safe, numpy_state_to_safe, to_cpu
-from .config import MODEL_DEFINING_KEYS, Config, model_defining
+from .config import MODEL_DEFINING_KEYS, Config, ModelConfig, model_defining
 from .distributed import unwrap
 from .errors import CheckpointError
 
@@ -47,6 +47,7 @@ class Schedule:
     ckpt_every_images: int = 0
     sample_every_steps: int = 0
     sample_every_images: int = 0
+    warmup_images: int = 0  # linear lr warmup over this many images seen (train.lr_warmup_epochs)
 
     @classmethod
     def from_config(cls, cfg: Config, epoch_images: int) -> "Schedule":
@@ -57,7 +58,7 @@ class Schedule:
         s = cls(epoch_images=epoch_images,
                 max_images=images(t.max_epochs), lr_decay_images=images(t.lr_decay_epochs),
                 ckpt_every_images=images(cfg.checkpoint.every_epochs),
-                sample_every_images=images(cfg.log.sample_every_epochs))
+                sample_every_images=images(cfg.log.sample_every_epochs), warmup_images=images(t.lr_warmup_epochs))
         s.max_steps = 0 if s.max_images else t.max_steps
         s.lr_decay_steps = 0 if s.lr_decay_images else t.lr_decay_steps
         s.ckpt_every_steps = 0 if s.ckpt_every_images else cfg.checkpoint.every_steps
@@ -72,6 +73,17 @@ class Schedule:
         if self.lr_decay_images:
             return st.images_seen // self.lr_decay_images
         return st.step // self.lr_decay_steps if self.lr_decay_steps else 0
+
+    def lr_factor(self, st: "TrainState", decay_factor: float, global_batch: int) -> float:
+        """The multiplier on the (batch-scaled) learning rates for the step about to run: the decays so far,
+        times the linear warmup (the first step at global_batch / warmup_images of the peak)."""
+        f = decay_factor ** self.lr_factor_exponent(st)
+        if self.warmup_images and st.images_seen < self.warmup_images:
+            f *= min(1.0, (st.images_seen + global_batch) / self.warmup_images)
+        return f
+
+    def warmup_steps(self, global_batch: int) -> int:
+        return math.ceil(self.warmup_images / global_batch) if self.warmup_images else 0
 
     @staticmethod
     def _due(st: "TrainState", before: int, every_steps: int, every_images: int) -> bool:
@@ -157,6 +169,28 @@ def _from_v1(saved: dict) -> TrainState:
     cursor = {"kind": "rank_batches", "batches": step * accum, "world_size": ws,
               "num_workers": int(cfg.get("data", {}).get("num_workers", 0))}
     return TrainState(step=step, images_seen=images, epoch=int(saved.get("epoch", 0)), cursor=cursor)
+
+
+def check_resume_compatible(saved_model_config: dict, cfg: Config, ck: str) -> None:
+    """The model-defining keys must match; a key the checkpoint predates counts as its default then (e.g.
+    model.d_condition, added after version-1 checkpoints were written, was "text" for all of them)."""
+    cur, default = model_defining(cfg), ModelConfig()
+    for k in MODEL_DEFINING_KEYS:
+        was = saved_model_config.get(k, getattr(default, k))
+        if was != cur[k]:
+            raise CheckpointError(f"cannot resume from {ck}: model.{k} changed ({was!r} -> {cur[k]!r}); "
+                                  "this changes the model's shape. Use a new run.dir")
+
+
+def saved_batch_layout(saved: dict) -> tuple[int, int, int] | None:
+    """(per-worker batch, grad_accum, world size) a checkpoint trained with, from its recorded config; None
+    where the record is missing or malformed (the resume then takes the configured batch as it is)."""
+    try:
+        t = saved["config"]["train"]
+        out = (int(t["batch_size"]), int(t.get("grad_accum", 1)), int(saved["world_size"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return out if min(out) > 0 else None
 
 
 def saved_step(saved: dict, ck: str) -> int:

@@ -140,7 +140,7 @@ def test_deepspeed_maps_bf16_hook_and_bucket_size(tmp_path):
     import json
 
     from stackgan_dist.config import load_config
-    from stackgan_dist.distributed.deepspeed import build_ds_config
+    from stackgan_dist.distributed.deepspeed import build_ds_config, validate_settings
     from stackgan_dist.errors import UserError
 
     cfg = load_config(None, ["train.backend=deepspeed", "train.zero_stage=2", "distributed.comm_hook=bf16",
@@ -154,8 +154,9 @@ def test_deepspeed_maps_bf16_hook_and_bucket_size(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"communication_data_type": "fp16"}))
     with pytest.raises(UserError, match="disagrees with distributed.comm_hook=bf16"):
-        load_config(None, ["train.backend=deepspeed", "distributed.comm_hook=bf16",
-                           f"train.deepspeed_config={user}"])
+        # checked at start (config.py imports nothing of distributed/): validate_settings is that check
+        validate_settings(load_config(None, ["train.backend=deepspeed", "distributed.comm_hook=bf16",
+                                             f"train.deepspeed_config={user}"]))
 
 
 

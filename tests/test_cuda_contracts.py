@@ -211,15 +211,17 @@ def test_deepspeed_engine_from_our_bf16_config_trains_a_batchnorm_model_on_cpu(t
 # -- loader workers from the CPUs a rank is granted (slurm/train.sbatch asks for 8 per task) ---------------
 
 def test_auto_num_workers_follow_the_granted_cpus():
-    from stackgan_dist.config import auto_num_workers, granted_cpus, load_config
+    from stackgan_dist.config import load_config
+    from stackgan_dist.distributed.env import auto_num_workers, granted_cpus, resolve_num_workers
 
     assert granted_cpus({}, set(range(12))) == 12
     assert granted_cpus({"SLURM_CPUS_PER_TASK": "8"}, set(range(64))) == 8  # no task binding: whole node visible
     assert granted_cpus({"SLURM_CPUS_PER_TASK": "8"}, {0, 1}) == 2  # bound tighter than asked
     assert granted_cpus({"SLURM_CPUS_PER_TASK": "x"}, {0, 1, 2}) == 3
     assert [auto_num_workers(n) for n in (1, 2, 8, 64)] == [0, 1, 7, 16]
-    cfg = load_config(None, ["data.num_workers=auto"])
-    assert cfg.data.num_workers == auto_num_workers(granted_cpus()) and isinstance(cfg.data.num_workers, int)
+    cfg = load_config(None, ["data.num_workers=auto"])  # resolved at start, on the node that runs
+    resolved = resolve_num_workers(cfg.data.num_workers)
+    assert resolved == auto_num_workers(granted_cpus()) and isinstance(resolved, int)
     assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
 
 

@@ -64,6 +64,79 @@ def detect_launcher() -> str:
     return "single"
 
 
+def granted_cpus(environ=os.environ, affinity: set | None = None) -> int:
+    """CPUs this process may use: its CPU affinity (what cgroups / srun binding allow), and no more than
+    Slurm's SLURM_CPUS_PER_TASK where that is set (without task binding the affinity can be the whole node)."""
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    n = max(1, len(affinity))
+    try:
+        slurm = int(environ.get("SLURM_CPUS_PER_TASK", ""))
+    except ValueError:
+        slurm = 0
+    return min(n, slurm) if slurm > 0 else n
+
+
+def auto_num_workers(cpus: int, cap: int = 16) -> int:
+    """Loader workers for ``data.num_workers=auto``: one CPU stays with the training process, the rest decode
+    (at most ``cap``); one CPU: the training process loads itself (0 workers). The data partition does not
+    depend on the worker count, so this may differ between runs of one job."""
+    return max(0, min(cpus - 1, cap))
+
+
+def resolve_num_workers(configured: int) -> int:
+    """``data.num_workers`` for this process: AUTO (-1) is resolved here, at start, on the node that runs."""
+    return auto_num_workers(granted_cpus()) if configured < 0 else configured
+
+
+def under_batch_system(environ=os.environ) -> bool:
+    """Whether a Slurm job or a Ray worker runs us: their logs are files, not terminals."""
+    return "SLURM_JOB_ID" in environ or environ.get("STACKGAN_LAUNCHER") == "ray" or "RAY_JOB_ID" in environ
+
+
+def ranks_on_this_node(environ=os.environ) -> int:
+    """How many ranks share this node, as the launcher says (torchrun LOCAL_WORLD_SIZE, Slurm's tasks per
+    node: "8", "8(x2)" or "4,3", the first count being ours when SLURM_NODEID is 0); 1 when none says."""
+    if environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(environ["LOCAL_WORLD_SIZE"]))
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or ""
+    m = re.match(r"(\d+)", per_node)
+    return max(1, int(m.group(1))) if m else 1
+
+
+def unused_cuda_devices(device: torch.device, environ=os.environ) -> int:
+    """CUDA devices this rank sees beyond one per rank on its node (0 on CPU): GPUs nobody uses, usually a job
+    shape that starts fewer tasks than GPUs (sbatch --gpus-per-node=8 without --ntasks-per-node=8)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return max(0, torch.cuda.device_count() - ranks_on_this_node(environ))
+
+
+def set_backend_flags(deterministic: bool, device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions and cuDNN autotuning on CUDA, unless runs must be bitwise."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def planned_env(device: str = "auto", world_size: int | None = None) -> DistEnv:
+    """The layout a dry run checks: this process's (``probe_env``), or ``world_size`` ranks (``--nodes N
+    --tasks-per-node T``) seen from rank 0. ``device="cuda"`` plans a CUDA run on a host without one (a
+    login node): the device is then ``cuda:LOCAL_RANK`` unchecked, every other check runs."""
+    env = probe_env(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        env.device = torch.device("cuda", env.local_rank)
+    if world_size is not None:
+        env.rank, env.world_size, env.local_rank = 0, world_size, 0
+    return env
+
+
 def probe_env(device: str = "auto") -> DistEnv:
     """This process's rank, world size and device as ``init_distributed`` would find them, without forming a
     group (a dry run checks a start and writes nothing). WORLD_SIZE / SLURM_NTASKS alone (no rank) describe

@@ -1,4 +1,5 @@
-"""The one factory that turns a ModelConfig into networks."""
+"""The one factory that turns a ModelConfig into networks (Stage-II's frozen Stage-I generator comes from a
+checkpoint: models/frozen.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from .stage2 import Stage2Discriminator, Stage2Generator
 class Models:
     G: nn.Module
     D: nn.Module
-    G1: nn.Module | None = None  # Stage-II only: the frozen Stage-I generator (no grads; see frozen_stage1_forward)
 
 
 def build_stage1_generator(m) -> Stage1Generator:
@@ -24,17 +24,15 @@ def build_stage1_generator(m) -> Stage1Generator:
 
 
 def build_models(m) -> Models:
-    """``m`` is a ModelConfig. Stage-II's G1 is built here but its weights come from the Stage-I checkpoint."""
+    """``m`` is a ModelConfig -> G and D of its stage, freshly initialised."""
     if m.text_dim is None:  # the trainer resolves it from the dataset first (data.read.loader.dataset_text_dim)
         raise ValueError("model.text_dim is unset: resolve it from the dataset before building the models")
     if m.stage == 1:
         G = build_stage1_generator(m)
         D = Stage1Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
-        G1 = None
     else:
         G = Stage2Generator(m.text_dim, m.condition_dim, m.gf_dim, m.res_blocks, m.ca_relu, m.g_padding)
         D = Stage2Discriminator(m.text_dim, m.condition_dim, m.df_dim, m.d_condition)
-        G1 = None
     G.apply(init_weights)
     D.apply(init_weights)
-    return Models(G=G, D=D, G1=G1)
+    return Models(G=G, D=D)

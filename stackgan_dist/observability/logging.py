@@ -1,8 +1,25 @@
-"""Every rank logs warnings and errors with its rank; only rank 0 logs info."""
+"""Every rank logs warnings and errors with its rank; only rank 0 logs info.
+
+Two streams: ``stackgan_dist`` (stderr, stamped with time and rank: the banner, step lines, warnings) and
+``stackgan_dist.user`` (stdout, the bare line: what a run tells its user and scripts read, such as "resumed
+from CKPT at step N", "received SIGTERM: ...", the end summary).
+"""
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import sys
+
+user_log = logging.getLogger("stackgan_dist.user")
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to the current sys.stdout (a test's capture, a redirected stream), flushed per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stdout)
+        super().emit(record)
 
 
 def setup_logging(rank: int = 0, level: str = "INFO") -> None:
@@ -13,3 +30,24 @@ def setup_logging(rank: int = 0, level: str = "INFO") -> None:
     root.addHandler(h)
     root.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
     root.propagate = False
+    user_log.handlers.clear()
+    user_log.addHandler(_Stdout(sys.stdout))
+    user_log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    user_log.propagate = False
+
+
+def show_progress(setting: str, is_main: bool, batch_job: bool, stream=None) -> bool:
+    """The tqdm bar for ``log.progress``: "true"/"false" as said; "auto" only on rank 0 with stderr on a
+    terminal outside a batch job (a job log is a file: a bar there is one endless carriage-return line)."""
+    stream = sys.stderr if stream is None else stream
+    if not is_main or setting == "false":
+        return False
+    return setting == "true" or (not batch_job and hasattr(stream, "isatty") and stream.isatty())
+
+
+def resume_hint(run_dir: str) -> str:
+    """How to resume a stopped run, for the line its stop prints: this command again, without --fresh."""
+    argv = [a for a in sys.argv[1:] if a != "--fresh"]
+    if os.path.basename(sys.argv[0]) in ("stackgan", "__main__.py") and argv[:1] == ["train"]:
+        return "stackgan " + shlex.join(argv)
+    return f"the same command without --fresh (it resumes from {run_dir}/checkpoints)"

@@ -15,7 +15,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, _yaml_load, load_config, parse_override
+from ..config import ConfigError, load_config, parse_override
+from ..config_parse import yaml_load as _yaml_load
 
 TOP_KEYS = ("name", "base", "stage", "dir", "overrides", "grid", "random", "seeds", "trials", "seed", "metric",
             "early_stop")
