@@ -20,9 +20,6 @@ import yaml
 from .config_parse import closest_key, coerce, flatten, parse_override, yaml_load
 from .errors import ConfigError  # noqa: F401 -- callers import ConfigError and parse_override from here
 
-
-
-
 # -- the rule of each key, beside its field ----------------------------------------------------------------
 # ``one_of``: the allowed values (the first is the default); ``num``: a range, checked by ``validate``;
 # rules that tie several keys together are in the section's ``check()``, next to the fields they tie.
@@ -192,7 +189,8 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    """Gradient communication (default: plain fp32 all-reduce). Not model-defining: a resume may change it."""
+    """Gradient communication (default: plain fp32 all-reduce). Not model-defining: a resume may change it.
+    See docs/precision.md and distributed/comm_hooks.py."""
     # none | fp16 | bf16 (gradients cast for the all-reduce, fp32 again after) | powersgd (low-rank, error
     # feedback; DDP only). DeepSpeed: fp16/bf16 become its communication_data_type, powersgd is refused
     comm_hook: str = one_of("none", "fp16", "bf16", "powersgd")
@@ -207,8 +205,12 @@ class DistributedConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Gradient communication (default: plain fp32 all-reduce). Not model-defining: a resume may change it.
-    See docs/precision.md and distributed/comm_hooks.py."""
+    every_steps: int = num(500, **POSITIVE)  # used when every_epochs is 0
+    every_epochs: float = num(0.0, **NON_NEGATIVE)  # > 0: a checkpoint each time this many epochs are seen
+    every_minutes: float = num(0.0, **NON_NEGATIVE)  # 0: off (checked every train.stop_check_every steps)
+    keep_last: int = num(3, **POSITIVE)  # the newest valid checkpoints kept; older ones are removed after each commit
+    max_restarts: int = num(5, lo=1)  # restarts without progress past the resumed step before giving up
+    signal: str = one_of("USR1", "USR2", "TERM")  # the warning signal the scheduler sends before a time limit
     background: bool = True  # write files in a background thread after copying state to CPU
 
 

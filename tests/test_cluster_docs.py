@@ -1,6 +1,7 @@
-"""The cluster commands docs/clusters.md shows are true: each `slurm/pipeline.sh` and `launch/ray_job.py` line
+"""The cluster commands docs/clusters.md and README.md show are true: each `slurm/pipeline.sh` and `launch/ray_job.py` line
 runs, as written, up to the point that needs the cluster (shared paths pointed at a small prepared dataset and
-a temporary folder): the pipeline passes both dry runs at the shape it shows and only then calls sbatch (an
+a temporary folder): a `stackgan train` line passes the `--dry-run` (its `train.device=cuda` planned on this
+CPU host); the pipeline passes both dry runs at the shape it shows and only then calls sbatch (an
 sbatch on PATH that fails loudly stands for the cluster); the Ray line passes its config and job-shape
 checks and only then looks for the cluster (an address nothing listens on)."""
 from __future__ import annotations
@@ -12,13 +13,13 @@ import subprocess
 
 import pytest
 
-from conftest import PY, REPO
+from conftest import PY, REPO, cli_main
 
-DOC = os.path.join(REPO, "docs", "clusters.md")
+DOCS = [os.path.join(REPO, "docs", "clusters.md"), os.path.join(REPO, "README.md")]
 
 
 def commands(prefix: str) -> list[str]:
-    text = open(DOC).read()
+    text = "".join(open(d).read() for d in DOCS)
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -33,6 +34,7 @@ def localise(cmd: str, data, tmp_path) -> list[str]:
 
 PIPELINES = commands("slurm/pipeline.sh configs/")
 RAY = commands(".venv/bin/python launch/ray_job.py")
+TRAIN = [c for c in commands("stackgan train configs/") if "device=cuda" in c]
 
 
 def test_the_docs_show_the_commands_checked_here():
@@ -60,3 +62,12 @@ def test_ray_lines_pass_their_checks(cmd, synth_data, tmp_path):
     p = subprocess.run([PY, *argv[1:]], capture_output=True, text=True, cwd=REPO, timeout=120,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert p.returncode == 2 and "cannot reach the Ray Jobs API at http://127.0.0.1:9" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("cmd", TRAIN)
+def test_gpu_train_lines_pass_the_dry_run_here(cmd, synth_data, tmp_path):
+    """The smoke test README shows plans on a host without a GPU and stops where it says."""
+    argv = localise(cmd, synth_data, tmp_path)[1:] + ["--dry-run"]
+    p = cli_main(*argv)
+    assert p.returncode == 0, p.stderr
+    assert '"max_steps": 200' in p.stdout or "stops at step 200" in p.stdout, p.stdout[-2000:]

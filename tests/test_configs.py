@@ -15,8 +15,9 @@ from stackgan_dist.config import load_config, preset_overrides
 
 CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"),
                                                              recursive=True))
-PRESETS = [p for p in CONFIGS if p.startswith(os.path.join("configs", "presets") + os.sep)]
-FULL = [p for p in CONFIGS if p not in PRESETS]
+PRESETS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "stackgan_dist", "presets", "*.yaml")))
+SWEEPS = [p for p in CONFIGS if p.startswith(os.path.join("configs", "sweeps") + os.sep)]  # sweep files, not configs
+FULL = [p for p in CONFIGS if p not in SWEEPS]
 PAPER = [f"configs/{ds}/stage{s}.yaml" for ds in ("birds", "flowers") for s in (1, 2)]
 
 
