@@ -11,7 +11,7 @@ DEMO_RUN := runs/demo
 DEMO_SHAPE_RUN := runs/demo-shape
 DEMO_NPROC ?= 2
 
-.PHONY: demo demo-shape test test-fast test-gpu gpu-wheels bench clean-demo venv venv-full
+.PHONY: demo demo-shape test test-fast ds-op test-gpu gpu-wheels bench clean-demo venv venv-full
 
 $(BIN)/.core:
 	$(PY) -m venv $(VENV)
@@ -63,13 +63,19 @@ clean-demo:
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 tests --ignore=tests/gpu
 
-test: $(BIN)/.full
+test: $(BIN)/.full ds-op
 	bash tests/cluster/start_clusters.sh
 	$(PYTEST)
 
 # the quick loop: no cluster tests
-test-fast: $(BIN)/.full
+test-fast: $(BIN)/.full ds-op
 	$(PYTEST) -m "not cluster"
+
+# DeepSpeed JIT-builds its CPU communication op on first use (1-4 minutes on 2 cores): built once here, before
+# pytest, so that no test spends its timeout compiling and no test killed mid-build leaves torch's build lock
+# (~/.cache/torch_extensions/.../lock) behind for every later DeepSpeed process to wait on
+ds-op: $(BIN)/.full
+	set -o pipefail; $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" 2>&1 | tail -1
 
 # -- the GPU machine -------------------------------------------------------------------------------------------
 # It reaches no package registry and has its own CUDA torch (2.11), numpy, pillow, pyyaml, tqdm, pytest,
