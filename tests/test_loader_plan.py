@@ -167,6 +167,6 @@ def test_dry_run_refuses_too_many_slots_and_a_dataset_under_one_global_batch(syn
     """What the real start refuses, the dry run refuses first, in one line (exit 2): 10^9 slots (it used to
     pass the dry run, then spin), 96 samples for 32 ranks x batch 4."""
     base = ["train", CFG1, "--dry-run", *tiny_overrides(synth_data, tmp_path / "run")]
-    one_line_error(run_cli(*base, "data.slots=1000000000"), "data.slots=1000000000", "96 samples", rc=2)
+    one_line_error(run_cli(*base, "data.slots=1000000000"), "data.slots", "1000000000", "96 samples", rc=2)
     one_line_error(run_cli(*base, env={"WORLD_SIZE": "32"}), "too small for one global batch of 128", rc=2)
     assert not os.path.exists(tmp_path / "run")
