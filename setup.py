@@ -30,7 +30,7 @@ setup(
     description="Distributed, fault-tolerant StackGAN training on Slurm and Ray",
     packages=find_packages(include=["stackgan_dist", "stackgan_dist.*"]),
     # presets ship inside the package: `--preset authors` must work after a non-editable `pip install .`
-    package_data={"stackgan_dist": ["presets/*.yaml"]},
+    package_data={"stackgan_dist": ["presets/*.yaml", "sweep/*.sh"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -195,3 +195,16 @@ def test_os_errors_map_to_exit_codes_by_cause():
     for code in (errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EPERM):
         e = os_error(OSError(code, os.strerror(code)), "x")
         assert isinstance(e, UserError) and e.exit_code == 2
+
+
+def test_a_tensorboard_folder_linked_out_of_the_run_is_refused(tmp_path):
+    """TensorBoard writes RUN/tb itself: the folder is checked first, so a link planted there (tar, cp -a and
+    rsync -a keep links) sends no event file outside the run."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(outside, run / "tb")
+    with pytest.raises(RunFileError, match="symbolic link"):
+        MetricsWriter(str(run), True)
+    assert os.listdir(outside) == []

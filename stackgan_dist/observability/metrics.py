@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..checkpoint.files import check_entry, open_append, open_read, os_error, write_atomic
+from ..checkpoint.files import check_entry, open_append, open_read, os_error, run_subdir, write_atomic
 
 log = logging.getLogger("stackgan_dist.metrics")
 
@@ -55,7 +55,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+                self.tb = SummaryWriter(run_subdir(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 self.tb = None
 

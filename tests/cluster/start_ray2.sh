@@ -53,7 +53,8 @@ if [ "${1:-}" = "--node2-only" ]; then
   echo "second ray node started ($node2)"; exit 0
 else
   n="$(count_nodes)"
-  if [ "$n" = 2 ]; then echo "two-node ray already up (http://$head:$dash_port)"; exit 0; fi
+  # the GCS may still list a killed second node as alive: its raylet must be running too
+  if [ "$n" = 2 ] && [ -n "$(node2_pids)" ]; then echo "two-node ray already up (http://$head:$dash_port)"; exit 0; fi
   if [ "$n" = 0 ]; then
     "$ray" start --head --node-ip-address "$head" --port "$gcs_port" --dashboard-host "$head" \
       --dashboard-port "$dash_port" --num-cpus "$cpus" --include-dashboard true --temp-dir /tmp/ray2 \
