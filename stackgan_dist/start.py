@@ -87,7 +87,8 @@ def check_start(cfg: Config, env: DistEnv, fresh: bool, dry_run: bool, lock: Run
             fn()
 
     refuse_cpu_amp(cfg.train.precision, env.device)  # what the strategy refuses later, before reading data
-    agreed(lock.check)  # another live run on this run.dir: refused before reading it
+    # another live run on this run.dir: refused before reading it (a dry run tests the lock, never holds it)
+    agreed(lambda: lock.check(take=not dry_run))
     data = resolve_dataset(cfg.data.train, shard_url=cfg.data.shard_url, key="data.train")
     cfg.model.text_dim = dataset_text_dim(data, cfg.model.text_dim, "data.train")
     first_sample_check(data, cfg.model.text_dim, "data.train")

@@ -38,10 +38,7 @@ def dry_run_checks(cfg: Config, fresh: bool = False, env: DistEnv | None = None)
     would raise."""
     env = env or planned_env(cfg.train.device)
     t = Trainer(cfg, env, fresh=fresh, dry_run=True)
-    try:
-        plan = t.check_start()
-    finally:
-        t.lock.release()  # the check may have taken an existing lock file's lock for a moment
+    plan = t.check_start()  # tests the run's lock without taking it: a live run's own start is never blocked
     c = t.cfg
     return plan.to_dict() | {
         "launcher": env.launcher, "world_size": env.world_size, "device": str(env.device), "run_dir": c.run.dir,

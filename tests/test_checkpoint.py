@@ -465,6 +465,35 @@ def test_second_run_on_a_run_dir_is_refused_and_a_dead_holder_does_not_block(syn
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def test_a_dry_run_tests_the_lock_and_never_holds_it(synth_data, base_run, tmp_path, monkeypatch):
+    """A dry run (``stackgan train --dry-run``, a sweep asking whether a trial is done, the Ray driver's check)
+    refuses a live run by testing its lock (F_GETLK), and never takes the lock, not even for a moment: a
+    sweep's check once held it just when Slurm restarted the trial's requeued job, which was refused."""
+    import fcntl
+    import socket
+
+    from stackgan_dist.config import load_config
+    from stackgan_dist.train import dry_run_checks
+
+    run = _copy(base_run, tmp_path / "run")
+    cfg = lambda: load_config("configs/demo/stage1.yaml",  # noqa: E731
+                              tiny_overrides(synth_data, run, 1, steps=4, extra=["checkpoint.every_steps=2"]))
+    taken = []
+    real_lockf = fcntl.lockf
+    monkeypatch.setattr(fcntl, "lockf", lambda fd, op, *a: (taken.append(op), real_lockf(fd, op, *a))[1])
+    assert dry_run_checks(cfg())["finished"] is True
+    holder = _holder(run)
+    try:
+        with pytest.raises(UserError, match="is in use by another run") as e:
+            dry_run_checks(cfg())
+        assert f"host {socket.gethostname()}, pid {holder.pid}" in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert dry_run_checks(cfg())["finished"] is True  # the dead holder's lock went with it
+    assert taken == []
+
+
 def test_finished_run_says_so_and_writes_nothing(synth_data, base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
     before = snapshot(run)

@@ -99,6 +99,7 @@ def test_a_preempted_array_task_resumes_its_trial_exactly(local_digests, synth_d
     from its own run directory; the rerun of the sweep command waits for the array (it does not submit twice)
     and finds the weights of the uninterrupted local trial."""
     from conftest import Rendezvous, wait_until
+    from slurm_helpers import release_requeued
 
     f = sweep_file(tmp_path, synth_data, "pre")
     doc = yaml.safe_load(f.read_text())
@@ -112,11 +113,8 @@ def test_a_preempted_array_task_resumes_its_trial_exactly(local_digests, synth_d
                diagnose=lambda: str(_job_state(task)) + (tmp_path / "pre" / "slurm" / "stage1" / "0.err").read_text())
     subprocess.run(["scancel", "--signal=USR1", task], check=True, timeout=60)
     rz.go()
-    # requeued tasks wait for a begin time (~2 min): start it as soon as the old incarnation has ended
-    wait_until(lambda: _job_state(task).get("JobState") == "PENDING" or int(_job_state(task).get("Restarts", 0)) > 0,
-               "the task to be requeued", timeout=600, poll=0.2, diagnose=lambda: str(_job_state(task)))
-    if _job_state(task).get("JobState") == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], timeout=60)
+    # requeued tasks wait for a begin time (~2 min): started as soon as the old incarnation's steps are gone
+    release_requeued(_job_state(task)["JobId"], str(tmp_path / "pre" / "slurm" / "stage1" / "0.err"))
     p = sweep(f, "--on", "slurm")
     assert "still run; waiting for them" in p.stdout or "finished (left as it is)" in p.stdout, p.stdout
     out = (tmp_path / "pre" / "slurm" / "stage1" / "0.out").read_text()

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 import time
 
 from ..errors import UserError
@@ -71,13 +72,41 @@ class RunLock:
         self.fd = fd
         return True
 
-    def check(self) -> None:
+    def _probe(self) -> None:
+        """Refuses if another process holds the lock, without taking it (``F_GETLK``): a dry run, or a sweep
+        asking whether a trial is done, must never hold the lock for a moment, or the run's own start (a
+        requeued job) could be refused in that moment."""
+        try:
+            fd = open_fd(self.path, os.O_RDONLY, "lock file")
+        except UserError:
+            if not os.path.lexists(self.path):
+                return
+            raise
+        try:  # struct flock: l_type, l_whence, l_start, l_len, l_pid (native layout, padded to 8 bytes)
+            query = struct.pack("@hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            query += b"\0" * (-len(query) % 8)
+            l_type = struct.unpack_from("@h", fcntl.fcntl(fd, fcntl.F_GETLK, query))[0]
+        except OSError as e:
+            raise UserError(f"cannot test the lock of {self.path} ({e.strerror}); run.dir must be on a filesystem "
+                            "with POSIX locks (local, or NFS v4)") from None
+        finally:
+            os.close(fd)
+        if l_type != fcntl.F_UNLCK:
+            raise RunLocked(f"run.dir {self.run_dir} is in use by another run ({self._holder()}); wait for it "
+                            f"to end or stop it, or give this run another run.dir")
+
+    def check(self, take: bool = True) -> None:
         """Refuses a run.dir that cannot hold a run (``check_run_dir``), and refuses at once if another live
-        process holds an existing lock file. Creates nothing."""
+        process holds an existing lock file. Creates nothing. ``take``: keep the lock from here on (a start);
+        else only test it (a dry run: the lock is never held, not even for a moment)."""
         check_run_dir(self.run_dir)
         check_run_entries(self.run_dir)  # links, special files, files where folders belong: refused now
-        if not self.held and os.path.lexists(self.path):
+        if self.held or not os.path.lexists(self.path):
+            return
+        if take:
             self._try_lock(create=False)
+        else:
+            self._probe()
 
     def acquire(self) -> None:
         """Takes the lock (creating run.dir and the lock file if needed) and records this process as holder."""
