@@ -96,16 +96,30 @@ def test_wrong_typed_run_entries_are_permanent_and_found_at_start(synth_data, tm
     assert sorted(os.listdir(run)) == [name], "a refused start wrote into the run directory"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: nothing to refuse")
+def _read_only(path, on: bool) -> None:
+    """A folder nobody may write into: mode 555, and for root (CI runs as root, and root writes through a
+    mode) the immutable attribute, which the kernel enforces for root too."""
+    if on:
+        os.chmod(path, 0o555)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True, capture_output=True, timeout=60)
+    if not on:
+        os.chmod(path, 0o755)
+
+
 def test_read_only_checkpoints_folder_is_permanent(synth_data, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    os.chmod(run / "checkpoints", 0o555)
+    _read_only(run / "checkpoints", True)
     try:
+        with pytest.raises(OSError):  # really read-only for this user
+            (run / "checkpoints" / "probe").write_bytes(b"")
         rc = main(["train", "configs/demo/stage1.yaml", *tiny_overrides(synth_data, run, 1, steps=2), "--dry-run"])
     finally:
-        os.chmod(run / "checkpoints", 0o755)
-    assert rc == 2 and "not writable" in capsys.readouterr().err
+        _read_only(run / "checkpoints", False)
+    err = capsys.readouterr().err
+    assert rc == 2 and "not writable" in err and err.strip().count("\n") == 0, err
+    assert os.listdir(run / "checkpoints") == []
 
 
 def test_report_skips_junk_metrics_lines_and_survives_an_unreadable_newest_grid(tmp_path, capsys):
