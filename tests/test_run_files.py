@@ -208,3 +208,27 @@ def test_a_tensorboard_folder_linked_out_of_the_run_is_refused(tmp_path):
     with pytest.raises(RunFileError, match="symbolic link"):
         MetricsWriter(str(run), True)
     assert os.listdir(outside) == []
+
+
+def test_a_file_removed_between_its_check_and_its_open_reads_as_absent(tmp_path, monkeypatch):
+    """A live run prunes a checkpoint while a reader opens it: the lstat saw the file, the open finds it gone.
+    That is absence (the reader takes the newest checkpoint again), not an error that ends the command."""
+    from stackgan_dist.checkpoint import files
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"x")
+    real_open = os.open
+
+    def pruned_first(p, flags, mode=0o777, **kw):
+        if str(p) == str(path):
+            os.unlink(path)
+        return real_open(p, flags, mode, **kw)
+
+    monkeypatch.setattr(files.os, "open", pruned_first)
+    assert files.open_read(str(path), "checkpoint file") is None
+    path.write_bytes(b"x")
+    assert files.read_bounded(str(path), 10, "checkpoint file") is None
+    path.mkdir()  # anything else that fails the open is still an error
+    monkeypatch.setattr(files.os, "open", real_open)
+    with pytest.raises(UserError):
+        files.open_read(str(path), "checkpoint file")

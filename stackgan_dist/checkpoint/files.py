@@ -113,7 +113,12 @@ def open_read(path: str, what: str = "run file", max_bytes: int | None = None, b
     """A regular file opened for reading, or a RunFileError (a FIFO, a link, too large). None when absent."""
     if check_entry(path, "file") is None:
         return None
-    fd = open_fd(path, os.O_RDONLY, what, rewrite=False)
+    try:
+        fd = open_fd(path, os.O_RDONLY, what, rewrite=False)
+    except UserError:
+        if not os.path.lexists(path):  # removed between the check and the open (a checkpoint pruned meanwhile)
+            return None
+        raise
     size = os.fstat(fd).st_size
     if max_bytes is not None and size > max_bytes:
         os.close(fd)
