@@ -121,12 +121,20 @@ def snapshot(d) -> dict:
 
 
 def run_cli(*args, timeout=600, env=None, check=False, cwd=REPO):
-    """Runs `python -m stackgan_dist ARGS` in a real process; returns CompletedProcess."""
+    """Runs `python -m stackgan_dist ARGS` in a real process; returns CompletedProcess. The process is forked
+    from this worker's fork server (tests/zygote.py: the imports paid once) where its environment allows,
+    else a fresh interpreter."""
+    from zygote import zygote
+
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "1")
     e.update(env or {})
-    p = subprocess.run([PY, "-m", "stackgan_dist", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=cwd)
+    z = zygote(PY, REPO)
+    if z is not None and z.accepts(e, cwd):
+        p = z.run([str(a) for a in args], e, str(cwd), timeout)
+    else:
+        p = subprocess.run([PY, "-m", "stackgan_dist", *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}")
     return p
@@ -218,8 +226,9 @@ def digests(d, rank):
 
 
 def inspect_run(run) -> dict:
-    """``stackgan inspect RUN`` as a dict (step, stage, valid, params_sha256, ...)."""
-    return json.loads(run_cli("inspect", run, check=True).stdout)
+    """``stackgan inspect RUN`` as a dict (step, stage, valid, params_sha256, ...), run in this process (a read:
+    no process behaviour to check, and a torch import saved per call; test_cli checks the command itself)."""
+    return json.loads(cli_main("inspect", run, check=True).stdout)
 
 
 def digest(run) -> str:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from conftest import PY, REPO, cli_main, one_line_error, run_cli, snapshot, tiny_overrides
+from conftest import PY, REPO, cli_main, inspect_run, one_line_error, run_cli, snapshot, tiny_overrides
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_inspect_and_sample(stage1_run, tmp_path):
     info = json.loads(p.stdout)
     assert info["step"] == 4 and info["stage"] == 1 and info["valid"] is True and len(info["params_sha256"]) == 64
     # the checkpoint folder and `latest` name the same checkpoint
-    assert json.loads(run_cli("inspect", stage1_run / "checkpoints/latest", check=True).stdout)["params_sha256"] \
+    assert inspect_run(stage1_run / "checkpoints/latest")["params_sha256"] \
         == info["params_sha256"]
     out = tmp_path / "grid.png"
     run_cli("sample", stage1_run, "--text", "a red circle on a blue background", "--text", "a white square",
@@ -52,7 +52,7 @@ def test_stage2_train_sample_eval(stage1_run, synth_data, tmp_path):
     run = tmp_path / "s2"
     run_cli("train", "configs/demo/stage2.yaml",
             *tiny_overrides(synth_data, run, 2, steps=2, extra=[f"model.stage1_checkpoint={stage1_run}"]), check=True)
-    info = json.loads(run_cli("inspect", run, check=True).stdout)
+    info = inspect_run(run)
     assert info["stage"] == 2 and info["step"] == 2
     # the demo's Stage-II config turns on the colour term: it is logged beside the other losses
     rec = [json.loads(x) for x in open(run / "metrics.jsonl")][-1]
@@ -159,7 +159,7 @@ def test_sample_from_precomputed_embeddings(stage1_run, tmp_path):
 
 
 def inspect_text_dim(run) -> int:
-    return json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"]["dim"]
+    return inspect_run(run)["text_encoder"]["dim"]
 
 
 # -- bad input: one line on stderr naming the problem and the fix, exit 2, nothing changed on disk ------------

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CFG1, cli_main, run_cli, tiny_overrides
+from conftest import CFG1, cli_main, inspect_run, run_cli, tiny_overrides
 
 I2D_VERSION = "1.47.0"
 
@@ -127,7 +127,7 @@ def test_prepare_index_sentence_encoder_trains_stage1(tmp_path):
             f"data.test={idx}/test", check=True, timeout=600)
     recs = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert recs[-1]["step"] == 2 and all(np.isfinite(r["d_loss"]) for r in recs)
-    assert json.loads(run_cli("inspect", run, check=True).stdout)["text_encoder"] == want
+    assert inspect_run(run)["text_encoder"] == want
     assert os.path.isfile(run / "samples" / "step_00000002.png")
     # eval on the device-embedded test split: its captions go through the same encoder (the reader refuses a
     # caller that would leave them zeros, so a finished eval embedded them)

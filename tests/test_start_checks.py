@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from conftest import CFG1, CFG2, cli_main, one_line_error, run_cli, snapshot, tiny_overrides, torchrun
+from conftest import CFG1, CFG2, cli_main, inspect_run, one_line_error, run_cli, snapshot, tiny_overrides, torchrun
 
 NO_TEXT_DIM = "model.text_dim=64"
 
@@ -26,7 +26,7 @@ def test_text_dim_is_read_from_the_dataset_and_an_explicit_one_is_a_check(synth_
     run_cli("train", CFG1, *o, check=True)
     # recorded as a number: in the run's config and in the checkpoint (sample and eval read it from there)
     assert yaml.safe_load(open(run / "config.yaml"))["model"]["text_dim"] == 64
-    info = json.loads(run_cli("inspect", run, check=True).stdout)
+    info = inspect_run(run)
     assert info["text_encoder"]["dim"] == 64
     run_cli("sample", run, "--text", "a red circle", "--num", "1", "--out", tmp_path / "s.png", check=True)
     # resuming with it unset, or set to the same number, is the same model
