@@ -270,3 +270,88 @@ def test_a_manifest_of_a_newer_version_is_refused_in_one_line(tmp_path, capsys):
     assert main(["inspect", ck]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "newer" in err, err
+
+
+# -- the optimizer state of a resumed checkpoint ------------------------------------------------------------
+
+def _adam():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    from stackgan_dist.distributed.optim import make_adam
+
+    opt = make_adam(net.parameters(), 2e-4, (0.5, 0.999), torch.device("cpu"))
+    net(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    return opt
+
+
+def _lie(sd, kind):
+    st, g = sd["state"], sd["param_groups"][0]
+    if kind == "moment_shape":
+        st[1]["exp_avg"] = torch.zeros(7)
+    elif kind == "moment_not_a_tensor":
+        st[0]["exp_avg_sq"] = [0.0] * 12
+    elif kind == "moment_of_ints":
+        st[2]["exp_avg"] = torch.zeros(4, 4, dtype=torch.int64)
+    elif kind == "step_a_vector":
+        st[0]["step"] = torch.zeros(3)
+    elif kind == "unknown_entry":
+        st[0]["momentum_buffer"] = torch.zeros(4, 3)
+    elif kind == "state_for_no_parameter":
+        st[99] = {"exp_avg": torch.zeros(1)}
+    elif kind == "state_not_a_dict":
+        st[0] = "exp_avg"
+    elif kind == "nan_lr":
+        g["lr"] = float("nan")
+    elif kind == "bad_betas":
+        g["betas"] = (0.5,)
+    elif kind == "fewer_parameters":
+        g["params"] = g["params"][:-1]
+    elif kind == "two_groups":
+        sd["param_groups"] = [g, dict(g)]
+    elif kind == "not_a_state":
+        return {"state": []}
+    return sd
+
+
+LIES = ("moment_shape", "moment_not_a_tensor", "moment_of_ints", "step_a_vector", "unknown_entry",
+        "state_for_no_parameter", "state_not_a_dict", "nan_lr", "bad_betas", "fewer_parameters", "two_groups",
+        "not_a_state")
+
+
+@pytest.mark.parametrize("kind", LIES)
+def test_an_optimizer_state_that_does_not_fit_is_one_checkpoint_error(kind):
+    from stackgan_dist.distributed.optim import check_adam_state
+
+    opt = _adam()
+    check_adam_state(opt, opt.state_dict(), "G")  # the real thing passes
+    with pytest.raises(CheckpointError) as e:
+        check_adam_state(opt, _lie(copy.deepcopy(opt.state_dict()), kind), "G")
+    assert "\n" not in str(e.value) and "optimizer state of G" in str(e.value)
+
+
+def test_a_resume_from_a_resealed_lie_in_the_optimizer_state_is_refused_in_one_line(tiny_stage1_run, synth_data,
+                                                                                     tmp_path):
+    """Every checkpoint of a run carries an Adam moment of the wrong shape, with a manifest that agrees (as
+    whoever wrote the lie would make it): the resume stops with one line before any step, not a traceback at
+    the first step."""
+    from conftest import run_cli, snapshot, tiny_overrides
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(tiny_stage1_run), str(run)], check=True)
+    for ck in sorted((run / "checkpoints").glob("step_*")):
+        m = torch.load(ck / "model.pt", weights_only=True)
+        st = m["strategy"]["opt_g"]["state"]
+        st[0]["exp_avg"] = st[0]["exp_avg"].flatten()[:5].clone()
+        torch.save(m, ck / "model.pt")
+        man = json.loads((ck / "manifest.json").read_text())
+        from stackgan_dist.checkpoint.manager import sha256_file
+
+        man["files"]["model.pt"] = {"size": os.path.getsize(ck / "model.pt"), "sha256": sha256_file(ck / "model.pt")}
+        (ck / "manifest.json").write_text(json.dumps(man, indent=1))
+    before = snapshot(run)
+    p = run_cli("train", "configs/demo/stage1.yaml",
+                *tiny_overrides(synth_data, run, 1, steps=6, extra=["checkpoint.every_steps=2"]))
+    err = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert p.returncode == 2 and len(err) == 1 and "optimizer state of G" in err[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert snapshot(run) == before

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import UserError
 from .amp import guarded_step, nonfinite_flag
 from .comm_hooks import comm_hook_for, ddp_comm_kwargs, rescale_powersgd_error, reset_powersgd
+from .optim import check_adam_state
 from .strategy import Phase, Strategy
 
 # config validation's rule, checked again here without importing config (no import cycle): an elastic resume
@@ -124,6 +125,8 @@ class DDPStrategy(Strategy):
         return sd
 
     def _load(self, sd: dict) -> None:
+        check_adam_state(self.g.optimizer, sd.get("opt_g"), "G")
+        check_adam_state(self.d.optimizer, sd.get("opt_d"), "D")
         self.g.optimizer.load_state_dict(sd["opt_g"])
         self.d.optimizer.load_state_dict(sd["opt_d"])
         if self.g.scaler is not None and "scaler_g" in sd:
