@@ -247,3 +247,24 @@ def test_a_trial_below_the_rung_is_stopped_early(synth_data, tmp_path):
     assert "outside the top 1/2" in r1["error"] and inspect_run(sw / "t001" / "stage1")["step"] == 2
     r = json.loads(run_cli("sweep", "report", sw, check=True).stdout)
     assert r["status"] == {"finished": 1, "stopped early": 1}
+
+
+def test_slurm_trial_times_come_from_train_sbatch_lines(tmp_path):
+    """wall_s and attempts of a Slurm trial: the start-to-exit spans train.sbatch logs for each incarnation
+    (a requeue appends a second one; a hard-killed one, with no exit line, adds an attempt but no time)."""
+    from stackgan_dist.sweep.slurm import task_times
+
+    out = tmp_path / "0.out"
+    out.write_text("\n".join([
+        "[2026-12-07T06:06:26Z] job 95 restart 0: 1 task(s) on vm, master 127.0.0.1:43795",
+        "received SIGUSR1: checkpoint written at step 1; exiting with 75 (requeue)",
+        "[2026-12-07T06:06:29Z] training exited with 75",
+        "[2026-12-07T06:06:29Z] requeueing job 95",
+        "[2026-12-07T06:08:30Z] job 95 restart 1: 1 task(s) on vm, master 127.0.0.1:54513",
+        "[2026-12-07T06:09:00Z] job 95 restart 2: 1 task(s) on vm, master 127.0.0.1:54514",  # killed hard before
+        "[2026-12-07T06:10:00Z] training exited with 0",
+        "[not a time] training exited with 0", "\0\0junk"]) + "\n")
+    assert task_times(str(out)) == (63.0, 3)
+    assert task_times(str(tmp_path / "missing.out")) == (0.0, 0)
+    os.mkfifo(tmp_path / "fifo.out")  # never opened: a FIFO would block the read
+    assert task_times(str(tmp_path / "fifo.out")) == (0.0, 0)

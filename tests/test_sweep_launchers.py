@@ -76,6 +76,9 @@ def test_slurm_array_gives_the_local_weights(local_digests, synth_data, tmp_path
          "3.out", "tasks.txt"]
     assert "training exited with 0" in (tmp_path / "slurm" / "slurm" / "stage1" / "0.out").read_text()
     assert finished_digests(tmp_path / "slurm") == local_digests
+    for t in TRIALS:  # each ran once; its time is the span train.sbatch logged
+        rec = json.loads((tmp_path / "slurm" / t / "trial.json").read_text())
+        assert rec["attempts"] == 1 and rec["wall_s"] > 0, rec
 
 
 def test_ray_tune_gives_the_local_weights(local_digests, synth_data, tmp_path):
@@ -123,5 +126,6 @@ def test_a_preempted_array_task_resumes_its_trial_exactly(local_digests, synth_d
     m = re.search(r"checkpoint written at step (\d+)", out)
     assert m and 1 <= int(m.group(1)) < 4, out[-3000:]  # checkpointed mid-run, then resumed from there
     assert f"stage1/checkpoints/step_{int(m.group(1)):08d} at step {m.group(1)}" in err + out, (err + out)[-3000:]
-    assert json.loads((tmp_path / "pre" / "t000" / "trial.json").read_text())["status"] == "finished"
+    rec = json.loads((tmp_path / "pre" / "t000" / "trial.json").read_text())
+    assert rec["status"] == "finished" and rec["attempts"] == 2, rec  # the preempted incarnation and its requeue
     assert digest(tmp_path / "pre" / "t000" / "stage1") == local_digests["t000"]

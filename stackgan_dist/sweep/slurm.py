@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from ..checkpoint.files import open_read
 from ..errors import TransientError, UserError
 from .runner import evaluate
 from .spec import Sweep
@@ -95,6 +96,48 @@ def wait_jobs(jobs: list[str], poll: float = 2.0) -> None:
         time.sleep(poll)
 
 
+# train.sbatch's own lines in a task's .out: one "restart N" line when an incarnation starts, one "training
+# exited" line when its training ends (a hard kill leaves the first alone: that incarnation is not counted)
+_START = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\] job \S+ restart \d+:")
+_END = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\] training exited with ")
+MAX_OUT_BYTES = 4 << 20  # the tail of a task log read for its times
+
+
+def _tail(path: str, limit: int) -> str:
+    """The last ``limit`` bytes of a task log as text; "" when absent, unreadable, or not a regular file (a
+    planted FIFO or link is never opened)."""
+    try:
+        f = open_read(path, "task log")
+    except (UserError, OSError):
+        return ""
+    if f is None:
+        return ""
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - limit))
+        return f.read(limit).decode("utf-8", "replace")
+
+
+def task_times(path: str) -> tuple[float, int]:
+    """(wall seconds, incarnations) of an array task from the lines train.sbatch writes into its .out (all
+    its incarnations and reruns append there): the sum of start-to-exit spans, and how many started."""
+    import calendar
+
+    text = _tail(path, MAX_OUT_BYTES)
+    wall, starts, began = 0.0, 0, None
+    for line in text.splitlines():
+        m = _START.match(line)
+        if m:
+            starts += 1
+            began = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ"))
+            continue
+        m = _END.match(line)
+        if m and began is not None:
+            wall += max(0.0, calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ")) - began)
+            began = None
+    return wall, starts
+
+
 def collect(sweep: Sweep, trials, cwd: str, env: dict) -> list[dict]:
     """After the arrays ended: each trial's status from its run directories, its failure line from the task's
     stderr, and the metric at its kept checkpoints."""
@@ -102,6 +145,9 @@ def collect(sweep: Sweep, trials, cwd: str, env: dict) -> list[dict]:
     last = sweep.stages[-1]
     for k, t in enumerate(trials):
         rec = read_record(sweep, t)
+        task = rec.get("slurm", {}).get("task", k)  # the array index this trial ran as
+        times = [task_times(os.path.join(sweep.dir, "slurm", f"stage{s}", f"{task}.out")) for s in sweep.stages]
+        rec.update(wall_s=round(sum(w for w, _ in times), 3), attempts=max(n for _, n in times))
         if trial_finished(sweep, t):
             rec.update(status=FINISHED, error="")
             if sweep.metric:
@@ -113,15 +159,10 @@ def collect(sweep: Sweep, trials, cwd: str, env: dict) -> list[dict]:
                                               key=lambda e: (e["stage"], e["step"]))
         else:
             line = ""
-            task = rec.get("slurm", {}).get("task", k)  # the array index this trial ran as
             for stage in sweep.stages:
-                p = os.path.join(sweep.dir, "slurm", f"stage{stage}", f"{task}.err")
-                if os.path.isfile(p):
-                    with open(p, "rb") as f:
-                        f.seek(max(0, os.path.getsize(p) - 65536))
-                        text = f.read().decode("utf-8", "replace")
-                    # training's own line, not srun's "task 0: Exited with exit code 2" after it
-                    line = last_line("\n".join(ln for ln in text.splitlines() if not ln.startswith("srun:"))) or line
+                text = _tail(os.path.join(sweep.dir, "slurm", f"stage{stage}", f"{task}.err"), 65536)
+                # training's own line, not srun's "task 0: Exited with exit code 2" after it
+                line = last_line("\n".join(ln for ln in text.splitlines() if not ln.startswith("srun:"))) or line
             rec.update(status=FAILED, error=line or "the array task ended with the run unfinished")
         write_record(sweep, t, rec)
         print(f"sweep: {t.name} {rec['status']}{': ' + rec['error'] if rec['error'] else ''}", flush=True)
