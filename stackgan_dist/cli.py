@@ -88,7 +88,10 @@ def _dry_run(a) -> int:
         device = [f"train.device={a.device}"] if a.device else []
         cfg = load_config(a.config, (preset_overrides(a.preset) if a.preset else []) + list(a.overrides) + device)
         world = a.nodes * a.tasks_per_node if a.nodes else None
-        summary = dry_run_checks(cfg, fresh=a.fresh, env=planned_env(cfg.train.device, world))
+        layout = f"{a.nodes} node(s) x {a.tasks_per_node} task(s)" if a.nodes else ""
+        summary = dry_run_checks(cfg, fresh=a.fresh, env=planned_env(cfg.train.device, world, layout))
+        if a.nodes:
+            summary.update(nodes=a.nodes, tasks_per_node=a.tasks_per_node)
     except UserError as e:
         if main:
             raise

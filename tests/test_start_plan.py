@@ -99,6 +99,8 @@ def test_cuda_bf16_plan_on_a_cpu_host(synth_data, tmp_path):
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["device"].startswith("cuda") and plan["precision"] == "bf16" and plan["world_size"] == 4
+    assert plan["launcher"] == "planned (2 node(s) x 2 task(s))" and (plan["nodes"], plan["tasks_per_node"]) == (2, 2)
+    assert plan["banner"][0].startswith("stage 1: planned (2 node(s) x 2 task(s)), world size 4, cuda")
     assert (plan["global_batch"], plan["batch_per_worker"], plan["grad_accum"]) == (16, 4, 1)
     assert plan["images_used_per_epoch"] == 96 and plan["images_dropped_per_epoch"] == 0
     assert plan["total_steps"] == 4 and plan["lr_g"] == pytest.approx(4e-4)

@@ -125,15 +125,17 @@ def set_backend_flags(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def planned_env(device: str = "auto", world_size: int | None = None) -> DistEnv:
+def planned_env(device: str = "auto", world_size: int | None = None, layout: str = "") -> DistEnv:
     """The layout a dry run checks: this process's (``probe_env``), or ``world_size`` ranks (``--nodes N
-    --tasks-per-node T``) seen from rank 0. ``device="cuda"`` plans a CUDA run on a host without one (a
-    login node): the device is then ``cuda:LOCAL_RANK`` unchecked, every other check runs."""
+    --tasks-per-node T``, described by ``layout``) seen from rank 0, whose launcher is then "planned (LAYOUT)"
+    (any launcher starts that layout). ``device="cuda"`` plans a CUDA run on a host without one (a login
+    node): the device is then ``cuda:LOCAL_RANK`` unchecked, every other check runs."""
     env = probe_env(device if device != "cuda" or torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         env.device = torch.device("cuda", env.local_rank)
     if world_size is not None:
         env.rank, env.world_size, env.local_rank = 0, world_size, 0
+        env.launcher = f"planned ({layout})" if layout else "planned"
     return env
 
 
