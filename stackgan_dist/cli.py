@@ -417,6 +417,9 @@ def _main(argv: list[str]) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     args = parse_args(argv)
+    from .observability.logging import reset_logging
+
+    reset_logging()  # a command run in-process after another starts as in a fresh process
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
     where = f" (rank {rank})" if rank else ""

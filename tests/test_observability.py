@@ -113,3 +113,29 @@ def test_metrics_writer_grad_scale_and_resume(tmp_path):
     acc = read_events(tmp_path / "tb")
     assert "train/grad_scale" in acc.Tags()["scalars"]
     assert [(e.step, e.value) for e in acc.Scalars("loss/d_loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_log_lines_follow_the_current_streams_and_each_command_starts_fresh(tmp_path, monkeypatch, capsys):
+    """A command run in-process after another (tests, a notebook) logs to today's sys.stderr, not to the
+    stream of the moment logging was set up (closed since), and does not inherit the other's INFO level."""
+    import io
+    import logging
+
+    from stackgan_dist.cli import main
+    from stackgan_dist.observability.logging import setup_logging
+
+    old = io.StringIO()
+    monkeypatch.setattr("sys.stderr", old)
+    setup_logging(0, "INFO")
+    old.close()  # e.g. the capture of a test that has ended
+    now = io.StringIO()
+    monkeypatch.setattr("sys.stderr", now)
+    logging.getLogger("stackgan_dist.checkpoint").warning("a warning after the old stream closed")
+    assert "a warning after the old stream closed" in now.getvalue()
+    monkeypatch.undo()
+    # the next command starts as a fresh process would: warnings only, its error in one line
+    assert main(["inspect", str(tmp_path / "no-run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no-run" in err, err
+    logging.getLogger("stackgan_dist.checkpoint").info("an info line")
+    assert "an info line" not in capsys.readouterr().err

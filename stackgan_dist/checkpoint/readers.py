@@ -76,9 +76,12 @@ def load_newest(path: str, check=None, with_manifest: bool = False):
             res = check(saved, ck) if check is not None else None
             return (ck, saved, res, man) if with_manifest else (ck, saved, res)
         except (CheckpointError, _Vanished, OSError) as e:
-            if isinstance(e, CheckpointError) and (ck is not None and os.path.isdir(ck) or not os.path.exists(path)):
-                raise  # the checkpoint is there and bad, or the path names nothing: no race to wait out
+            if isinstance(e, CheckpointError) and (fixed or ck is not None and os.path.isdir(ck)
+                                                   or not os.path.exists(path)):
+                raise  # one folder named, or it is there and bad, or the path names nothing: no race to wait out
             last = e
+            if fixed:
+                break
             log.info("checkpoint changed while it was read (%s); reading the newest again", e)
             time.sleep(min(0.2, 0.01 * (attempt + 1)))  # a writer between its rename and its prune
     if isinstance(last, CheckpointError):

@@ -14,26 +14,40 @@ import sys
 user_log = logging.getLogger("stackgan_dist.user")
 
 
-class _Stdout(logging.StreamHandler):
-    """Writes to the current sys.stdout (a test's capture, a redirected stream), flushed per line."""
+class _Current(logging.StreamHandler):
+    """Writes to the current ``sys.<name>`` at each record, not the stream of the moment it was set up: a
+    command run in-process after another (tests, a notebook) must not log into a stream that was closed."""
+
+    def __init__(self, name: str):
+        self._which = name
+        super().__init__(getattr(sys, name))
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = getattr(sys, self._which)  # not setStream: it flushes the old one, which may be closed
         super().emit(record)
 
 
 def setup_logging(rank: int = 0, level: str = "INFO") -> None:
     root = logging.getLogger("stackgan_dist")
     root.handlers.clear()
-    h = logging.StreamHandler(sys.stderr)
+    h = _Current("stderr")
     h.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank} %(levelname)s] %(message)s", "%H:%M:%S"))
     root.addHandler(h)
     root.setLevel(getattr(logging, level) if rank == 0 else logging.WARNING)
     root.propagate = False
     user_log.handlers.clear()
-    user_log.addHandler(_Stdout(sys.stdout))
+    user_log.addHandler(_Current("stdout"))
     user_log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     user_log.propagate = False
+
+
+def reset_logging() -> None:
+    """Back to a fresh process's state (no handlers, levels unset, records propagate to the root logger):
+    what ``setup_logging`` changed, undone, so one in-process command does not inherit another's levels."""
+    for lg in (logging.getLogger("stackgan_dist"), user_log):
+        lg.handlers.clear()
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
 
 
 def show_progress(setting: str, is_main: bool, batch_job: bool, stream=None) -> bool:
