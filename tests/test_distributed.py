@@ -141,7 +141,7 @@ def test_ddp_local_bn_two_ranks_equal_one_process_ghost_batches(tmp_path):
 
 # -- a group that cannot form fails clearly, within its timeout ---------------------------------------
 
-def _spawn_rank(synth_data, run_dir, rank, world, port, addr="127.0.0.1", timeout_s=10):
+def _spawn_rank(synth_data, run_dir, rank, world, port, addr="127.0.0.1", timeout_s=3):
     e = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
              MASTER_ADDR=addr, MASTER_PORT=str(port))
     args = tiny_overrides(synth_data, run_dir, 1, 2, [f"train.dist_timeout_s={timeout_s}"])
@@ -158,7 +158,7 @@ def test_wrong_master_port_fails_clearly_within_timeout(synth_data, tmp_path):
     res, dt = finish_all(procs, 120)
     for rc, err in res:
         assert rc == 2, err[-2000:]
-        assert "process group" in err and "did not form within 10s" in err, err[-2000:]
+        assert "process group" in err and "did not form within 3s" in err, err[-2000:]
         assert "Traceback" not in err
     assert "(rank 1)" in res[1][1]
 
