@@ -74,6 +74,41 @@ def test_full_disk_at_the_config_dump_of_a_resume_and_at_a_sample_grid_exits_75(
     _no_empty_files(run2)
 
 
+def test_full_disk_under_the_tensorboard_events_exits_75_in_one_line(synth_data, tmp_path):
+    """TensorBoard writes from its own thread: its error must reach the run as one line (exit 75), not as a
+    thread's traceback with the run going on or failing later without a file name."""
+    run = tmp_path / "run"
+    p = _train(synth_data, run, 60, extra=["log.every_steps=1"], limit=4096)  # events pass 4 KiB by step ~5
+    _one_line(p, EXIT_REQUEUE, "TensorBoard", str(run / "tb"), "transient")
+    assert "Exception in thread" not in p.stderr, p.stderr
+    _no_empty_files(run)
+
+
+_METRICS_FULL = """
+import sys
+from stackgan_dist.errors import TransientError
+from stackgan_dist.observability.metrics import MetricsWriter
+w = MetricsWriter(sys.argv[1], True, tensorboard=False)
+try:
+    for step in range(1, 10_000):
+        w.log(step, {"d_loss": 1.0, "g_loss": 2.0, "note": "x" * 100})
+    w.close()
+except TransientError as e:
+    print(e)
+    sys.exit(75)
+"""
+
+
+def test_full_disk_on_the_metrics_record_is_transient_and_names_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    p = subprocess.run([PY, "-c", _METRICS_FULL, str(run)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       preexec_fn=_limited(4096))
+    assert p.returncode == EXIT_REQUEUE, p.stdout + p.stderr
+    assert f"cannot append to {run / 'metrics.jsonl'}" in p.stdout and "transient" in p.stdout, p.stdout
+    assert 0 < (run / "metrics.jsonl").stat().st_size <= 4096
+
+
 @pytest.mark.parametrize("name,make", [
     ("checkpoints", lambda p: p.write_text("not a folder")),
     ("samples", lambda p: p.write_text("not a folder")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -55,9 +56,18 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(run_subdir(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+                self.tb_dir = run_subdir(run_dir, "tb")
+                self.tb = self._tb(SummaryWriter, self.tb_dir, purge_step=resume_step + 1 if resume_step else None)
+                _quiet_event_writer_threads()
             except ImportError:
                 self.tb = None
+
+    def _tb(self, fn, *args, **kw):
+        """A TensorBoard call; its write errors (raised here by the writer thread's next check) as ours."""
+        try:
+            return fn(*args, **kw)
+        except OSError as e:  # a full disk: transient (exit 75), one line
+            raise os_error(e, f"cannot write TensorBoard events in {self.tb_dir}") from None
 
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -70,11 +80,11 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(_tb_tag(k), v, step)
+                    self._tb(self.tb.add_scalar, _tb_tag(k), v, step)
 
     def image(self, step: int, tag: str, grid_hwc: np.ndarray) -> None:
         if self.enabled and self.tb is not None:
-            self.tb.add_image(tag, grid_hwc, step, dataformats="HWC")
+            self._tb(self.tb.add_image, tag, grid_hwc, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.enabled:
@@ -83,7 +93,24 @@ class MetricsWriter:
             except OSError as e:
                 raise os_error(e, f"cannot append to {self.path}") from None
             if self.tb is not None:
-                self.tb.close()
+                self._tb(self.tb.flush)  # raises what the writer thread met; close() alone would drop it
+                self._tb(self.tb.close)
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's writer thread re-raises a write error, and threading prints its traceback; the error
+    itself reaches the run through the writer's next call (MetricsWriter._tb, one line, exit 75)."""
+    prev = threading.excepthook
+    if getattr(prev, "_stackgan_quiet_tb", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        prev(args)
+
+    hook._stackgan_quiet_tb = True
+    threading.excepthook = hook
 
 
 def _tb_tag(k: str) -> str:
