@@ -135,10 +135,14 @@ async def follow(client, job_id: str, pending_timeout: float) -> str:
     """Streams the job's logs while a watchdog polls its status; returns the terminal status."""
     from ray.job_submission import JobStatus
 
+    shown = 0  # characters of the job's log written so far: the stream gives a prefix of the whole log
+
     async def tail():
+        nonlocal shown
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
+            shown += len(chunk)
 
     tail_task = asyncio.create_task(tail())
     t0 = time.monotonic()
@@ -156,10 +160,19 @@ async def follow(client, job_id: str, pending_timeout: float) -> str:
                                 f"({info.message or 'no message from Ray'}); check `ray status` for free resources "
                                 "and the runtime env set-up")
             await asyncio.sleep(1.0)
-        try:  # the log stream ends with the job; give it a moment to deliver the last lines
-            await asyncio.wait_for(tail_task, timeout=15)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        # The log stream closes some seconds after the job ends (the dashboard's own polling): instead of
+        # waiting for it, stop it and write what it has not yet delivered from the whole log.
+        tail_task.cancel()
+        try:
+            await tail_task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 -- a stream that broke: the whole log follows
             pass
+        try:
+            rest = (await asyncio.to_thread(client.get_job_logs, job_id))[shown:]
+        except Exception:  # noqa: BLE001 -- logs of a finished job gone: the status is what matters
+            rest = ""
+        sys.stdout.write(rest)
+        sys.stdout.flush()
         return str(status.value if hasattr(status, "value") else status)
     finally:
         tail_task.cancel()
