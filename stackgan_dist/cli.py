@@ -401,6 +401,10 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whos
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own command line: a crash in native code (SIGSEGV, SIGABRT) prints the
+        import faulthandler  # Python stack of every thread into the job log
+
+        faulthandler.enable(all_threads=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rc = _main(argv)

@@ -105,3 +105,15 @@ def test_lr_decay_and_length_in_epochs(synth_data, tmp_path):
     assert [r["lr_d"] for r in recs] == [0.002] * 3 + [0.001] * 3
     assert [r["images_seen"] for r in recs] == [8, 16, 24, 32, 40, 48]
     assert sorted(f for f in os.listdir(run / "samples") if f.endswith(".png")) == [f"step_{s:08d}.png" for s in (6, 12)]
+
+
+def test_a_crash_in_native_code_leaves_the_python_stack_in_the_log(synth_data, tmp_path):
+    """SIGABRT (what a C++ std::terminate raises) while paused after step 2: the job log shows where every
+    thread was, so a crash in a native library can be traced from a Slurm log."""
+    rv = Rendezvous(tmp_path / "rv", 2)
+    p = start(single_cmd(train_args(synth_data, tmp_path / "run", steps=4)), env=rv.env, log_path=tmp_path / "a.log")
+    rv.wait(p)
+    p.send_signal(signal.SIGABRT)
+    text = finish(p, tmp_path / "a.log", expect=-signal.SIGABRT)
+    assert "Fatal Python error: Aborted" in text, text[-3000:]
+    assert "stackgan_dist/testing.py" in text and "stackgan_dist/trainer.py" in text, text[-3000:]
