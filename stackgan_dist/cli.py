@@ -401,14 +401,22 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whos
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the process's own command line: a crash in native code (SIGSEGV, SIGABRT) prints the
-        import faulthandler  # Python stack of every thread into the job log
+    process = argv is None  # the process's own command line, not a call from Python code
+    if process:
+        import faulthandler
 
-        faulthandler.enable(all_threads=True)
+        from . import process_end
+
+        faulthandler.enable(all_threads=True)  # a crash in native code prints every thread's Python stack
+        process_end.leave_groups = True  # a process group is left to the kernel at exit (process_end.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rc = _main(argv)
         sys.stdout.flush()  # inside the try: a reader gone at exit is the same broken pipe
+        if process:
+            from .process_end import end
+
+            return end(rc)
         return rc
     except BrokenPipeError:  # `stackgan ... | head`: the reader has what it wanted; no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -267,3 +267,26 @@ def test_grad_scaler_per_optimizer_skips_overflow_and_round_trips():
     s2.load_state_dict(sd)
     assert s2.d.scaler.get_scale() == scale0 / 2
 
+
+
+_END = """
+import atexit, sys
+import torch.distributed as dist
+from stackgan_dist import process_end
+process_end.leave_groups = True
+assert process_end.end(5) == 5  # no group: the caller exits as usual
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
+atexit.register(lambda: print("interpreter teardown ran"))
+sys.stdout.write("the last line, unflushed")
+process_end.end(3)
+print("not reached")
+"""
+
+
+def test_a_stackgan_process_with_a_group_ends_without_teardown_and_keeps_its_output():
+    """process_end.end: the exit code kept, buffered output flushed, and neither the group's destruction nor the
+    interpreter's teardown run (where finished gloo runs were seen to abort)."""
+    p = subprocess.run([PY, "-c", _END, str(free_port())], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout == "the last line, unflushed", p.stdout
+    assert "teardown ran" not in p.stdout + p.stderr

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import process_end
 from ..errors import UserError
 from .collectives import all_reduce_max, barrier  # noqa: F401  (re-exported for callers of env)
 from .device import local_cuda_device
@@ -257,11 +258,13 @@ def teardown(env: DistEnv, synchronize: bool = False) -> None:
     """Destroys the group we created. ``synchronize`` (only on a clean finish, where every rank gets
     here): a barrier first, so that no rank exits while another still has gloo traffic in flight (that
     aborted a peer once with "terminate called without an active exception"). Never on an error path:
-    a barrier there would hold a failing rank until the collective timeout."""
+    a barrier there would hold a failing rank until the collective timeout. In a ``stackgan`` process the
+    group is not destroyed: the process ends at once after (process_end.py)."""
     if env.owns_group and dist.is_initialized():
         try:
             if synchronize:
                 dist.barrier()
-            dist.destroy_process_group()
+            if not process_end.leave_groups:  # the stackgan process ends right after: see process_end.py
+                dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
