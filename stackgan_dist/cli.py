@@ -13,31 +13,13 @@ import logging
 import os
 import sys
 
+from . import process_end
 from .errors import EXIT_INTERRUPTED, Preempted, StartupSignal, TransientError, UserError
+from .observability.logging import reset_logging
 
 
 def _cmd_prepare(a) -> int:
-    if a.source == "synthetic":
-        from .data.prepare.synthetic import prepare_synthetic
-
-        if os.path.exists(os.path.join(a.out, "train", "dataset.json")) and not a.overwrite:
-            raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
-        m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard,
-                              progress=_progress(a))
-        print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
-        return 0
-    if hasattr(a, "func"):  # sources added by data/prepare/prepare_cli.py
-        return a.func(a)
-    raise UserError(f"unknown prepare source {a.source}")
-
-
-def _progress(a) -> bool:
-    """A prepare command's progress bar: ``--progress auto|on|off`` where the command has it, else
-    ``--no-progress``; auto: a bar only on a terminal (a log gets no carriage-return line)."""
-    mode = getattr(a, "progress", None)
-    if mode is None:
-        return not getattr(a, "no_progress", False)
-    return mode == "on" or (mode == "auto" and sys.stderr.isatty())
+    return a.func(a)  # each source's command, with its parser, in data/prepare/prepare_cli.py
 
 
 def _check_config_path(path: str) -> None:
@@ -265,22 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("prepare", help="write WebDataset shards + dataset.json", formatter_class=fmt)
     psub = pp.add_subparsers(dest="source", metavar="SOURCE", parser_class=_SubParser)
     psub.required = True
-    ps = psub.add_parser("synthetic", help="the embedded default dataset (coloured shapes with captions)",
-                          formatter_class=fmt)
-    ps.add_argument("--out", required=True, help="dataset folder: OUT/train and OUT/test are written")
-    ps.add_argument("--train", type=int, default=4000, help="training images")
-    ps.add_argument("--test", type=int, default=400, help="held-out images")
-    ps.add_argument("--seed", type=int, default=0, help="generator seed")
-    ps.add_argument("--text-dim", type=int, default=256, help="hashing text encoder dimension")
-    ps.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
-    ps.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    try:
-        from .data.prepare import prepare_cli
+    from .data.prepare import prepare_cli
 
-        prepare_cli.add_progress_arg(ps)
-        prepare_cli.add_parsers(psub)
-    except ImportError:
-        pass
+    prepare_cli.add_parsers(psub, fmt)
     for sp in psub.choices.values():  # every prepare command can run quietly in a log
         if "--no-progress" not in sp._option_string_actions and "--progress" not in sp._option_string_actions:
             sp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -401,23 +370,14 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program whos
 
 
 def main(argv: list[str] | None = None) -> int:
-    process = argv is None  # the process's own command line, not a call from Python code
+    process = argv is None  # the process's own command line (process_end.py), not a call from Python code
     if process:
-        import faulthandler
-
-        from . import process_end
-
-        faulthandler.enable(all_threads=True)  # a crash in native code prints every thread's Python stack
-        process_end.leave_groups = True  # a process group is left to the kernel at exit (process_end.py)
+        process_end.begin()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rc = _main(argv)
         sys.stdout.flush()  # inside the try: a reader gone at exit is the same broken pipe
-        if process:
-            from .process_end import end
-
-            return end(rc)
-        return rc
+        return process_end.end(rc) if process else rc
     except BrokenPipeError:  # `stackgan ... | head`: the reader has what it wanted; no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
@@ -429,8 +389,6 @@ def _main(argv: list[str]) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     args = parse_args(argv)
-    from .observability.logging import reset_logging
-
     reset_logging()  # a command run in-process after another starts as in a fresh process
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", ""))
@@ -438,9 +396,7 @@ def _main(argv: list[str]) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except (UserError, TransientError) as e:
-        kind = "error" if isinstance(e, UserError) else "transient error, exiting 75 (requeue)"
-        print(f"stackgan {args.cmd}: {kind}{where}: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        return _say(args.cmd, where, e)
     except KeyboardInterrupt:
         print(f"stackgan {args.cmd}: interrupted{where}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -454,7 +410,10 @@ def _main(argv: list[str]) -> int:
             raise  # main(): the reader of stdout went away, exit 141 quietly
         from .checkpoint.files import os_error
 
-        err = os_error(e, f"{e.filename}" if e.filename else "file system")
-        kind = "error" if isinstance(err, UserError) else "transient error, exiting 75 (requeue)"
-        print(f"stackgan {args.cmd}: {kind}{where}: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
+        return _say(args.cmd, where, os_error(e, f"{e.filename}" if e.filename else "file system"))
+
+
+def _say(cmd: str, where: str, e: UserError | TransientError) -> int:
+    kind = "error" if isinstance(e, UserError) else "transient error, exiting 75 (requeue)"
+    print(f"stackgan {cmd}: {kind}{where}: {e}", file=sys.stderr, flush=True)
+    return e.exit_code

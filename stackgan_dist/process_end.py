@@ -20,6 +20,16 @@ import sys
 leave_groups = False  # True once cli.main runs as the process's own command line
 
 
+def begin() -> None:
+    """For the process's own command: a crash in native code (SIGSEGV, SIGABRT) prints every thread's Python
+    stack into the job log, and a process group is left to the kernel at exit."""
+    import faulthandler
+
+    global leave_groups
+    faulthandler.enable(all_threads=True)
+    leave_groups = True
+
+
 def end(rc: int) -> int:
     """-> ``rc`` where no group is left; else flushes and ends the process with ``rc`` at once."""
     dist = sys.modules.get("torch.distributed")

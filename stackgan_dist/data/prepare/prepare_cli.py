@@ -1,4 +1,5 @@
-"""``stackgan prepare stackgan|captions``: subparsers added to the ``prepare`` group by cli.py."""
+"""``stackgan prepare synthetic|stackgan|coco|captions|index``: subparsers added to the ``prepare`` group by
+cli.py, each with its command (``func``)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,17 @@ def progress_enabled(a) -> bool:
 
         return sys.stderr.isatty()
     return mode == "on"
+
+
+def _cmd_synthetic(a) -> int:
+    from .synthetic import prepare_synthetic
+
+    if os.path.exists(os.path.join(a.out, "train", MANIFEST)) and not a.overwrite:
+        raise UserError(f"{a.out} already holds a prepared dataset (pass --overwrite to rewrite it)")
+    m = prepare_synthetic(a.out, a.train, a.test, a.seed, a.text_dim, a.samples_per_shard,
+                          progress=progress_enabled(a))
+    print(json.dumps({k: {"num_samples": v["num_samples"], "shards": len(v["shards"])} for k, v in m.items()}))
+    return 0
 
 
 def _shard_args(p, out_help: str = "output split directory (shards + dataset.json)") -> None:
@@ -90,7 +102,20 @@ def _cmd_index(a) -> int:
     return 0
 
 
-def add_parsers(psub) -> None:
+def add_parsers(psub, fmt) -> None:
+    """``fmt``: the help formatter of every other subcommand (defaults shown one way)."""
+    p = psub.add_parser("synthetic", help="the embedded default dataset (coloured shapes with captions)",
+                        formatter_class=fmt)
+    p.add_argument("--out", required=True, help="dataset folder: OUT/train and OUT/test are written")
+    p.add_argument("--train", type=int, default=4000, help="training images")
+    p.add_argument("--test", type=int, default=400, help="held-out images")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--text-dim", type=int, default=256, help="hashing text encoder dimension")
+    p.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    add_progress_arg(p)
+    p.set_defaults(func=_cmd_synthetic)
+
     p = psub.add_parser("stackgan", help="a StackGAN data release (CUB birds / Oxford flowers, char-CNN-RNN embeddings)")
     p.add_argument("--root", required=True, help="release root (holding train/, test/, CUB_200_2011/ or jpg/)")
     p.add_argument("--dataset", required=True, choices=["birds", "flowers"])
