@@ -15,6 +15,9 @@ Production code imports this module in one place (the trainer). Hooks:
 - ``STACKGAN_TEST_PAUSE_IN_START=1`` + ``STACKGAN_TEST_RENDEZVOUS_DIR=D``: the same rendezvous while the run
   is starting (its trainer just made, nothing checked or built yet; marker ``D/rank{r}.start0``), so a test
   can signal a process provably blocked in start-up.
+While a rank waits at a rendezvous, a signal it receives (its handler ran) adds the marker
+``D/rank{r}.{what}{N}.signalled``: a test whose signal travels through a launcher (scancel -> slurmstepd ->
+the task) waits for it before ``go``, instead of racing the delivery.
 """
 from __future__ import annotations
 
@@ -81,9 +84,14 @@ def rendezvous(d: str, step: int, rank: int, timeout_s: float, what: str = "step
     with open(mark + ".tmp", "w") as f:
         f.write(str(os.getpid()))
     os.replace(mark + ".tmp", mark)  # the test never sees a half-written marker
-    go = os.path.join(d, "go")
+    from .checkpoint import signals
+
+    go, told = os.path.join(d, "go"), False
     t0 = time.monotonic()
     while not os.path.exists(go):
+        if signals.last_received() and not told:  # a signal that travels through a launcher arrived
+            open(f"{mark}.signalled", "w").close()
+            told = True
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError(f"test rendezvous: no {go} within {timeout_s:.0f}s at {what} {step}")
         time.sleep(0.01)

@@ -367,6 +367,10 @@ class Rendezvous:
     def arrived(self) -> bool:
         return all(os.path.isfile(self.marker(r)) for r in self.ranks)
 
+    def signalled(self) -> bool:
+        """Every rank's signal handler has run while it waits (stackgan_dist/testing.py)."""
+        return all(os.path.isfile(self.marker(r) + ".signalled") for r in self.ranks)
+
     def wait(self, p: subprocess.Popen, timeout=300) -> None:
         wait_for(self.arrived, p, timeout, what=f"ranks {self.ranks} paused at {self.at} {self.step}")
 

@@ -115,6 +115,9 @@ def test_a_preempted_array_task_resumes_its_trial_exactly(local_digests, synth_d
     wait_until(rz.arrived, "the array task at step 1", timeout=600,
                diagnose=lambda: str(_job_state(task)) + (tmp_path / "pre" / "slurm" / "stage1" / "0.err").read_text())
     subprocess.run(["scancel", "--signal=USR1", task], check=True, timeout=60)
+    # scancel returns before slurmstepd has delivered the signal: go only once the task's handler has run
+    wait_until(rz.signalled, "the USR1 at the paused task", timeout=120,
+               diagnose=lambda: (tmp_path / "pre" / "slurm" / "stage1" / "0.out").read_text())
     rz.go()
     # requeued tasks wait for a begin time (~2 min): started as soon as the old incarnation's steps are gone
     release_requeued(_job_state(task)["JobId"], str(tmp_path / "pre" / "slurm" / "stage1" / "0.err"))
