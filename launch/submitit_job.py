@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shlex
 import subprocess
@@ -66,6 +67,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM_* or SUBMITIT_LOCAL_*; the port is derived
         # from the job id, so a requeued job uses the same one. Devices are picked from LOCAL_RANK.
+        port = master_port(submitit.JobEnvironment().job_id)
+        if "MASTER_PORT" not in os.environ and port:
+            os.environ["MASTER_PORT"] = str(port)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ.setdefault("STACKGAN_LAUNCHER", "submitit")
         # one intra-op pool per task sized to its CPUs, as train.sbatch and torchrun runs do: the thread count
@@ -93,6 +97,20 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # our checkpoint is already on disk (written by every rank at the step boundary); requeue the same job
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+
+
+def master_port(job_id: str, ports_file: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int | None:
+    """The job's rendezvous port: the same for every attempt of the job (a requeued job finds it again), and
+    below the kernel's ephemeral range, from which any process on the node takes ports for its outgoing
+    connections. submitit's own pick (20000-60000, mostly inside that range) met such a port: EADDRINUSE.
+    None (submitit picks) where the range leaves fewer than 1,000 ports above 20000."""
+    try:
+        low = int(open(ports_file).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    if low - 20000 < 1000:
+        return None
+    return 20000 + random.Random(job_id).randrange(low - 20000)
 
 
 def read_site_env(path: str) -> dict:

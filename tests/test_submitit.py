@@ -112,3 +112,19 @@ def test_bad_partition_is_one_line(slurm, synth_data, tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.strip() == ("submitit_job: error: submission refused: invalid partition specified: "
                                 "no_such_partition"), p.stderr
+
+
+def test_the_rendezvous_port_is_fixed_per_job_and_below_the_ephemeral_range(tmp_path):
+    """Every attempt of a job meets at the same port, and no outgoing connection of another process can hold it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("submitit_job", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ports = [mod.master_port(str(j)) for j in range(200)]
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert all(20000 <= p < low for p in ports) and len(set(ports)) > 150
+    assert [mod.master_port(str(j)) for j in range(200)] == ports  # a requeued job finds its port again
+    f = tmp_path / "range"
+    f.write_text("20500\t60999\n")
+    assert mod.master_port("7", str(f)) is None  # no room below the range: submitit's own pick
