@@ -196,7 +196,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 120.0, startup_tim
             os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         if "MASTER_PORT" not in os.environ:
             job = int(os.environ.get("SLURM_JOB_ID", "0"))
-            os.environ["MASTER_PORT"] = str(15000 + job % 20000)
+            os.environ["MASTER_PORT"] = str(15000 + job % 17000)  # below Linux's ephemeral ports (32768+)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     dev = pick_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"
