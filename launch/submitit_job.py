@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -87,7 +88,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             rank = int(os.environ.get("RANK", "0"))
             print(f"submitit_job: rank {rank}: checkpointed after {got or 'a signal'}", flush=True)
             if rank == 0 and got != "SIGTERM":
-                # submitit's handler (restored when training returned): checkpoint() -> requeue -> exit
+                # submitit's handler (restored when training returned): checkpoint() -> requeue -> exit. Its
+                # `scontrol requeue` child must outlive the SIGTERM that the requeue itself sends to the job's
+                # processes (under load it died of it first: the job was requeued but reported failed); an
+                # ignored signal stays ignored across exec, and this process exits right after anyway.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 sig = submitit.JobEnvironment._usr_sig()
                 os.kill(os.getpid(), sig)
                 time.sleep(5)  # the handler runs at the next bytecode; never fall through to a "success"
