@@ -249,10 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub.required = True
     from .data.prepare import prepare_cli
 
-    prepare_cli.add_parsers(psub, fmt)
-    for sp in psub.choices.values():  # every prepare command can run quietly in a log
-        if "--no-progress" not in sp._option_string_actions and "--progress" not in sp._option_string_actions:
-            sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare_cli.add_parsers(psub, fmt)  # every source has --progress / --no-progress (add_progress_arg)
 
     pt = sub.add_parser("train", help="train one stage (resumes from RUN/checkpoints when present)",
                         formatter_class=fmt)

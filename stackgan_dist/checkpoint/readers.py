@@ -68,7 +68,7 @@ def load_newest(path: str, check=None, with_manifest: bool = False):
     chosen keeps vanishing."""
     fixed = bool(STEP_RE.match(os.path.basename(os.path.normpath(path))))
     last: Exception | None = None
-    for attempt in range(1 if fixed else READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS):  # a named step folder leaves at its first failure (below)
         ck = None
         try:
             ck = resolve_checkpoint(path)
